@@ -1,0 +1,243 @@
+#pragma once
+/// \file diffq/bits.h
+/// Pure math of DiffQ as free functions: bit widths from logits, the quantization unit and its
+/// derivative, uniform quantization with per-tensor min/max and per-group bit widths, and the
+/// model-size formula. Sources: Défossez, Adi, Synnaeve, arXiv 2104.09987 (Sections 3.1–3.3), and
+/// the reference implementation (facebookresearch/diffq, `diffq/diffq.py`).
+
+#include <diffq/options.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <utility>
+
+namespace diffq {
+
+/// Largest bit width a stored level may use. Levels of 15 bits fit in an int16.
+constexpr int64_t kMaxStoredBits = 15;
+
+/// Number of groups of a tensor of `numel` elements: `ceil(numel / group_size)`, or 1 when
+/// `group_size == 0` (one group per tensor). A tensor with no element has 0 groups.
+/// Throws if `numel < 0` or `group_size < 0`.
+inline int64_t num_groups(int64_t numel, int64_t group_size) {
+  TORCH_CHECK(numel >= 0, "diffq::num_groups: numel must be >= 0, got ", numel);
+  TORCH_CHECK(group_size >= 0, "diffq::num_groups: group_size must be >= 0, got ", group_size);
+  if (numel == 0) return 0;
+  if (group_size == 0) return 1;
+  return (numel + group_size - 1) / group_size;
+}
+
+/// Effective group size: `group_size`, or `numel` when `group_size == 0`.
+inline int64_t effective_group_size(int64_t numel, int64_t group_size) {
+  return group_size == 0 ? std::max<int64_t>(numel, 1) : group_size;
+}
+
+/// Checks the option values shared by every quantizer; throws `c10::Error` naming the option,
+/// e.g. `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
+inline void check_options(const DiffQOptions& o, const std::string& where = "diffq::DiffQuantizer") {
+  TORCH_CHECK(o.group_size() >= 0, where, ": group_size must be >= 0, got ", o.group_size());
+  TORCH_CHECK(std::isfinite(o.min_bits()) && o.min_bits() >= 1, where,
+              ": min_bits must be >= 1, got ", o.min_bits());
+  TORCH_CHECK(std::isfinite(o.max_bits()) && o.max_bits() <= kMaxStoredBits, where,
+              ": max_bits must be <= ", kMaxStoredBits, ", got ", o.max_bits());
+  TORCH_CHECK(o.min_bits() < o.init_bits(), where, ": min_bits must be < init_bits, got min_bits=",
+              o.min_bits(), " and init_bits=", o.init_bits());
+  TORCH_CHECK(o.init_bits() < o.max_bits(), where, ": init_bits must be < max_bits, got init_bits=",
+              o.init_bits(), " and max_bits=", o.max_bits());
+  TORCH_CHECK(std::isfinite(o.extra_bits()), where, ": extra_bits must be finite, got ",
+              o.extra_bits());
+  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
+              ": min_size_mb must be >= 0, got ", o.min_size_mb());
+  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
+              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
+}
+
+/// Smallest (`min_noise`) and largest (`max_noise`) relative noise scales of `Param::kNoise`:
+/// `1/(2^max_bits − 1)` and `1/(2^min_bits − 1)`.
+inline double min_noise_scale(double max_bits) { return 1.0 / (std::exp2(max_bits) - 1.0); }
+inline double max_noise_scale(double min_bits) { return 1.0 / (std::exp2(min_bits) - 1.0); }
+
+/// Bit widths `b` from logits, differentiable (ATen ops), same shape as `logit` (`[num_groups]`).
+/// - `Param::kBits`: `b = min_bits + (max_bits − min_bits)·sigmoid(logit)`;
+/// - `Param::kNoise`: `s = exp(t·log(1/(2^max_bits−1)) + (1−t)·log(1/(2^min_bits−1)))`,
+///   `t = sigmoid(logit)`, `b = log2(1 + 1/s)`.
+/// Source: reference implementation, `DiffQuantizer._get_bits`.
+inline at::Tensor bits_from_logit(const at::Tensor& logit, double min_bits, double max_bits,
+                                  Param param) {
+  auto t = at::sigmoid(logit);
+  if (param == Param::kBits) return min_bits + (max_bits - min_bits) * t;
+  const double log_min = std::log(min_noise_scale(max_bits));
+  const double log_max = std::log(max_noise_scale(min_bits));
+  auto scale = at::exp(t * log_min + (1 - t) * log_max);
+  return at::log2(1 + 1 / scale);
+}
+
+/// The logit at which `bits_from_logit` gives exactly `bits` (up to floating point), for
+/// `min_bits < bits < max_bits`. Throws otherwise.
+inline double logit_for_bits(double bits, double min_bits, double max_bits, Param param) {
+  TORCH_CHECK(min_bits < bits && bits < max_bits, "diffq::logit_for_bits: bits must be in (",
+              min_bits, ", ", max_bits, "), got ", bits);
+  double t;
+  if (param == Param::kBits) {
+    t = (bits - min_bits) / (max_bits - min_bits);
+  } else {
+    const double log_min = std::log(min_noise_scale(max_bits));
+    const double log_max = std::log(max_noise_scale(min_bits));
+    const double log_s = -std::log(std::exp2(bits) - 1.0);
+    t = (log_s - log_max) / (log_min - log_max);
+  }
+  return std::log(t / (1 - t));
+}
+
+/// The quantization unit `1/(2^b − 1)` of one group (the noise scale relative to `max − min`) and
+/// its derivative with respect to the group's logit, in double precision.
+struct UnitAndGrad {
+  double unit;           ///< `1/(2^b − 1)`
+  double dunit_dlogit;   ///< `d unit / d logit`
+};
+
+/// `unit = 1/(2^b − 1)` with `b = bits_from_logit(logit)`, and its exact derivative:
+/// - `Param::kBits`: `d unit/d b = −2^b·ln 2/(2^b − 1)²`, `d b/d logit = (max_bits − min_bits)·t(1−t)`;
+/// - `Param::kNoise`: `unit = s` and `d s/d logit = s·(log min_noise − log max_noise)·t(1−t)`.
+inline UnitAndGrad unit_from_logit(double logit, double min_bits, double max_bits, Param param) {
+  const double t = 1.0 / (1.0 + std::exp(-logit));
+  const double dt = t * (1.0 - t);
+  if (param == Param::kBits) {
+    const double b = min_bits + (max_bits - min_bits) * t;
+    const double p = std::exp2(b);
+    const double unit = 1.0 / (p - 1.0);
+    return {unit, -p * std::log(2.0) * unit * unit * (max_bits - min_bits) * dt};
+  }
+  const double log_min = std::log(min_noise_scale(max_bits));
+  const double log_max = std::log(max_noise_scale(min_bits));
+  const double s = std::exp(t * log_min + (1 - t) * log_max);
+  return {s, s * (log_min - log_max) * dt};
+}
+
+/// Tensor form of `unit_from_logit`: `{unit, d unit/d logit}`, each `[num_groups]` with the dtype and
+/// device of `logit`, computed with ATen ops (no autograd, no host synchronisation).
+inline std::pair<at::Tensor, at::Tensor> unit_from_logit(const at::Tensor& logit, double min_bits,
+                                                        double max_bits, Param param) {
+  auto l = logit.detach();
+  auto t = at::sigmoid(l);
+  auto dt = t * (1 - t);
+  if (param == Param::kBits) {
+    auto p = at::exp2(min_bits + (max_bits - min_bits) * t);
+    auto unit = 1 / (p - 1);
+    auto dunit = p * unit * unit * dt * (-std::log(2.0) * (max_bits - min_bits));
+    return {unit, dunit};
+  }
+  const double log_min = std::log(min_noise_scale(max_bits));
+  const double log_max = std::log(max_noise_scale(min_bits));
+  auto s = at::exp(t * (log_min - log_max) + log_max);
+  return {s, s * dt * (log_min - log_max)};
+}
+
+/// Bit widths of true quantization: `clamp(round(b + extra_bits), 1, 15)`, as uint8 `[num_groups]`.
+/// `b`: float tensor `[num_groups]` (e.g. from `bits_from_logit`). Source: reference
+/// implementation, `DiffQuantizer._quantize_param`.
+inline at::Tensor rounded_bits(const at::Tensor& b, double extra_bits) {
+  return (b.detach() + extra_bits).round().clamp(1, kMaxStoredBits).to(at::kByte);
+}
+
+/// Per-element expansion of a per-group tensor `[num_groups]` to `[numel]` (the last group may be
+/// partial).
+inline at::Tensor expand_groups(const at::Tensor& per_group, int64_t numel, int64_t group_size) {
+  const int64_t gs = effective_group_size(numel, group_size);
+  TORCH_INTERNAL_ASSERT(per_group.dim() == 1 && per_group.size(0) == num_groups(numel, group_size));
+  return per_group.repeat_interleave(gs).narrow(0, 0, numel);
+}
+
+/// Minimum and maximum of a tensor, as values of its own dtype stored in doubles. Throws, naming
+/// `name`, if the tensor is empty or holds NaN or ±Inf values.
+inline std::pair<double, double> finite_min_max(const at::Tensor& w, const std::string& name) {
+  TORCH_CHECK(w.numel() > 0, "diffq: tensor '", name, "' is empty");
+  auto mm = at::aminmax(w.detach());
+  const double lo = std::get<0>(mm).item<double>();
+  const double hi = std::get<1>(mm).item<double>();
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "diffq: tensor '", name,
+              "' holds non-finite values (min=", lo, ", max=", hi,
+              "); cannot quantize NaN or Inf weights");
+  return {lo, hi};
+}
+
+/// Integer levels of uniform quantization with per-tensor `min`/`max` and per-group bit widths:
+/// `levels = round((w − min)/(max − min)·(2^b − 1))`, int16 `[numel]` in `[0, 2^b − 1]`.
+/// `w`: any shape (flattened), float or double; `bits`: integer `[num_groups]` in [1, 15].
+/// A constant tensor (`max == min`) gives all-zero levels. Source: paper Section 3.1 (Eq. 1).
+inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, int64_t group_size,
+                                  double min, double max) {
+  auto flat = w.detach().reshape(-1);
+  const int64_t numel = flat.numel();
+  TORCH_CHECK(bits.dim() == 1 && bits.size(0) == num_groups(numel, group_size),
+              "diffq::quantize_levels: expected bits of shape [", num_groups(numel, group_size),
+              "], got ", bits.sizes());
+  if (max == min) return at::zeros({numel}, flat.options().dtype(at::kShort));
+  auto levels_max = (at::pow(2.0, bits.to(flat.scalar_type())) - 1);
+  // 0 <= (w − min)/(max − min) <= 1 holds in floating point too, so levels lie in [0, 2^b − 1].
+  auto scaled = (flat - min) / (max - min) * expand_groups(levels_max, numel, group_size);
+  return scaled.round().to(at::kShort);
+}
+
+/// Weights from levels: `w = min + levels · (max − min)/(2^b − 1)`, `[numel]` of `dtype`.
+/// Inverse of `quantize_levels` up to rounding; bit-exact given the same inputs, which is what makes
+/// a loaded checkpoint equal the quantizer's eval-mode weights. A constant tensor gives `min`.
+inline at::Tensor dequantize_levels(const at::Tensor& levels, const at::Tensor& bits,
+                                    int64_t group_size, double min, double max,
+                                    at::ScalarType dtype) {
+  const int64_t numel = levels.numel();
+  TORCH_CHECK(bits.dim() == 1 && bits.size(0) == num_groups(numel, group_size),
+              "diffq::dequantize_levels: expected bits of shape [", num_groups(numel, group_size),
+              "], got ", bits.sizes());
+  auto opts = levels.options().dtype(dtype);
+  if (max == min) return at::full({numel}, min, opts);
+  auto step = (max - min) / (at::pow(2.0, bits.to(dtype)) - 1);
+  return levels.reshape(-1).to(dtype) * expand_groups(step, numel, group_size) + min;
+}
+
+/// True quantization of a tensor: `dequantize_levels(quantize_levels(w))`, same shape and dtype as
+/// `w`. Throws on NaN/Inf values (naming `name`).
+inline at::Tensor quantize_dequantize(const at::Tensor& w, const at::Tensor& bits,
+                                      int64_t group_size, const std::string& name = "tensor") {
+  auto mm = finite_min_max(w, name);
+  auto levels = quantize_levels(w, bits, group_size, mm.first, mm.second);
+  return dequantize_levels(levels, bits, group_size, mm.first, mm.second, w.scalar_type())
+      .view(w.sizes());
+}
+
+/// Bits used to store each group's bit width in the size estimate:
+/// `ceil(log2(1 + round(max b) − min_bits))` (0 when that is below 1), computed on the device
+/// without host synchronisation, not differentiated. `b`: `[num_groups]`. Source: reference
+/// implementation, `DiffQuantizer.model_size`.
+inline at::Tensor bits_bits(const at::Tensor& b, double min_bits) {
+  return (1 + b.detach().max().round() - min_bits).clamp_min(1).log2().ceil();
+}
+
+/// Size in bits of one quantized tensor of `numel` elements, differentiable with respect to `b`
+/// (`[num_groups]`): `Σ_g n_g·b_g + 64 (min, max) + 8 + bits_bits·num_groups`, where `n_g` is the
+/// element count of group g (the last group may be partial). Source: reference
+/// `DiffQuantizer.model_size`, with exact counts for partial groups.
+inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_t group_size,
+                                      double min_bits) {
+  const int64_t gs = effective_group_size(numel, group_size);
+  const int64_t groups = num_groups(numel, group_size);
+  TORCH_INTERNAL_ASSERT(b.dim() == 1 && b.size(0) == groups);
+  auto total = b.sum() * static_cast<double>(gs);
+  const int64_t last = numel - (groups - 1) * gs;
+  if (last != gs) total = total - b[groups - 1] * static_cast<double>(gs - last);
+  return total + (64 + 8) + bits_bits(b, min_bits) * static_cast<double>(groups);
+}
+
+/// Bits per element of a non-quantized tensor: 16 when stored as fp16, else 32.
+inline int64_t float_bits(bool float16) { return float16 ? 16 : 32; }
+
+/// Bits per MB (MB = 2^20 bytes).
+constexpr double kBitsPerMB = 8.0 * 1048576.0;
+
+}  // namespace diffq

@@ -1,0 +1,16 @@
+#pragma once
+/// \file diffq/diffq.h
+/// Umbrella header of diffq: DiffQ, differentiable model compression by pseudo quantization noise
+/// (Défossez, Adi, Synnaeve, TMLR 2022, arXiv 2104.09987), for LibTorch.
+///
+/// - `diffq/options.h`: `DiffQOptions`, `Noise`, `Param`;
+/// - `diffq/bits.h`: bit widths from logits, quantization levels, model-size formula;
+/// - `diffq/noise.h`: the fast deterministic pseudo quantization noise generator;
+/// - `diffq/state.h`: the quantized state handed to checkpoints;
+/// - `diffq/quantizer.h`: `DiffQuantizer<M>`, `QuantizedGuard`.
+
+#include <diffq/bits.h>
+#include <diffq/noise.h>
+#include <diffq/options.h>
+#include <diffq/quantizer.h>
+#include <diffq/state.h>

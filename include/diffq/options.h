@@ -1,0 +1,67 @@
+#pragma once
+/// \file diffq/options.h
+/// Options of the DiffQ quantizer (Défossez, Adi, Synnaeve, "Differentiable Model Compression via
+/// Pseudo Quantization Noise", TMLR 2022, arXiv 2104.09987).
+
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace diffq {
+
+/// Distribution of the pseudo quantization noise `u` (paper, Section 3.1): the training forward
+/// sees `w + Δ·u` with `Δ = (max w − min w) / (2^b − 1)`.
+enum class Noise {
+  /// `u ~ N(0, 1) / 2` (the reference implementation's default).
+  kGaussian,
+  /// `u ~ U[−½, ½)`, the exact distribution of the rounding error of a uniform quantizer.
+  kUniform,
+};
+
+/// What the learnable logit of each group parametrises.
+enum class Param {
+  /// `b = min_bits + (max_bits − min_bits)·sigmoid(logit)`.
+  kBits,
+  /// The relative noise scale `s = exp(t·log(1/(2^max_bits − 1)) + (1 − t)·log(1/(2^min_bits −
+  /// 1)))`, `t = sigmoid(logit)`, and `b = log2(1 + 1/s)`.
+  kNoise,
+};
+
+/// Options of `diffq::DiffQuantizer`, chainable like `torch::nn::LinearOptions`:
+/// `DiffQOptions().group_size(16).min_size(0.01).exclude({"*bias"})`.
+/// They are checked when the quantizer is built (`diffq::check_options`).
+struct DiffQOptions {
+  /// Number of consecutive elements (in the flattened tensor) sharing one bit width.
+  /// 0 means one group for the whole tensor. Need not divide the tensor size: the last group of a
+  /// tensor may be partial. Must be >= 0.
+  TORCH_ARG(int64_t, group_size) = 8;
+  /// Smallest bit width the logits can reach (paper: `b_min`). Must be >= 1 and < init_bits.
+  TORCH_ARG(double, min_bits) = 2;
+  /// Largest bit width the logits can reach (paper: `b_max`). Must be > init_bits and <= 15.
+  TORCH_ARG(double, max_bits) = 15;
+  /// Bit width every group starts from; the logits are initialised so that `b == init_bits`.
+  TORCH_ARG(double, init_bits) = 8;
+  /// Bits added to the learnt bit width before rounding, for true quantization and model size.
+  TORCH_ARG(double, extra_bits) = 0;
+  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
+  /// quantized. Must be >= 0.
+  TORCH_ARG(double, min_size_mb) = 0.01;
+  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32.
+  TORCH_ARG(bool, float16) = false;
+  /// Distribution of the pseudo quantization noise.
+  TORCH_ARG(Noise, noise) = Noise::kGaussian;
+  /// What the logits parametrise.
+  TORCH_ARG(Param, param) = Param::kBits;
+  /// Glob patterns (`*`, `?`, `[...]`) of parameters never quantized, matched against the full
+  /// dotted name (`"encoder.0.bias"`) and the leaf name (`"bias"`).
+  TORCH_ARG(std::vector<std::string>, exclude) = {};
+  /// Tied parameters (one tensor registered under several names) share one logit and count once in
+  /// the model size. With `false`, a model with tied parameters is refused.
+  TORCH_ARG(bool, detect_bound) = true;
+  /// Suffix of the logit parameters registered on the owning modules: `<name><suffix>`.
+  TORCH_ARG(std::string, suffix) = "_diffq";
+};
+
+}  // namespace diffq

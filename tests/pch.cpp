@@ -1,0 +1,1 @@
+// Precompiled-header carrier for the diffq tests.

@@ -1,0 +1,762 @@
+// Tests of diffq::DiffQuantizer against independent computations: an explicit functional
+// computation that builds the noisy weights as non-leaf tensors from the same noise sample,
+// hand-quantized weights, and the size formula computed by hand.
+#include <diffq/quantizer.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace F = torch::nn::functional;
+using diffq::DiffQOptions;
+using diffq::DiffQuantizer;
+
+/// max |a − e| <= rtol · max |e| (and both finite, same shape).
+::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
+                                 double rtol = 1e-5) {
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " vs " << expected.sizes();
+  }
+  auto a = actual.detach().to(torch::kDouble);
+  auto e = expected.detach().to(torch::kDouble);
+  const double err = (a - e).abs().max().item<double>();
+  const double ref = e.abs().max().item<double>();
+  if (!std::isfinite(err) || err > rtol * ref) {
+    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+bool BitEqual(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+         std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(),
+                     a.numel() * a.element_size()) == 0;
+}
+
+/// Bit widths from logits by the paper's formula (reference `_get_bits`), as explicit tensor ops.
+torch::Tensor RefBits(const torch::Tensor& logit, const DiffQOptions& o) {
+  auto t = torch::sigmoid(logit);
+  if (o.param() == diffq::Param::kBits) return o.min_bits() + (o.max_bits() - o.min_bits()) * t;
+  const double log_min = std::log(1.0 / (std::pow(2.0, o.max_bits()) - 1));
+  const double log_max = std::log(1.0 / (std::pow(2.0, o.min_bits()) - 1));
+  auto s = torch::exp(t * log_min + (1 - t) * log_max);
+  return torch::log2(1 + 1 / s);
+}
+
+/// Noisy weight `w + (max w − min w)/(2^b − 1)·u` as a differentiable function of w and the logit.
+torch::Tensor RefNoisy(const torch::Tensor& w, const torch::Tensor& logit, const torch::Tensor& u,
+                       const DiffQOptions& o) {
+  const int64_t n = w.numel();
+  const int64_t gs = o.group_size() == 0 ? n : o.group_size();
+  auto unit = 1 / (torch::pow(2.0, RefBits(logit, o)) - 1);
+  auto unit_e = unit.repeat_interleave(gs).narrow(0, 0, n).view(w.sizes());
+  return w + (w.max() - w.min()) * unit_e * u.to(w.scalar_type());
+}
+
+struct MLPImpl : torch::nn::Module {
+  MLPImpl() : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
+              fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
+  torch::nn::Linear fc1, fc2;
+};
+TORCH_MODULE(MLP);
+
+struct ConvNetImpl : torch::nn::Module {
+  ConvNetImpl()
+      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)))),
+        fc(register_module("fc", torch::nn::Linear(3 * 4 * 4, 5))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return fc(torch::relu(conv(x)).flatten(1));
+  }
+  torch::nn::Conv2d conv;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(ConvNet);
+
+/// Output projection reusing a given weight tensor.
+struct ProjImpl : torch::nn::Module {
+  explicit ProjImpl(const torch::Tensor& w) : weight(register_parameter("weight", w)) {}
+  torch::Tensor forward(const torch::Tensor& x) { return F::linear(x, weight); }
+  torch::Tensor weight;
+};
+TORCH_MODULE(Proj);
+
+/// Embedding whose weight is tied to the output projection.
+struct TiedImpl : torch::nn::Module {
+  TiedImpl()
+      : emb(register_module("emb", torch::nn::Embedding(7, 5))),
+        out(register_module("out", Proj(emb->weight))) {}
+  torch::Tensor forward(const torch::Tensor& idx) { return out(torch::tanh(emb(idx))); }
+  torch::nn::Embedding emb;
+  Proj out;
+};
+TORCH_MODULE(Tied);
+
+struct Case {
+  int64_t group_size;
+  bool reference_kernels;
+};
+
+std::vector<Case> AllCases() {
+  std::vector<Case> cases;
+  for (int64_t gs : {0, 1, 8, 7}) {  // 7 divides none of the tensor sizes below
+    for (bool ref : {false, true}) cases.push_back({gs, ref});
+  }
+  return cases;
+}
+
+std::string Describe(const Case& c) {
+  return "group_size=" + std::to_string(c.group_size) +
+         (c.reference_kernels ? " (ATen kernels)" : " (CPU kernels)");
+}
+
+/// Runs one training forward/backward through the quantizer and the same computation explicitly;
+/// compares loss, weight gradients and logit gradients, and checks the weights are clean after.
+template <typename Holder, typename RefForward, typename Input>
+void CheckGradients(Holder model, const DiffQOptions& options, bool reference_kernels,
+                    const Input& input, RefForward ref_forward) {
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  DiffQuantizer<Holder> q(model, options);
+  q.use_reference_kernels(reference_kernels);
+  q.no_optimizer();
+  // Logits away from their initial value, distinct per group.
+  {
+    torch::NoGradGuard ng;
+    for (const auto& n : q.quantized_names()) {
+      auto l = q.logit(n);
+      l.copy_(torch::linspace(-1.5, 2.0, l.numel(), l.options()));
+    }
+  }
+  auto out = q.forward(input);
+  auto loss = torch::sin(out).pow(2).sum() + out.sum();
+  std::map<std::string, torch::Tensor> noise;
+  for (const auto& n : q.quantized_names()) noise[n] = q.noise(n).clone();
+  loss.backward();
+
+  // Weights are bit-for-bit clean after backward().
+  for (const auto& p : model->named_parameters()) {
+    if (before.count(p.key())) {
+      EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+    }
+  }
+  // The explicit computation with the same noise sample.
+  std::map<std::string, torch::Tensor> w, l, noisy;
+  auto params = model->named_parameters();
+  for (const auto& n : q.quantized_names()) {
+    w[n] = before[n].clone().requires_grad_(true);
+    l[n] = params[n + options.suffix()].detach().clone().requires_grad_(true);
+    noisy[n] = RefNoisy(w[n], l[n], noise[n], options);
+  }
+  auto ref_out = ref_forward(noisy, before);
+  auto ref_loss = torch::sin(ref_out).pow(2).sum() + ref_out.sum();
+  ref_loss.backward();
+  EXPECT_TRUE(Close(loss, ref_loss));
+  for (const auto& n : q.quantized_names()) {
+    EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << "weight grad of " << n;
+    EXPECT_TRUE(Close(params[n + options.suffix()].grad(), l[n].grad())) << "logit grad of " << n;
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputationLinear) {
+  for (const auto& c : AllCases()) {
+    SCOPED_TRACE(Describe(c));
+    torch::manual_seed(1);
+    MLP model;
+    auto x = torch::randn({4, 10});
+    auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0);
+    CheckGradients(model, options, c.reference_kernels, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+                   });
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputationConv2d) {
+  for (const auto& c : AllCases()) {
+    SCOPED_TRACE(Describe(c));
+    torch::manual_seed(2);
+    ConvNet model;
+    auto x = torch::randn({2, 2, 4, 4});
+    // Biases excluded: they stay fp32 and receive the plain gradient.
+    auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0).exclude({"*bias"});
+    CheckGradients(model, options, c.reference_kernels, x,
+                   [&](std::map<std::string, torch::Tensor>& nw,
+                       std::map<std::string, torch::Tensor>& clean) {
+                     auto h = torch::relu(F::conv2d(
+                         x, nw["conv.weight"], F::Conv2dFuncOptions().bias(clean["conv.bias"]).padding(1)));
+                     return F::linear(h.flatten(1), nw["fc.weight"], clean["fc.bias"]);
+                   });
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputationLSTM) {
+  for (const auto& c : AllCases()) {
+    SCOPED_TRACE(Describe(c));
+    torch::manual_seed(3);
+    torch::nn::LSTM lstm(torch::nn::LSTMOptions(4, 5));
+    auto x = torch::randn({6, 2, 4});
+    auto h0 = torch::randn({1, 2, 5});
+    auto c0 = torch::randn({1, 2, 5});
+    auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0);
+    std::map<std::string, torch::Tensor> before;
+    for (const auto& p : lstm->named_parameters()) before[p.key()] = p.value().detach().clone();
+    DiffQuantizer<torch::nn::LSTM> q(lstm, options);
+    q.use_reference_kernels(c.reference_kernels);
+    q.no_optimizer();
+    ASSERT_EQ(q.quantized_names().size(), 4u);
+    auto out = std::get<0>(q.forward(x, std::make_tuple(h0, c0)));
+    auto loss = torch::sin(out).pow(2).sum() + out.sum();
+    std::map<std::string, torch::Tensor> noise;
+    for (const auto& n : q.quantized_names()) noise[n] = q.noise(n).clone();
+    loss.backward();
+    auto params = lstm->named_parameters();
+    std::map<std::string, torch::Tensor> w, l, nw;
+    for (const auto& n : q.quantized_names()) {
+      EXPECT_TRUE(BitEqual(params[n].detach(), before[n])) << n;
+      w[n] = before[n].clone().requires_grad_(true);
+      l[n] = params[n + "_diffq"].detach().clone().requires_grad_(true);
+      nw[n] = RefNoisy(w[n], l[n], noise[n], options);
+    }
+    auto ref = std::get<0>(torch::lstm(
+        x, {h0, c0}, {nw["weight_ih_l0"], nw["weight_hh_l0"], nw["bias_ih_l0"], nw["bias_hh_l0"]},
+        /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/true,
+        /*bidirectional=*/false, /*batch_first=*/false));
+    auto ref_loss = torch::sin(ref).pow(2).sum() + ref.sum();
+    ref_loss.backward();
+    EXPECT_TRUE(Close(loss, ref_loss));
+    for (const auto& n : q.quantized_names()) {
+      EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << n;
+      EXPECT_TRUE(Close(params[n + "_diffq"].grad(), l[n].grad())) << n;
+    }
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputationTiedWeights) {
+  for (const auto& c : AllCases()) {
+    SCOPED_TRACE(Describe(c));
+    torch::manual_seed(4);
+    Tied model;
+    auto idx = torch::tensor({0, 3, 6, 2}, torch::kLong);
+    auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0);
+    // One tensor under two names: one logit, both uses see the same noisy weight.
+    {
+      DiffQuantizer<Tied> probe(model, options);
+      ASSERT_EQ(probe.quantized_names(), std::vector<std::string>{"emb.weight"});
+      probe.detach();
+    }
+    CheckGradients(model, options, c.reference_kernels, idx,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     auto h = torch::tanh(F::embedding(idx, nw["emb.weight"]));
+                     return F::linear(h, nw["emb.weight"]);
+                   });
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchForNoiseParamAndUniformNoise) {
+  for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+    for (auto noise : {diffq::Noise::kGaussian, diffq::Noise::kUniform}) {
+      for (bool ref : {false, true}) {
+        torch::manual_seed(5);
+        MLP model;
+        auto x = torch::randn({4, 10});
+        auto options = DiffQOptions().group_size(8).min_size_mb(0).param(param).noise(noise);
+        CheckGradients(model, options, ref, x,
+                       [&](std::map<std::string, torch::Tensor>& nw,
+                           std::map<std::string, torch::Tensor>&) {
+                         auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+                         return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+                       });
+      }
+    }
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchInFloat64) {
+  torch::manual_seed(6);
+  MLP model;
+  model->to(torch::kDouble);
+  auto x = torch::randn({4, 10}, torch::kDouble);
+  auto options = DiffQOptions().group_size(7).min_size_mb(0);
+  CheckGradients(model, options, false, x,
+                 [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                   auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+                   return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+                 });
+}
+
+TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
+  // Constant-initialised rows create ties at the max and min: the gradient through max − min is
+  // spread over them as ATen's max()/min() backward does.
+  for (bool ref : {false, true}) {
+    torch::manual_seed(7);
+    MLP model;
+    {
+      torch::NoGradGuard ng;
+      model->fc1->weight.narrow(0, 0, 2).fill_(0.7);
+      model->fc1->weight.narrow(0, 4, 2).fill_(-0.7);
+    }
+    auto x = torch::randn({4, 10});
+    CheckGradients(model, DiffQOptions().group_size(8).min_size_mb(0), ref, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+                   });
+  }
+}
+
+TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
+  torch::manual_seed(8);
+  MLP model;
+  auto options = DiffQOptions().group_size(8).min_size_mb(0);
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  DiffQuantizer<MLP> q(model, options);
+  q.no_optimizer();
+  auto x1 = torch::randn({3, 10}), x2 = torch::randn({5, 10});
+  auto y1 = q.forward(x1);
+  auto u = q.noise("fc1.weight").clone();
+  auto y2 = q.forward(x2);
+  EXPECT_TRUE(BitEqual(q.noise("fc1.weight"), u));
+  auto loss = y1.pow(2).sum() + y2.sin().sum();
+  auto noise1 = q.noise("fc1.weight").clone(), noise2 = q.noise("fc2.weight").clone();
+  loss.backward();
+  auto params = model->named_parameters();
+  std::map<std::string, torch::Tensor> u_all{{"fc1.weight", noise1}, {"fc2.weight", noise2},
+                                             {"fc1.bias", q.noise("fc1.bias").clone()},
+                                             {"fc2.bias", q.noise("fc2.bias").clone()}};
+  std::map<std::string, torch::Tensor> w, l, nw;
+  for (const auto& n : q.quantized_names()) {
+    w[n] = before[n].clone().requires_grad_(true);
+    l[n] = params[n + "_diffq"].detach().clone().requires_grad_(true);
+    nw[n] = RefNoisy(w[n], l[n], u_all[n], options);
+  }
+  auto f = [&](const torch::Tensor& x) {
+    return F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
+                     nw["fc2.bias"]);
+  };
+  auto ref = f(x1).pow(2).sum() + f(x2).sin().sum();
+  ref.backward();
+  EXPECT_TRUE(Close(loss, ref));
+  for (const auto& n : q.quantized_names()) {
+    EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << n;
+    EXPECT_TRUE(Close(params[n + "_diffq"].grad(), l[n].grad())) << n;
+    EXPECT_TRUE(BitEqual(params[n].detach(), before[n])) << n;
+  }
+}
+
+TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
+  torch::manual_seed(9);
+  MLP model;
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  auto x = torch::randn({2, 10});
+  torch::Tensor y;
+  {
+    torch::NoGradGuard ng;
+    y = q.forward(x);
+  }
+  // The forward saw the noisy weights built from the drawn sample...
+  std::map<std::string, torch::Tensor> nw;
+  for (const auto& n : q.quantized_names()) {
+    nw[n] = RefNoisy(before[n], model->named_parameters()[n + "_diffq"].detach(), q.noise(n),
+                     q.options());
+  }
+  auto ref = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
+                       nw["fc2.bias"]);
+  EXPECT_TRUE(Close(y, ref));
+  // ...and left the clean ones.
+  for (const auto& p : model->named_parameters()) {
+    if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+  }
+}
+
+struct PartlyUsedImpl : torch::nn::Module {
+  PartlyUsedImpl() : a(register_module("a", torch::nn::Linear(4, 4))),
+                     b(register_module("b", torch::nn::Linear(4, 4))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return a(x); }  // b is unused
+  torch::nn::Linear a, b;
+};
+TORCH_MODULE(PartlyUsed);
+
+TEST(DiffQuantizer, UnusedParametersAreRestoredAfterForward) {
+  torch::manual_seed(10);
+  PartlyUsed model;
+  auto b_before = model->b->weight.detach().clone();
+  auto a_before = model->a->weight.detach().clone();
+  DiffQuantizer<PartlyUsed> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  auto y = q.forward(torch::randn({3, 4}));
+  EXPECT_TRUE(BitEqual(model->b->weight.detach(), b_before));   // unused: clean already
+  EXPECT_FALSE(BitEqual(model->a->weight.detach(), a_before));  // used: noisy until backward
+  y.sum().backward();
+  EXPECT_TRUE(BitEqual(model->a->weight.detach(), a_before));
+  EXPECT_TRUE(BitEqual(model->b->weight.detach(), b_before));
+}
+
+/// Hand quantization: b = clamp(round(bits + extra), 1, 15); levels = round((w − min)/(max −
+/// min)·(2^b − 1)); w_q = min + levels·(max − min)/(2^b − 1), element by element in double.
+torch::Tensor HandQuantize(const torch::Tensor& w, const torch::Tensor& bits, int64_t group_size,
+                           double extra_bits) {
+  auto flat = w.detach().to(torch::kDouble).reshape(-1).contiguous();
+  auto b = bits.detach().to(torch::kDouble).contiguous();
+  const int64_t n = flat.numel();
+  const int64_t gs = group_size == 0 ? n : group_size;
+  const double lo = flat.min().item<double>(), hi = flat.max().item<double>();
+  auto out = torch::empty({n}, torch::kDouble);
+  for (int64_t i = 0; i < n; ++i) {
+    const double bi = std::min(15.0, std::max(1.0, std::nearbyint(b[i / gs].item<double>() + extra_bits)));
+    const double L = std::pow(2.0, bi) - 1;
+    const double level = std::nearbyint((flat[i].item<double>() - lo) / (hi - lo) * L);
+    out[i] = lo + level * (hi - lo) / L;
+  }
+  return out.view(w.sizes());
+}
+
+TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
+  for (int64_t gs : {0, 1, 8, 7}) {
+    SCOPED_TRACE(gs);
+    torch::manual_seed(11);
+    MLP model;
+    auto options = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.4);
+    std::map<std::string, torch::Tensor> before;
+    for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+    DiffQuantizer<MLP> q(model, options);
+    {
+      torch::NoGradGuard ng;
+      for (const auto& n : q.quantized_names()) {
+        auto l = q.logit(n);
+        l.copy_(torch::linspace(-6, 6, l.numel(), l.options()));  // 2..15 bits
+      }
+    }
+    std::map<std::string, torch::Tensor> wq;
+    for (const auto& n : q.quantized_names()) {
+      wq[n] = HandQuantize(before[n], RefBits(q.logit(n), options), gs, 0.4).to(torch::kFloat);
+    }
+    model->eval();
+    torch::NoGradGuard ng;
+    auto x = torch::randn({5, 10});
+    auto y = q.forward(x);
+    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])), wq["fc2.weight"],
+                         wq["fc2.bias"]);
+    EXPECT_TRUE(Close(y, ref, 1e-6));
+    // The quantized weights are exactly representable: the eval weights equal them to float rounding.
+    {
+      diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
+      for (const auto& n : q.quantized_names()) {
+        EXPECT_TRUE(Close(model->named_parameters()[n], wq[n], 1e-6)) << n;
+      }
+    }
+    for (const auto& p : model->named_parameters()) {
+      if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+    }
+    // Back in training, the exact clean weights are used.
+    model->train();
+    q.no_optimizer();
+    auto yt = q.forward(x);
+    for (const auto& p : model->named_parameters()) {
+      if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+    }
+  }
+}
+
+TEST(DiffQuantizer, ConstantTensorQuantizesToItself) {
+  torch::manual_seed(12);
+  MLP model;
+  {
+    torch::NoGradGuard ng;
+    model->fc1->weight.fill_(0.25);
+  }
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  model->eval();
+  diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
+  auto w = model->fc1->weight.detach();
+  EXPECT_TRUE(torch::all(w == 0.25).item<bool>());
+}
+
+/// The size formula by hand, in double: Σ_g n_g·b_g + 72 + ceil(log2(1 + round(max b) − min_bits))
+/// · num_groups per quantized tensor, 32 bits per other element; divided by 8·2^20.
+double HandSizeMB(torch::nn::Module& model, const DiffQuantizer<MLP>& q, const DiffQOptions& o,
+                  bool exact) {
+  double bits = 0;
+  auto params = model.named_parameters();
+  for (const auto& item : params) {
+    const auto& name = item.key();
+    if (name.size() > 6 && name.substr(name.size() - 6) == "_diffq") continue;
+    const auto names = q.quantized_names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      bits += 32.0 * item.value().numel();
+      continue;
+    }
+    auto b = RefBits(params[name + "_diffq"].detach(), o).to(torch::kDouble) + o.extra_bits();
+    const int64_t n = item.value().numel();
+    const int64_t gs = o.group_size() == 0 ? n : o.group_size();
+    double maxb = -1e9;
+    for (int64_t g = 0; g < b.numel(); ++g) {
+      double bg = b[g].item<double>();
+      if (exact) bg = std::min(15.0, std::max(1.0, std::nearbyint(bg)));
+      const int64_t count = std::min(gs, n - g * gs);
+      bits += count * bg;
+      maxb = std::max(maxb, bg);
+    }
+    bits += 64 + 8 + std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(maxb) - o.min_bits()))) *
+                         b.numel();
+  }
+  return bits / (8.0 * 1048576.0);
+}
+
+TEST(DiffQuantizer, PenaltyEqualsFormulaByHand) {
+  for (int64_t gs : {0, 1, 8, 7}) {
+    for (double extra : {0.0, 0.6}) {
+      SCOPED_TRACE(std::to_string(gs) + " extra " + std::to_string(extra));
+      torch::manual_seed(13);
+      MLP model;
+      // fc2.bias (3 elements) stays fp32: min_size between 3 and 6 elements of fp32.
+      auto o = DiffQOptions().group_size(gs).min_size_mb(4.0 * 4 / 1048576.0).extra_bits(extra);
+      DiffQuantizer<MLP> q(model, o);
+      EXPECT_EQ(q.quantized_names().size(), 3u);
+      {
+        torch::NoGradGuard ng;
+        for (const auto& n : q.quantized_names()) {
+          auto l = q.logit(n);
+          l.copy_(torch::randn(l.sizes()) * 2);
+        }
+      }
+      EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
+                  1e-6 * HandSizeMB(*model, q, o, false));
+      EXPECT_NEAR(q.true_model_size(), HandSizeMB(*model, q, o, true),
+                  1e-9 + 1e-7 * HandSizeMB(*model, q, o, true));
+    }
+  }
+}
+
+TEST(DiffQuantizer, PenaltyGradientMatchesFiniteDifferences) {
+  torch::manual_seed(14);
+  MLP model;
+  model->to(torch::kDouble);  // logits follow the parameters' dtype: float64 finite differences
+  auto o = DiffQOptions().group_size(7).min_size_mb(0);
+  DiffQuantizer<MLP> q(model, o);
+  {
+    torch::NoGradGuard ng;
+    for (const auto& n : q.quantized_names()) q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
+  }
+  q.penalty().backward();
+  const double h = 1e-6;
+  for (const auto& n : q.quantized_names()) {
+    auto l = q.logit(n);
+    auto g = l.grad().clone();
+    ASSERT_EQ(l.scalar_type(), torch::kDouble);
+    for (int64_t i = 0; i < l.numel(); ++i) {
+      torch::NoGradGuard ng;
+      const double orig = l[i].item<double>();
+      l[i].fill_(orig + h);
+      const double up = q.penalty().item<double>();
+      l[i].fill_(orig - h);
+      const double down = q.penalty().item<double>();
+      l[i].fill_(orig);
+      const double fd = (up - down) / (2 * h);
+      EXPECT_NEAR(g[i].item<double>(), fd, 1e-6 * std::abs(fd) + 1e-12) << n << "[" << i << "]";
+    }
+  }
+}
+
+TEST(DiffQuantizer, PenaltyCountsTiedParametersOnce) {
+  torch::manual_seed(15);
+  Tied model;
+  auto o = DiffQOptions().group_size(5).min_size_mb(0);
+  DiffQuantizer<Tied> q(model, o);
+  // emb.weight (35 elements, 7 groups at 8 bits) once; no other parameters.
+  const double bits = 35 * 8.0 + 72 + std::ceil(std::log2(1 + 8 - 2)) * 7;
+  EXPECT_NEAR(q.penalty().item<double>(), bits / (8.0 * 1048576.0), 1e-6 * bits / (8.0 * 1048576.0));
+}
+
+TEST(DiffQuantizer, LogitsInitialisedAtInitBitsAndRegisteredOnOwner) {
+  for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+    MLP model;
+    DiffQuantizer<MLP> q(model, DiffQOptions().init_bits(5).min_size_mb(0).param(param).group_size(4));
+    auto fc1 = model->fc1->named_parameters(false);
+    ASSERT_TRUE(fc1.contains("weight_diffq"));
+    EXPECT_EQ(fc1["weight_diffq"].sizes(), torch::IntArrayRef({15}));  // ceil(60 / 4)
+    EXPECT_EQ(model->fc1->named_parameters(false)["bias_diffq"].numel(), 2);  // ceil(6 / 4)
+    EXPECT_TRUE(Close(q.bits("fc1.weight"), torch::full({15}, 5.0), 1e-6));
+    // The logits are model parameters: in parameters() and in the saved state.
+    EXPECT_EQ(model->parameters().size(), 8u);
+  }
+}
+
+TEST(DiffQuantizer, MinSizeAndExcludeSelectQuantizedTensors) {
+  MLP model;
+  // 4 bytes × 60 = 240 B for fc1.weight: a min size of exactly 240 B keeps it fp32 ("at or below").
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(18 * 4 / 1048576.0).exclude({"fc2.*"}));
+  EXPECT_EQ(q.quantized_names(), std::vector<std::string>{"fc1.weight"});
+  MLP model2;
+  DiffQuantizer<MLP> q2(model2, DiffQOptions().min_size_mb(0).exclude({"bias"}));
+  EXPECT_EQ(q2.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
+}
+
+TEST(DiffQuantizer, AdamWithLargePenaltyLowersBitsAndWithoutDoesNot) {
+  auto run = [](double lambda) {
+    torch::manual_seed(16);
+    MLP model;
+    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+    DiffQuantizer<MLP> q(model, DiffQOptions().group_size(4).min_size_mb(0));
+    q.setup_optimizer(opt, 5e-2);
+    const double start = q.mean_bits();
+    auto x = torch::randn({64, 10});
+    auto y = torch::randn({64, 3});
+    for (int step = 0; step < 30; ++step) {
+      auto loss = (q.forward(x) - y).pow(2).mean() * 100 + lambda * q.penalty();
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+    }
+    return q.mean_bits() - start;
+  };
+  EXPECT_LT(run(1e5), -0.5);
+  EXPECT_GE(run(0.0), 0.0);
+}
+
+TEST(DiffQuantizer, SetupOptimizerAddsLogitGroupWithoutWeightDecay) {
+  MLP model;
+  torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0.1));
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.setup_optimizer(opt, 0.02);
+  ASSERT_EQ(opt.param_groups().size(), 2u);
+  auto& g = opt.param_groups()[1];
+  EXPECT_EQ(g.params().size(), 4u);
+  auto& o = static_cast<torch::optim::AdamWOptions&>(g.options());
+  EXPECT_DOUBLE_EQ(o.lr(), 0.02);
+  EXPECT_DOUBLE_EQ(o.weight_decay(), 0.0);
+  MLP model2;
+  torch::optim::SGD sgd(model2->parameters(), torch::optim::SGDOptions(0.1).weight_decay(0.5));
+  DiffQuantizer<MLP> q2(model2, DiffQOptions().min_size_mb(0));
+  q2.setup_optimizer(sgd);
+  EXPECT_DOUBLE_EQ(static_cast<torch::optim::SGDOptions&>(sgd.param_groups()[1].options()).weight_decay(), 0.0);
+}
+
+TEST(DiffQuantizer, DetachLeavesTheModelAsItWas) {
+  torch::manual_seed(17);
+  MLP model;
+  const auto names_before = model->named_parameters().keys();
+  auto w = model->fc1->weight.detach().clone();
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  auto y = q.forward(torch::randn({2, 10}));
+  q.detach();
+  EXPECT_EQ(model->named_parameters().keys(), names_before);
+  EXPECT_TRUE(BitEqual(model->fc1->weight.detach(), w));
+  // A new quantizer can wrap the model again.
+  DiffQuantizer<MLP> again(model, DiffQOptions().min_size_mb(0));
+  EXPECT_EQ(again.quantized_names().size(), 4u);
+}
+
+template <typename Fn>
+void ExpectError(Fn fn, const std::string& substring) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing '" << substring << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
+  }
+}
+
+TEST(DiffQuantizer, ErrorPaths) {
+  MLP model;
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().group_size(-3)); },
+              "diffq::DiffQuantizer: group_size must be >= 0, got -3");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().min_bits(8).init_bits(8)); },
+              "min_bits must be < init_bits, got min_bits=8 and init_bits=8");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().init_bits(15).max_bits(15)); },
+              "init_bits must be < max_bits, got init_bits=15 and max_bits=15");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().max_bits(16)); },
+              "max_bits must be <= 15, got 16");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().min_bits(0).init_bits(3)); },
+              "min_bits must be >= 1, got 0");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(-1)); },
+              "min_size_mb must be >= 0, got -1");
+  ExpectError([&] { DiffQuantizer<MLP> q(model, DiffQOptions().suffix("a.b")); },
+              "suffix must be non-empty and contain no '.'");
+  {
+    DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+    ExpectError([&] { DiffQuantizer<MLP> again(model, DiffQOptions()); },
+                "the model already carries a DiffQ logit ('fc1.weight_diffq')");
+    ExpectError([&] { q.forward(torch::randn({1, 10})); },
+                "call setup_optimizer(optimizer) (or no_optimizer()) before a training forward");
+    torch::optim::Adam late(model->parameters());
+    ExpectError([&] { q.setup_optimizer(late); },
+                "already holds the logit 'fc1.weight_diffq'; create the optimizer");
+    ExpectError([&] { q.logit("nope"); }, "no quantized parameter named 'nope'");
+    // NaN weights at quantization.
+    {
+      torch::NoGradGuard ng;
+      model->fc2->weight[0][0] = std::nan("");
+    }
+    model->eval();
+    ExpectError([&] { q.forward(torch::randn({1, 10})); },
+                "diffq: tensor 'fc2.weight' holds non-finite values");
+    model->train();
+    q.no_optimizer();
+    ExpectError([&] { q.forward(torch::randn({1, 10})); },
+                "parameter 'fc2.weight' holds non-finite values");
+    {
+      torch::NoGradGuard ng;
+      model->fc2->weight[0][0] = std::numeric_limits<float>::infinity();
+    }
+    ExpectError([&] { q.quantized_state(); }, "holds non-finite values (min=");
+    q.detach();
+    ExpectError([&] { q.quantize(); }, "diffq::DiffQuantizer::quantize: the quantizer was detached");
+  }
+  Tied tied;
+  ExpectError([&] { DiffQuantizer<Tied> q(tied, DiffQOptions().detect_bound(false).min_size_mb(0)); },
+              "parameter 'out.weight' is tied to 'emb.weight'; tied parameters need detect_bound(true)");
+}
+
+TEST(DiffQuantizer, QuantizedStateDescribesTheEvalWeights) {
+  torch::manual_seed(18);
+  Tied model;
+  DiffQuantizer<Tied> q(model, DiffQOptions().group_size(6).min_size_mb(0));
+  auto st = q.quantized_state(/*include_logits=*/true);
+  ASSERT_EQ(st.quantized.size(), 1u);
+  const auto& t = st.quantized[0];
+  EXPECT_EQ(t.name, "emb.weight");
+  EXPECT_EQ(t.shape, (std::vector<int64_t>{7, 5}));
+  EXPECT_EQ(t.bits.numel(), 6);  // ceil(35 / 6)
+  EXPECT_EQ(t.min, model->emb->weight.min().item<double>());
+  ASSERT_EQ(st.tied.size(), 1u);
+  EXPECT_EQ(st.tied[0].name, "out.weight");
+  EXPECT_EQ(st.tied[0].target, "emb.weight");
+  EXPECT_EQ(st.logits.size(), 1u);
+  // Dequantized levels equal the eval-mode weights bit for bit.
+  auto w = diffq::dequantize_levels(t.levels, t.bits, t.group_size, t.min, t.max, t.dtype).view(t.shape);
+  model->eval();
+  diffq::QuantizedGuard<DiffQuantizer<Tied>> guard(q);
+  EXPECT_TRUE(BitEqual(model->emb->weight.detach(), w));
+  EXPECT_TRUE(BitEqual(model->out->weight.detach(), w));
+}
+
+TEST(DiffQuantizer, EvalCacheFollowsWeightUpdates) {
+  torch::manual_seed(19);
+  MLP model;
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0).group_size(4));
+  model->eval();
+  torch::NoGradGuard ng;
+  auto x = torch::randn({2, 10});
+  auto y1 = q.forward(x);
+  model->fc1->weight.add_(0.5);  // an optimizer-like in-place update
+  auto y2 = q.forward(x);
+  auto wq = HandQuantize(model->fc1->weight, RefBits(q.logit("fc1.weight"), q.options()), 4, 0);
+  diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
+  EXPECT_TRUE(Close(model->fc1->weight, wq.to(torch::kFloat), 1e-6));
+  EXPECT_FALSE(torch::equal(y1, y2));
+}
+
+}  // namespace
