@@ -292,6 +292,28 @@ TEST(DiffQuantizer, GradientsMatchInFloat64) {
                  });
 }
 
+/// Two parameters summed: autograd hands both the same gradient tensor.
+struct SumImpl : torch::nn::Module {
+  SumImpl()
+      : a(register_parameter("a", torch::randn({6, 5}))),
+        b(register_parameter("b", torch::randn({6, 5}))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return torch::mm(x, a + b); }
+  torch::Tensor a, b;
+};
+TORCH_MODULE(Sum);
+
+TEST(DiffQuantizer, GradientsMatchWhenParametersShareAGradientTensor) {
+  for (bool ref : {false, true}) {
+    torch::manual_seed(20);
+    Sum model;
+    auto x = torch::randn({3, 6});
+    CheckGradients(model, DiffQOptions().group_size(4).min_size_mb(0), ref, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     return torch::mm(x, nw["a"] + nw["b"]);
+                   });
+  }
+}
+
 TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
   // Constant-initialised rows create ties at the max and min: the gradient through max − min is
   // spread over them as ATen's max()/min() backward does.

@@ -22,6 +22,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/optim.h>
@@ -63,7 +64,7 @@ inline uint64_t draw_seed() {
 enum class WeightState { kClean, kNoisy, kQuantized };
 
 /// Per-parameter state of the quantizer; shared with the gradient hook.
-struct QParam {
+struct QParam : std::enable_shared_from_this<QParam> {
   std::string name;                 ///< first full dotted name
   std::vector<std::string> names;   ///< all names (several for tied parameters)
   std::shared_ptr<torch::nn::Module> owner;  ///< module the logit is registered on
@@ -494,13 +495,15 @@ class DiffQuantizer {
           q.unit.data_ptr<float>(), q.dunit.data_ptr<float>(), q.scale, lg.data_ptr<float>(),
           q.partial.data_ptr<double>());
       if (s == 0 || q.scale == 0) return at::Tensor();
-      auto out = grad.clone();
-      auto* o = out.data_ptr<float>();
-      const double up = s / static_cast<double>(q.extremes.argmax.size());
-      const double down = s / static_cast<double>(q.extremes.argmin.size());
-      for (auto i : q.extremes.argmax) o[i] += static_cast<float>(up);
-      for (auto i : q.extremes.argmin) o[i] -= static_cast<float>(down);
-      return out;
+      // The path through max w − min w adds ±s, spread over the ties, to a few elements of the
+      // weight gradient. Rather than copying the whole gradient, add it to `param.grad` once the
+      // backward pass has accumulated it (an engine callback runs after every node).
+      std::weak_ptr<QParam> weak = q.shared_from_this();
+      torch::autograd::Engine::get_default_engine().queue_callback([weak, s] {
+        auto q = weak.lock();
+        if (q) add_extremes_gradient(*q, s);
+      });
+      return at::Tensor();
     }
     // ATen-op path: no host synchronisation.
     auto g = grad.reshape(-1).to(q.noise.scalar_type());
@@ -516,6 +519,34 @@ class DiffQuantizer {
     auto at_min = (w == q.lo).to(g.scalar_type());
     auto corr = s * (at_max / at_max.sum() - at_min / at_min.sum());
     return grad + corr.view(grad.sizes()).to(grad.scalar_type());
+  }
+
+  /// Adds `s/n_max` to the weight gradient at the `n_max` positions of the maximum and `−s/n_min`
+  /// at those of the minimum (gradient of `max w − min w`, spread over ties like ATen's).
+  static void add_extremes_gradient(QParam& q, double s) {
+    at::NoGradGuard no_grad;
+    auto& grad = q.param.mutable_grad();
+    TORCH_INTERNAL_ASSERT(grad.defined(), "diffq: weight gradient missing after backward");
+    const double up = s / static_cast<double>(q.extremes.argmax.size());
+    const double down = s / static_cast<double>(q.extremes.argmin.size());
+    if (grad.is_contiguous() && grad.device().is_cpu() && grad.scalar_type() == at::kFloat) {
+      auto* g = grad.data_ptr<float>();
+      for (auto i : q.extremes.argmax) g[i] += static_cast<float>(up);
+      for (auto i : q.extremes.argmin) g[i] -= static_cast<float>(down);
+      return;
+    }
+    auto element = [&grad](int64_t i) {  // a 0-dim view of flat element i, any strides
+      std::vector<int64_t> coords(grad.dim());
+      for (int64_t d = grad.dim() - 1; d >= 0; --d) {
+        coords[d] = i % grad.size(d);
+        i /= grad.size(d);
+      }
+      at::Tensor e = grad;
+      for (auto c : coords) e = e.select(0, c);
+      return e;
+    };
+    for (auto i : q.extremes.argmax) element(i).add_(up);
+    for (auto i : q.extremes.argmin) element(i).sub_(down);
   }
 
   /// The clean values of a parameter (its data when clean, the saved handle otherwise).
@@ -607,8 +638,8 @@ class DiffQuantizer {
     const auto w = q.param.detach();
     TORCH_CHECK(w.is_contiguous(), "diffq::DiffQuantizer: parameter '", q.name,
                 "' is not contiguous");
-    auto uq = unit_from_logit(q.logit, options_.min_bits(), options_.max_bits(), options_.param());
-    q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat;
+    q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
+             q.logit.is_contiguous();
     const auto noise_dtype = q.fast ? at::kFloat : w.scalar_type();
     if (!q.noisy.defined() || q.noisy.numel() != q.numel ||
         q.noisy.scalar_type() != w.scalar_type() || q.noisy.device() != w.device()) {
@@ -626,11 +657,15 @@ class DiffQuantizer {
                   q.name, "' holds non-finite values (min=", lo, ", max=", hi,
                   "); cannot add pseudo quantization noise to NaN or Inf weights");
       q.scale = hi - lo;
-      q.unit = uq.first.to(at::kFloat).contiguous();
-      q.dunit = uq.second.to(at::kFloat).contiguous();
       if (!q.partial.defined() || q.partial.numel() != q.groups) {
-        q.partial = at::empty({q.groups}, at::TensorOptions().dtype(at::kDouble));
+        const auto cpu = at::TensorOptions().device(at::kCPU);
+        q.partial = at::empty({q.groups}, cpu.dtype(at::kDouble));
+        q.unit = at::empty({q.groups}, cpu.dtype(at::kFloat));
+        q.dunit = at::empty({q.groups}, cpu.dtype(at::kFloat));
       }
+      detail::units_cpu(q.logit.data_ptr<float>(), q.unit.data_ptr<float>(),
+                        q.dunit.data_ptr<float>(), q.groups, options_.min_bits(),
+                        options_.max_bits(), options_.param());
       detail::apply_noise_cpu<float>(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
                                      q.noise.data_ptr<float>(), q.numel, q.group_size,
                                      q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),
@@ -641,6 +676,9 @@ class DiffQuantizer {
       auto mm = at::aminmax(flat);
       q.lo = std::get<0>(mm);
       q.hi = std::get<1>(mm);
+      auto uq =
+          unit_from_logit(q.logit, options_.min_bits(), options_.max_bits(), options_.param());
+      q.partial = at::Tensor();
       q.unit = uq.first.to(w.scalar_type());
       q.dunit = uq.second.to(w.scalar_type());
       if (options_.noise() == Noise::kGaussian) {

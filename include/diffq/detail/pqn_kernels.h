@@ -2,8 +2,8 @@
 /// \file diffq/detail/pqn_kernels.h
 /// Fused CPU kernels of the pseudo quantization noise (paper, Section 3.1): the training forward's
 /// `noisy = w + Δ_g·u` with `Δ_g = (max w − min w)·unit_g`, and the exact backward to the bit
-/// logits. They work on raw contiguous buffers, in chunks of `kNoiseChunk` elements, one noise stream
-/// per chunk, so results do not depend on the number of threads.
+/// logits. They work on raw contiguous buffers, in chunks of `diffq::kNoiseChunk` elements, one
+/// noise stream per chunk (chunk `c` is stream `c`), so results do not depend on the thread count.
 
 #include <diffq/noise.h>
 #include <diffq/options.h>
@@ -11,15 +11,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
 namespace diffq {
 namespace detail {
-
-/// Elements per noise stream: chunk `c` covers elements `[c·kNoiseChunk, (c+1)·kNoiseChunk)`.
-constexpr int64_t kNoiseChunk = 16384;
 
 /// Positions of the extreme values of a tensor (all ties), which receive the gradient that flows
 /// through `max w − min w` (spread evenly over ties, as ATen's `max()`/`min()` backward does).
@@ -31,6 +30,50 @@ struct Extremes {
     argmin.clear();
   }
 };
+
+/// `2^x` in float for `x` in [-126, 126] (clamped outside), relative error below 2e-7: `2^floor(x)`
+/// from the exponent bits times a degree-6 Taylor polynomial of `2^f` around `f = 1/2`. Branch-free
+/// so that loops over it vectorize.
+inline float exp2_approx(float x) {
+  x = std::min(126.0f, std::max(-126.0f, x));
+  const int32_t xi = static_cast<int32_t>(x + 127.0f) - 127;  // floor(x): x + 127 > 0
+  const float g = (x - static_cast<float>(xi)) - 0.5f;        // in [-1/2, 1/2)
+  const float a = g * 0.69314718f;
+  const float poly =
+      1.0f + a * (1.0f + a * (0.5f + a * (1.0f / 6 + a * (1.0f / 24 + a * (1.0f / 120 + a * (1.0f / 720))))));
+  const int32_t bits = (xi + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale * (poly * 1.41421356f);
+}
+
+/// Per group, the quantization unit `1/(2^b − 1)` and its derivative with respect to the logit
+/// (`diffq::unit_from_logit`, bits.h), in float: `unit`, `dunit` are `[groups]`.
+inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t groups,
+                      double min_bits, double max_bits, Param param) {
+  const float range = static_cast<float>(max_bits - min_bits);
+  const float lo_bits = static_cast<float>(min_bits);
+  const float log2e = 1.44269504f;
+  if (param == Param::kBits) {
+    const float k = -0.69314718f * range;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float t = 1.0f / (1.0f + exp2_approx(-logit[g] * log2e));
+      const float u = 1.0f / (exp2_approx(lo_bits + range * t) - 1.0f);
+      unit[g] = u;
+      dunit[g] = k * (u + u * u) * t * (1.0f - t);
+    }
+  } else {
+    const float log_min = static_cast<float>(std::log(min_noise_scale(max_bits)));
+    const float log_max = static_cast<float>(std::log(max_noise_scale(min_bits)));
+    const float span = log_min - log_max;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float t = 1.0f / (1.0f + exp2_approx(-logit[g] * log2e));
+      const float s = exp2_approx((log_max + span * t) * log2e);
+      unit[g] = s;
+      dunit[g] = s * span * t * (1.0f - t);
+    }
+  }
+}
 
 /// Draws `u` (`[numel]`, one stream per chunk of `seed`) and writes `noisy = w + scale·unit_g·u`.
 /// `unit`: `[num_groups]`; `gs`: effective group size (> 0). Collects the positions of `lo` and
@@ -90,8 +133,20 @@ double noise_backward_cpu(const scalar_t* grad, const float* u, int64_t numel, i
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t s = g * gs;
       const int64_t e = std::min(numel, s + gs);
+      // Eight float lanes (vectorized) over blocks of at most 256 elements, blocks summed in double.
       double acc = 0;
-      for (int64_t i = s; i < e; ++i) acc += static_cast<double>(grad[i]) * u[i];
+      for (int64_t b = s; b < e; b += 256) {
+        const int64_t be = std::min(e, b + 256);
+        float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = b;
+        for (; i + 8 <= be; i += 8) {
+          for (int k = 0; k < 8; ++k) lane[k] += static_cast<float>(grad[i + k]) * u[i + k];
+        }
+        float tail = 0;
+        for (; i < be; ++i) tail += static_cast<float>(grad[i]) * u[i];
+        acc += static_cast<double>((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+               static_cast<double>((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
+      }
       logit_grad[g] += static_cast<float>(acc * scale * dunit[g]);
       partial[g] = acc * unit[g];
     }
