@@ -490,7 +490,7 @@ class DiffQuantizer {
                       grad.scalar_type() == at::kFloat && lg.is_contiguous() &&
                       lg.device().is_cpu() && lg.scalar_type() == at::kFloat;
     if (fast) {
-      const double s = detail::noise_backward_cpu<float>(
+      const double s = detail::noise_backward_cpu(
           grad.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel, q.group_size,
           q.unit.data_ptr<float>(), q.dunit.data_ptr<float>(), q.scale, lg.data_ptr<float>(),
           q.partial.data_ptr<double>());
@@ -666,7 +666,7 @@ class DiffQuantizer {
       detail::units_cpu(q.logit.data_ptr<float>(), q.unit.data_ptr<float>(),
                         q.dunit.data_ptr<float>(), q.groups, options_.min_bits(),
                         options_.max_bits(), options_.param());
-      detail::apply_noise_cpu<float>(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
+      detail::apply_noise_cpu(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
                                      q.noise.data_ptr<float>(), q.numel, q.group_size,
                                      q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),
                                      options_.noise(), static_cast<float>(lo),
