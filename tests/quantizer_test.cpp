@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -33,10 +34,10 @@ using diffq::DiffQuantizer;
   return ::testing::AssertionSuccess();
 }
 
-bool BitEqual(const torch::Tensor& a, const torch::Tensor& b) {
+bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
+  auto a = x.cpu().contiguous(), b = y.cpu().contiguous();
   return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-         std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(),
-                     a.numel() * a.element_size()) == 0;
+         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
 }
 
 /// Bit widths from logits by the paper's formula (reference `_get_bits`), as explicit tensor ops.
@@ -276,6 +277,22 @@ TEST(DiffQuantizer, GradientsMatchForNoiseParamAndUniformNoise) {
                        });
       }
     }
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputation_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (int64_t gs : {0, 1, 8, 7}) {
+    SCOPED_TRACE(gs);
+    torch::manual_seed(21);
+    MLP model;
+    model->to(torch::kCUDA);
+    auto x = torch::randn({4, 10}, torch::kCUDA);
+    CheckGradients(model, DiffQOptions().group_size(gs).min_size_mb(0), false, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+                   });
   }
 }
 

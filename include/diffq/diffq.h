@@ -7,10 +7,14 @@
 /// - `diffq/bits.h`: bit widths from logits, quantization levels, model-size formula;
 /// - `diffq/noise.h`: the fast deterministic pseudo quantization noise generator;
 /// - `diffq/state.h`: the quantized state handed to checkpoints;
-/// - `diffq/quantizer.h`: `DiffQuantizer<M>`, `QuantizedGuard`.
+/// - `diffq/quantizer.h`: `DiffQuantizer<M>`, `QuantizedGuard`;
+/// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
+/// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`.
 
 #include <diffq/bits.h>
+#include <diffq/checkpoint.h>
 #include <diffq/noise.h>
 #include <diffq/options.h>
+#include <diffq/packing.h>
 #include <diffq/quantizer.h>
 #include <diffq/state.h>

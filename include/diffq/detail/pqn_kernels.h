@@ -65,20 +65,23 @@ DIFFQ_VECTORIZE_CLAMPS inline void units_cpu(const float* logit, float* unit, fl
   if (param == Param::kBits) {
     const float k = -0.69314718f * range;
     for (int64_t g = 0; g < groups; ++g) {
-      const float t = 1.0f / (1.0f + exp2_approx(-logit[g] * log2e));
+      // t = sigmoid(l) = 1/(1 + e) and t(1 − t) = e/(1 + e)², e = exp(−l): no cancellation.
+      const float e = exp2_approx(-logit[g] * log2e);
+      const float t = 1.0f / (1.0f + e);
       const float u = 1.0f / (exp2_approx(lo_bits + range * t) - 1.0f);
       unit[g] = u;
-      dunit[g] = k * (u + u * u) * t * (1.0f - t);
+      dunit[g] = k * (u + u * u) * (e * t * t);
     }
   } else {
     const float log_min = static_cast<float>(std::log(min_noise_scale(max_bits)));
     const float log_max = static_cast<float>(std::log(max_noise_scale(min_bits)));
     const float span = log_min - log_max;
     for (int64_t g = 0; g < groups; ++g) {
-      const float t = 1.0f / (1.0f + exp2_approx(-logit[g] * log2e));
+      const float e = exp2_approx(-logit[g] * log2e);
+      const float t = 1.0f / (1.0f + e);
       const float s = exp2_approx((log_max + span * t) * log2e);
       unit[g] = s;
-      dunit[g] = s * span * t * (1.0f - t);
+      dunit[g] = s * span * (e * t * t);
     }
   }
 }

@@ -1,0 +1,648 @@
+#pragma once
+/// \file diffq/checkpoint.h
+/// Compressed, bit-exact checkpoints of quantized models, and a loader for inference that needs no
+/// quantizer.
+///
+/// Format summary (full specification: `docs/checkpoint_format.md`). Everything little-endian.
+/// - File header: magic `"DIFFQCKP"`, format version (readers refuse any other than 1), header
+///   size, total file size, record counts by kind, level chunk size, optionally the
+///   `DiffQOptions`, and a CRC-32 of the header.
+/// - One record per tensor, each framed by its size and closed by its own CRC-32: name, dtype,
+///   shape, then
+///   - quantized tensors: group size, min, max (float64), the per-group bit widths (4 bits each,
+///     deflated when smaller) and the integer levels: the groups are bucketed by width, and each
+///     width's level stream is cut into chunks of 2^18 levels, each stored as the smaller of
+///     plain bit-packing at `b` bits (`bitpack`) and one literal-only Huffman-coded deflate
+///     block (zlib-readable) of the levels as bytes (`zlib-bytes`, `b <= 8`) or of their 8 high
+///     bits with the `b − 8` low bits bit-packed (`zlib-planes`, `b >= 9`);
+///   - non-quantized parameters (fp32, or fp16 with `DiffQOptions::float16`), buffers (own
+///     dtype) and optional logits: raw little-endian elements, or a deflate stream of their byte
+///     planes when smaller;
+///   - tied names: an alias record naming the record that holds the tensor.
+///
+/// Loading rebuilds each quantized tensor as `w = min + level·(max − min)/(2^b − 1)` per group,
+/// bit for bit equal to `diffq::dequantize_levels` (the quantizer's eval-mode weights).
+///
+/// Readers trust no size: truncations, flipped bytes, wrong magic or version, inconsistent
+/// counts or sizes, shapes that do not match the model each throw a `c10::Error` naming the
+/// source (the file name, `"<stream>"` or `"<bytes>"`), the record and the byte offset, e.g.
+/// `"diffq::load_quantized: model.ckpt: record 3 ('fc1.weight') at byte 1234: record CRC
+/// mismatch (...)"`; nothing is allocated beyond what the bytes present can justify, and a model
+/// is left untouched when loading fails.
+
+#include <diffq/bits.h>
+#include <diffq/detail/format.h>
+#include <diffq/options.h>
+#include <diffq/packing.h>
+#include <diffq/state.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <istream>
+#include <map>
+#include <memory>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace diffq {
+
+/// What `read_checkpoint_info` tells about one stored tensor (one record).
+struct TensorInfo {
+  std::string name;
+  /// `"quantized"`, `"float"` (a non-quantized parameter), `"buffer"`, `"alias"` or `"logit"`.
+  std::string kind;
+  std::vector<int64_t> shape;     ///< empty for aliases
+  /// Dtype of the tensor (`Undefined` for aliases).
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  int64_t group_size = 0;         ///< quantized tensors only
+  double min = 0, max = 0;        ///< quantized tensors only
+  /// Quantized tensors: `bits_histogram[b]` = number of groups of `b` bits (b in 1..15).
+  std::array<int64_t, 16> bits_histogram{};
+  /// Bytes of the whole record in the file (framing, header and payload).
+  int64_t stored_bytes = 0;
+  /// How the data is stored: for quantized tensors the chunk encodings used (`"bitpack"`,
+  /// `"zlib-bytes"`, `"zlib-planes"`, several joined by `'+'`); for the others the stored dtype
+  /// (`"float32"`, `"float16"`, `"int64"`, ...), prefixed by `"zlib-"` when deflated; `"alias"`.
+  std::string encoding;
+  std::string target;  ///< aliases: the name the tensor is stored under
+};
+
+/// What `read_checkpoint_info` tells about a checkpoint.
+struct CheckpointInfo {
+  uint32_t version = 0;
+  int64_t file_bytes = 0;
+  c10::optional<DiffQOptions> options;  ///< when the writer stored them
+  std::vector<TensorInfo> tensors;      ///< in file order
+};
+
+namespace detail {
+
+inline uint8_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kDtFloat32;
+    case at::kDouble: return kDtFloat64;
+    case at::kHalf: return kDtFloat16;
+    case at::kBFloat16: return kDtBFloat16;
+    case at::kLong: return kDtInt64;
+    case at::kInt: return kDtInt32;
+    case at::kShort: return kDtInt16;
+    case at::kChar: return kDtInt8;
+    case at::kByte: return kDtUInt8;
+    case at::kBool: return kDtBool;
+    default: return kDtNone;
+  }
+}
+
+inline at::ScalarType scalar_type_of(uint8_t code) {
+  switch (code) {
+    case kDtFloat32: return at::kFloat;
+    case kDtFloat64: return at::kDouble;
+    case kDtFloat16: return at::kHalf;
+    case kDtBFloat16: return at::kBFloat16;
+    case kDtInt64: return at::kLong;
+    case kDtInt32: return at::kInt;
+    case kDtInt16: return at::kShort;
+    case kDtInt8: return at::kChar;
+    case kDtUInt8: return at::kByte;
+    case kDtBool: return at::kBool;
+    default: return at::ScalarType::Undefined;
+  }
+}
+
+/// `at::parallel_for` over tasks, one task at a time (chunks are coarse).
+inline ParallelFor aten_parallel_for() {
+  return [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    if (n <= 0) return;
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { body(b, e); });
+  };
+}
+
+/// Bytes of a checkpoint, owned or borrowed, with the name used in errors.
+struct ByteSource {
+  std::vector<uint8_t> owned;
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  std::string name;
+};
+
+inline ByteSource source_from_file(const std::string& path, const std::string& where) {
+  ByteSource s;
+  s.name = path;
+  std::ifstream f(path, std::ios::binary);
+  TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot open the file for reading");
+  f.seekg(0, std::ios::end);
+  const std::streamoff end = f.tellg();
+  TORCH_CHECK(end >= 0, where, ": ", path, ": cannot determine the file size");
+  f.seekg(0, std::ios::beg);
+  s.owned.resize(static_cast<size_t>(end));
+  if (end > 0) f.read(reinterpret_cast<char*>(s.owned.data()), end);
+  TORCH_CHECK(f.gcount() == end, where, ": ", path, ": read ", f.gcount(), " of ", end, " bytes");
+  s.data = s.owned.data();
+  s.size = s.owned.size();
+  return s;
+}
+
+inline ByteSource source_from_stream(std::istream& in, const std::string& where) {
+  ByteSource s;
+  s.name = "<stream>";
+  TORCH_CHECK(in.good(), where, ": <stream>: the stream is not readable");
+  char buf[1 << 16];
+  while (in) {
+    in.read(buf, sizeof(buf));
+    const std::streamsize got = in.gcount();
+    s.owned.insert(s.owned.end(), buf, buf + got);
+  }
+  TORCH_CHECK(in.eof() && !in.bad(), where, ": <stream>: read error");
+  s.data = s.owned.data();
+  s.size = s.owned.size();
+  return s;
+}
+
+inline ByteSource source_from_bytes(const uint8_t* data, size_t size) {
+  ByteSource s;
+  s.name = "<bytes>";
+  s.data = data;
+  s.size = size;
+  return s;
+}
+
+/// The state as writer input; `keep` holds the converted tensors the input points into.
+inline WriterInput state_to_input(const QuantizedState& state, std::vector<at::Tensor>& keep,
+                                  const std::string& where) {
+  WriterInput in;
+  for (const auto& q : state.quantized) {
+    QuantizedInput qi;
+    qi.name = q.name;
+    qi.shape = q.shape;
+    qi.dtype = dtype_code(q.dtype);
+    qi.group_size = q.group_size;
+    qi.min = q.min;
+    qi.max = q.max;
+    const uint64_t numel = checked_numel(q.shape, where, q.name);
+    TORCH_CHECK(q.group_size >= 0, where, ": tensor '", q.name,
+                "': group_size must be >= 0, got ", q.group_size);
+    const uint64_t groups = groups_of(numel, static_cast<uint64_t>(q.group_size));
+    TORCH_CHECK(q.bits.defined() && q.bits.scalar_type() == at::kByte && q.bits.dim() == 1 &&
+                    static_cast<uint64_t>(q.bits.size(0)) == groups,
+                where, ": tensor '", q.name, "': expected bits as uint8 [", groups,
+                "], got ", q.bits.defined() ? c10::toString(q.bits.scalar_type()) : "undefined",
+                " ", q.bits.defined() ? q.bits.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(q.levels.defined() && q.levels.scalar_type() == at::kShort &&
+                    static_cast<uint64_t>(q.levels.numel()) == numel,
+                where, ": tensor '", q.name, "': expected levels as int16 with ", numel,
+                " elements, got ",
+                q.levels.defined() ? c10::toString(q.levels.scalar_type()) : "undefined", " with ",
+                q.levels.defined() ? q.levels.numel() : 0, " elements");
+    keep.push_back(q.bits.cpu().contiguous());
+    qi.bits = keep.back().data_ptr<uint8_t>();
+    keep.push_back(q.levels.cpu().contiguous());
+    qi.levels = keep.back().data_ptr<int16_t>();
+    in.quantized.push_back(std::move(qi));
+  }
+  auto add_float = [&](const FloatTensor& f, uint8_t kind) {
+    TORCH_CHECK(f.value.defined(), where, ": tensor '", f.name, "' is undefined");
+    FloatInput fi;
+    fi.name = f.name;
+    fi.shape = f.value.sizes().vec();
+    fi.kind = kind;
+    fi.dtype = dtype_code(f.value.scalar_type());
+    TORCH_CHECK(fi.dtype != kDtNone, where, ": tensor '", f.name, "': unsupported dtype ",
+                f.value.scalar_type());
+    at::Tensor v = f.value.detach().cpu().contiguous();
+    if (f.float16) {
+      TORCH_CHECK(at::isFloatingType(f.value.scalar_type()), where, ": tensor '", f.name,
+                  "': float16 storage needs a floating point tensor, got ",
+                  f.value.scalar_type());
+      v = v.to(at::kHalf).contiguous();
+    }
+    fi.stored_dtype = dtype_code(v.scalar_type());
+    keep.push_back(v);
+    fi.data = static_cast<const uint8_t*>(keep.back().data_ptr());
+    in.floats.push_back(std::move(fi));
+  };
+  for (const auto& f : state.floats) add_float(f, f.is_buffer ? kKindBuffer : kKindFloat);
+  for (const auto& f : state.logits) add_float(f, kKindLogit);
+  for (const auto& t : state.tied) in.aliases.push_back({t.name, t.target});
+  return in;
+}
+
+inline EncodedCheckpoint encode_state(const QuantizedState& state,
+                                      const c10::optional<DiffQOptions>& options,
+                                      const std::string& where) {
+  std::vector<at::Tensor> keep;
+  WriterInput in = state_to_input(state, keep, where);
+  if (options) in.options = &*options;
+  return encode_checkpoint(in, aten_parallel_for(), where);
+}
+
+/// Writes `enc` to `path` atomically: to a temporary file in the same folder, flushed and closed
+/// (errors checked), then renamed over `path`. On any failure the temporary file is removed and a
+/// previous file at `path` is left as it was.
+inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& path,
+                              const std::string& where) {
+  namespace fs = std::filesystem;
+  static std::atomic<uint64_t> counter{0};
+  const uint64_t stamp =
+      static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const size_t tid = std::hash<std::thread::id>()(std::this_thread::get_id());
+  const std::string tmp = path + ".tmp-" + std::to_string(stamp % 1000000007u) + "-" +
+                          std::to_string(tid % 1000003u) + "-" + std::to_string(counter++);
+  try {
+    {
+      std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+      TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot create the temporary file '", tmp,
+                  "'");
+      for (const auto& p : enc.pieces) {
+        f.write(reinterpret_cast<const char*>(p.data()), static_cast<std::streamsize>(p.size()));
+      }
+      f.flush();
+      TORCH_CHECK(f.good(), where, ": ", path, ": writing the temporary file '", tmp, "' failed");
+      f.close();
+      TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp,
+                  "' failed");
+    }
+    std::error_code ec;
+    fs::rename(tmp, path, ec);
+    TORCH_CHECK(!ec, where, ": ", path, ": cannot rename the temporary file into place: ",
+                ec.message());
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  }
+}
+
+inline at::Tensor bits_tensor(const RecordView& rv) {
+  return at::from_blob(const_cast<uint8_t*>(rv.bits.data()),
+                       {static_cast<int64_t>(rv.bits.size())}, at::kByte)
+      .clone();
+}
+
+/// Per-group steps of `diffq::dequantize_levels`, by the very same ATen expression:
+/// `(max − min) / (2^bits − 1)` in `dtype`, `[num_groups]`.
+inline at::Tensor dequantize_steps(const at::Tensor& bits, double min, double max,
+                                   at::ScalarType dtype) {
+  return ((max - min) / (at::pow(2.0, bits.to(dtype)) - 1)).contiguous();
+}
+
+/// Runs `body(record, segment)` over the segments of the quantized records of `pc`, in parallel.
+template <class F>
+inline void for_each_segment(const ParsedCheckpoint& pc, F&& body) {
+  std::vector<std::pair<size_t, size_t>> tasks;
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind != kKindQuantized) continue;
+    for (size_t s = 0; s + 1 < rv.segment_first.size(); ++s) tasks.emplace_back(r, s);
+  }
+  aten_parallel_for()(static_cast<int64_t>(tasks.size()), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) body(tasks[static_cast<size_t>(t)].first, tasks[static_cast<size_t>(t)].second);
+  });
+}
+
+/// Decoded levels of every quantized record of `pc` (`[numel]` int16 each, by record index;
+/// undefined for other kinds), segments decoded in parallel.
+inline std::vector<at::Tensor> decode_all_levels(const ParsedCheckpoint& pc) {
+  std::vector<at::Tensor> levels(pc.records.size());
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    if (pc.records[r].kind == kKindQuantized) {
+      levels[r] = at::empty({static_cast<int64_t>(pc.records[r].numel)}, at::kShort);
+    }
+  }
+  for_each_segment(pc, [&](size_t r, size_t s) {
+    decode_segment(pc.records[r], s, pc.segment_elems,
+                   LevelSink{levels[r].data_ptr<int16_t>()}, pc.ctx, static_cast<int64_t>(r));
+  });
+  return levels;
+}
+
+/// Dequantized weights of every quantized record of `pc` (`[shape]` of the record's dtype, by
+/// record index; undefined for other kinds), equal bit for bit to
+/// `dequantize_levels(levels, bits, group_size, min, max, dtype).view(shape)`; decoded and
+/// dequantized per segment in parallel, without materialising the levels.
+/// `tests/checkpoint_test.cpp` checks the equality with `dequantize_levels` for every width.
+inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
+  std::vector<at::Tensor> values(pc.records.size());
+  std::vector<at::Tensor> steps(pc.records.size());
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind != kKindQuantized) continue;
+    const at::ScalarType dt = scalar_type_of(rv.dtype);
+    values[r] = at::empty({static_cast<int64_t>(rv.numel)}, at::TensorOptions().dtype(dt));
+    steps[r] = dequantize_steps(bits_tensor(rv), rv.min, rv.max, dt);
+  }
+  for_each_segment(pc, [&](size_t r, size_t s) {
+    const RecordView& rv = pc.records[r];
+    if (rv.dtype == kDtFloat32) {
+      decode_segment(rv, s, pc.segment_elems,
+                     DequantSink<float>{values[r].data_ptr<float>(), steps[r].data_ptr<float>(),
+                                        static_cast<float>(rv.min)},
+                     pc.ctx, static_cast<int64_t>(r));
+    } else {
+      decode_segment(rv, s, pc.segment_elems,
+                     DequantSink<double>{values[r].data_ptr<double>(),
+                                         steps[r].data_ptr<double>(), rv.min},
+                     pc.ctx, static_cast<int64_t>(r));
+    }
+  });
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind != kKindQuantized) continue;
+    // dequantize_levels: at::full({numel}, min) for a constant tensor (keeps the sign of -0.0).
+    if (rv.max == rv.min) values[r].fill_(rv.min);
+    values[r] = values[r].view(rv.shape);
+  }
+  return values;
+}
+
+/// A float record's value in its stored dtype, `[shape]`.
+inline at::Tensor decode_float_tensor(const ParsedCheckpoint& pc, size_t r) {
+  const RecordView& rv = pc.records[r];
+  at::Tensor t = at::empty(rv.shape, at::TensorOptions().dtype(scalar_type_of(rv.stored_dtype)));
+  decode_float(rv, static_cast<uint8_t*>(t.data_ptr()), pc.ctx, static_cast<int64_t>(r));
+  return t;
+}
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
+  const std::string where = "diffq::load_quantized";
+  ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, where, src.name);
+  std::map<std::string, at::Tensor> targets;
+  for (const auto& p : model.named_parameters(/*recurse=*/true)) {
+    if (p.value().defined()) targets.emplace(p.key(), p.value());
+  }
+  for (const auto& b : model.named_buffers(/*recurse=*/true)) {
+    if (b.value().defined()) targets.emplace(b.key(), b.value());
+  }
+  std::unordered_map<std::string, size_t> record_of;
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    if (pc.records[r].kind != kKindLogit) record_of.emplace(pc.records[r].name, r);
+  }
+  auto stored = [&](size_t r) -> const RecordView& {
+    const RecordView& rv = pc.records[r];
+    return rv.kind == kKindAlias ? pc.records[record_of.at(rv.target)] : rv;
+  };
+  std::vector<std::string> missing, unexpected, mismatched;
+  for (const auto& t : targets) {
+    if (!record_of.count(t.first)) missing.push_back(t.first);
+  }
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind == kKindLogit) continue;
+    auto it = targets.find(rv.name);
+    if (it == targets.end()) {
+      unexpected.push_back(rv.name);
+      continue;
+    }
+    const RecordView& sv = stored(r);
+    const at::ScalarType dt = scalar_type_of(sv.dtype);
+    if (it->second.sizes() != at::IntArrayRef(sv.shape) || it->second.scalar_type() != dt) {
+      mismatched.push_back("'" + rv.name + "' (record " + std::to_string(r) + " at byte " +
+                           std::to_string(rv.offset) + "): checkpoint " +
+                           shape_str(sv.shape) + " " + c10::toString(dt) + ", model " +
+                           shape_str(it->second.sizes()) + " " +
+                           c10::toString(it->second.scalar_type()));
+    }
+  }
+  if (!missing.empty() || !unexpected.empty() || !mismatched.empty()) {
+    std::ostringstream os;
+    os << where << ": " << src.name << ": the checkpoint does not match the model:";
+    auto list = [&](const char* title, const std::vector<std::string>& v, bool quote) {
+      if (v.empty()) return;
+      os << " " << title << " (" << v.size() << "):";
+      for (size_t i = 0; i < v.size(); ++i) {
+        os << (i ? ", " : " ") << (quote ? "'" : "") << v[i] << (quote ? "'" : "");
+      }
+      os << ";";
+    };
+    list("missing from the checkpoint", missing, true);
+    list("unexpected in the checkpoint", unexpected, true);
+    list("mismatched shape or dtype", mismatched, false);
+    TORCH_CHECK(false, os.str());
+  }
+  // Decode everything into temporaries first: the model is untouched if anything fails.
+  std::vector<at::Tensor> values = decode_all_weights(pc);
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind == kKindFloat || rv.kind == kKindBuffer) {
+      values[r] = decode_float_tensor(pc, r).to(scalar_type_of(rv.dtype));
+    }
+  }
+  at::NoGradGuard no_grad;
+  for (auto& t : targets) {
+    const size_t r = record_of.at(t.first);
+    const RecordView& rv = pc.records[r];
+    const size_t s = rv.kind == kKindAlias ? record_of.at(rv.target) : r;
+    t.second.copy_(values[s]);
+  }
+}
+
+inline QuantizedState state_from_source(const ByteSource& src, const std::string& where) {
+  ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, where, src.name);
+  std::vector<at::Tensor> levels = decode_all_levels(pc);
+  QuantizedState state;
+  for (size_t r = 0; r < pc.records.size(); ++r) {
+    const RecordView& rv = pc.records[r];
+    if (rv.kind == kKindQuantized) {
+      QuantizedTensor q;
+      q.name = rv.name;
+      q.shape = rv.shape;
+      q.dtype = scalar_type_of(rv.dtype);
+      q.group_size = rv.group_size;
+      q.bits = bits_tensor(rv);
+      q.min = rv.min;
+      q.max = rv.max;
+      q.levels = levels[r];
+      state.quantized.push_back(std::move(q));
+    } else if (rv.kind == kKindAlias) {
+      state.tied.push_back({rv.name, rv.target});
+    } else {
+      FloatTensor f;
+      f.name = rv.name;
+      f.value = decode_float_tensor(pc, r).to(scalar_type_of(rv.dtype));
+      f.float16 = rv.stored_dtype != rv.dtype;
+      f.is_buffer = rv.kind == kKindBuffer;
+      (rv.kind == kKindLogit ? state.logits : state.floats).push_back(std::move(f));
+    }
+  }
+  return state;
+}
+
+inline CheckpointInfo info_from_source(const ByteSource& src) {
+  ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, "diffq::read_checkpoint_info",
+                                         src.name);
+  CheckpointInfo info;
+  info.version = pc.version;
+  info.file_bytes = static_cast<int64_t>(pc.file_bytes);
+  if (pc.has_options) info.options = pc.options;
+  for (const RecordView& rv : pc.records) {
+    TensorInfo t;
+    t.name = rv.name;
+    t.kind = kind_name(rv.kind);
+    t.shape = rv.shape;
+    t.dtype = scalar_type_of(rv.dtype);
+    t.stored_bytes = static_cast<int64_t>(rv.record_bytes);
+    if (rv.kind == kKindQuantized) {
+      t.group_size = rv.group_size;
+      t.min = rv.min;
+      t.max = rv.max;
+      for (uint8_t b : rv.bits) ++t.bits_histogram[b];
+      bool used[3] = {false, false, false};
+      for (const ChunkView& c : rv.chunks) used[c.encoding] = true;
+      for (int e = 0; e < 3; ++e) {
+        if (!used[e]) continue;
+        if (!t.encoding.empty()) t.encoding += "+";
+        t.encoding += chunk_encoding_name(static_cast<uint8_t>(e));
+      }
+      if (t.encoding.empty()) t.encoding = "bitpack";  // no element
+    } else if (rv.kind == kKindAlias) {
+      t.encoding = "alias";
+      t.target = rv.target;
+      t.shape.clear();
+    } else {
+      t.encoding = std::string(rv.float_encoding == kFloatZlib ? "zlib-" : "") +
+                   dtype_name(rv.stored_dtype);
+    }
+    info.tensors.push_back(std::move(t));
+  }
+  return info;
+}
+
+}  // namespace detail
+
+// -------------------------------------------------------------------------------------------------
+// Writing.
+
+/// Writes `state` as a checkpoint to `path`, atomically (temporary file in the same folder, then
+/// rename; on failure a previous file is left intact). `options`, when given, are stored in the
+/// header (informational). Returns the exact size of the file in bytes. Throws `c10::Error`
+/// (`"diffq::save_quantized: ..."`) on invalid state (duplicate names, bit widths outside
+/// [1, 15], levels out of range, non-finite min/max, ...) or I/O failure.
+inline size_t save_quantized_state(const QuantizedState& state, const std::string& path,
+                                   const c10::optional<DiffQOptions>& options = c10::nullopt) {
+  const std::string where = "diffq::save_quantized";
+  detail::EncodedCheckpoint enc = detail::encode_state(state, options, where);
+  detail::write_file_atomic(enc, path, where);
+  return static_cast<size_t>(enc.total_bytes);
+}
+
+/// Writes `state` as a checkpoint to `out`; returns the bytes written. Throws if the stream fails.
+inline size_t save_quantized_state(const QuantizedState& state, std::ostream& out,
+                                   const c10::optional<DiffQOptions>& options = c10::nullopt) {
+  const std::string where = "diffq::save_quantized";
+  detail::EncodedCheckpoint enc = detail::encode_state(state, options, where);
+  for (const auto& p : enc.pieces) {
+    out.write(reinterpret_cast<const char*>(p.data()), static_cast<std::streamsize>(p.size()));
+  }
+  TORCH_CHECK(out.good(), where, ": <stream>: writing failed");
+  return static_cast<size_t>(enc.total_bytes);
+}
+
+/// Encodes `state` into `out` (replacing its content); returns `out.size()`.
+inline size_t save_quantized_state(const QuantizedState& state, std::vector<uint8_t>& out,
+                                   const c10::optional<DiffQOptions>& options = c10::nullopt) {
+  out = detail::encode_state(state, options, "diffq::save_quantized").concat();
+  return out.size();
+}
+
+/// Saves a quantizer's model (`q.quantized_state(include_logits)`, `q.options()`) to a file
+/// (atomically), a `std::ostream&` or a `std::vector<uint8_t>&`. Returns the bytes written.
+template <class Quantizer>
+size_t save_quantized(const Quantizer& q, const std::string& path, bool include_logits = false) {
+  return save_quantized_state(q.quantized_state(include_logits), path,
+                              c10::optional<DiffQOptions>(q.options()));
+}
+template <class Quantizer>
+size_t save_quantized(const Quantizer& q, std::ostream& out, bool include_logits = false) {
+  return save_quantized_state(q.quantized_state(include_logits), out,
+                              c10::optional<DiffQOptions>(q.options()));
+}
+template <class Quantizer>
+size_t save_quantized(const Quantizer& q, std::vector<uint8_t>& out, bool include_logits = false) {
+  return save_quantized_state(q.quantized_state(include_logits), out,
+                              c10::optional<DiffQOptions>(q.options()));
+}
+
+// -------------------------------------------------------------------------------------------------
+// Reading.
+
+/// Fills `model` (a freshly built model of the same architecture, no quantizer needed) from a
+/// checkpoint, by the full dotted names of its parameters and buffers (`named_parameters()` and
+/// `named_buffers()`, recursive). Quantized tensors get exactly the quantizer's eval-mode weights;
+/// tied names get their target's value; stored logits are ignored. Every parameter and buffer of
+/// the model must be in the checkpoint and vice versa, with the same shape and dtype: all the
+/// missing, unexpected and mismatched names are listed in one `c10::Error`. Corrupt input throws
+/// (see the file comment). On any error the model is left untouched.
+inline void load_quantized(torch::nn::Module& model, const std::string& path) {
+  detail::load_into_module(model, detail::source_from_file(path, "diffq::load_quantized"));
+}
+inline void load_quantized(torch::nn::Module& model, std::istream& in) {
+  detail::load_into_module(model, detail::source_from_stream(in, "diffq::load_quantized"));
+}
+inline void load_quantized(torch::nn::Module& model, const std::vector<uint8_t>& bytes) {
+  detail::load_into_module(model, detail::source_from_bytes(bytes.data(), bytes.size()));
+}
+/// `load_quantized` on a `std::shared_ptr` to a module.
+template <class M, class Source>
+void load_quantized(const std::shared_ptr<M>& model, Source&& source) {
+  TORCH_CHECK(model != nullptr, "diffq::load_quantized: null model");
+  load_quantized(static_cast<torch::nn::Module&>(*model), std::forward<Source>(source));
+}
+/// `load_quantized` on a module holder (`torch::nn::Linear`, `TORCH_MODULE` types).
+template <class M, class Source>
+void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
+  load_quantized(model.ptr(), std::forward<Source>(source));
+}
+
+/// Reads a checkpoint back into a `QuantizedState` (levels, bit widths, min/max, floats in their
+/// dtype with `float16` set when stored as fp16, buffers, logits, tied names), e.g. to resume
+/// training with a quantizer. Throws like `load_quantized` (prefix `diffq::read_quantized_state`).
+inline QuantizedState read_quantized_state(const std::string& path) {
+  const std::string where = "diffq::read_quantized_state";
+  return detail::state_from_source(detail::source_from_file(path, where), where);
+}
+inline QuantizedState read_quantized_state(std::istream& in) {
+  const std::string where = "diffq::read_quantized_state";
+  return detail::state_from_source(detail::source_from_stream(in, where), where);
+}
+inline QuantizedState read_quantized_state(const std::vector<uint8_t>& bytes) {
+  return detail::state_from_source(detail::source_from_bytes(bytes.data(), bytes.size()),
+                                   "diffq::read_quantized_state");
+}
+
+/// Per-tensor description of a checkpoint (name, kind, shape, dtype, bit width histogram, stored
+/// bytes, encoding) without decoding the payloads. Checks the whole file (CRCs included); throws
+/// like `load_quantized` (prefix `diffq::read_checkpoint_info`).
+inline CheckpointInfo read_checkpoint_info(const std::string& path) {
+  return detail::info_from_source(detail::source_from_file(path, "diffq::read_checkpoint_info"));
+}
+inline CheckpointInfo read_checkpoint_info(std::istream& in) {
+  return detail::info_from_source(detail::source_from_stream(in, "diffq::read_checkpoint_info"));
+}
+inline CheckpointInfo read_checkpoint_info(const std::vector<uint8_t>& bytes) {
+  return detail::info_from_source(detail::source_from_bytes(bytes.data(), bytes.size()));
+}
+
+}  // namespace diffq

@@ -1,0 +1,213 @@
+// Tests of the pure math in diffq/bits.h against hand-computed values and finite differences.
+#include <diffq/bits.h>
+#include <diffq/detail/glob.h>
+#include <diffq/detail/pqn_kernels.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace {
+
+using diffq::Param;
+
+template <typename Fn>
+void ExpectError(Fn fn, const std::string& substring) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing '" << substring << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
+  }
+}
+
+TEST(Bits, NumGroupsCountsPartialLastGroup) {
+  EXPECT_EQ(diffq::num_groups(60, 8), 8);   // 7 full groups + 4 elements
+  EXPECT_EQ(diffq::num_groups(64, 8), 8);
+  EXPECT_EQ(diffq::num_groups(10, 16), 1);  // a bias smaller than one group
+  EXPECT_EQ(diffq::num_groups(10, 0), 1);   // 0: one group per tensor
+  EXPECT_EQ(diffq::num_groups(0, 8), 0);
+  EXPECT_EQ(diffq::effective_group_size(10, 0), 10);
+  ExpectError([] { diffq::num_groups(5, -3); }, "diffq::num_groups: group_size must be >= 0, got -3");
+  ExpectError([] { diffq::num_groups(-1, 3); }, "numel must be >= 0, got -1");
+}
+
+TEST(Bits, BitsFromLogitFollowsTheFormula) {
+  auto logit = torch::tensor({-3.0, -0.5, 0.0, 0.7, 4.0}, torch::kDouble);
+  auto b = diffq::bits_from_logit(logit, 2, 15, Param::kBits);
+  for (int64_t i = 0; i < logit.numel(); ++i) {
+    const double l = logit[i].item<double>();
+    EXPECT_NEAR(b[i].item<double>(), 2 + 13 / (1 + std::exp(-l)), 1e-12);
+  }
+  // kNoise: b = log2(1 + 1/s), s = exp(t log(1/(2^15−1)) + (1−t) log(1/(2^2−1))).
+  auto bn = diffq::bits_from_logit(logit, 2, 15, Param::kNoise);
+  for (int64_t i = 0; i < logit.numel(); ++i) {
+    const double t = 1 / (1 + std::exp(-logit[i].item<double>()));
+    const double s = std::exp(t * std::log(1.0 / 32767) + (1 - t) * std::log(1.0 / 3));
+    EXPECT_NEAR(bn[i].item<double>(), std::log2(1 + 1 / s), 1e-10);
+  }
+  // Extremes of the parametrisation.
+  EXPECT_NEAR(diffq::bits_from_logit(torch::tensor({-50.0}, torch::kDouble), 2, 15, Param::kNoise)
+                  .item<double>(), 2.0, 1e-9);
+  EXPECT_NEAR(diffq::bits_from_logit(torch::tensor({50.0}, torch::kDouble), 2, 15, Param::kNoise)
+                  .item<double>(), 15.0, 1e-9);
+}
+
+TEST(Bits, LogitForBitsInvertsBitsFromLogit) {
+  for (auto param : {Param::kBits, Param::kNoise}) {
+    for (double bits : {2.5, 4.0, 8.0, 11.3, 14.9}) {
+      const double l = diffq::logit_for_bits(bits, 2, 15, param);
+      auto b = diffq::bits_from_logit(torch::tensor({l}, torch::kDouble), 2, 15, param);
+      EXPECT_NEAR(b.item<double>(), bits, 1e-10);
+    }
+  }
+  EXPECT_NEAR(diffq::logit_for_bits(8.5, 2, 15, Param::kBits), 0.0, 1e-12);  // the midpoint
+  ExpectError([] { diffq::logit_for_bits(15, 2, 15, Param::kBits); },
+              "diffq::logit_for_bits: bits must be in (2, 15), got 15");
+}
+
+TEST(Bits, UnitDerivativeMatchesFiniteDifferences) {
+  for (auto param : {Param::kBits, Param::kNoise}) {
+    for (double l : {-4.0, -1.0, 0.0, 0.3, 2.5}) {
+      auto unit_at = [&](double x) {
+        const double b =
+            diffq::bits_from_logit(torch::tensor({x}, torch::kDouble), 2, 15, param).item<double>();
+        return 1 / (std::exp2(b) - 1);
+      };
+      const auto ug = diffq::unit_from_logit(l, 2, 15, param);
+      EXPECT_NEAR(ug.unit, unit_at(l), 1e-12 + 1e-10 * unit_at(l));
+      const double h = 1e-6;
+      const double fd = (unit_at(l + h) - unit_at(l - h)) / (2 * h);
+      EXPECT_NEAR(ug.dunit_dlogit, fd, 1e-6 * std::abs(fd) + 1e-14) << l;
+      // The tensor form agrees with the scalar one.
+      auto t = diffq::unit_from_logit(torch::tensor({l}, torch::kDouble), 2, 15, param);
+      EXPECT_NEAR(t.first.item<double>(), ug.unit, 1e-12 * ug.unit);
+      EXPECT_NEAR(t.second.item<double>(), ug.dunit_dlogit, 1e-10 * std::abs(ug.dunit_dlogit));
+    }
+  }
+}
+
+TEST(Bits, FastUnitKernelMatchesDoubleFormula) {
+  for (auto param : {Param::kBits, Param::kNoise}) {
+    auto logit = torch::linspace(-20, 20, 1001, torch::kFloat);
+    auto unit = torch::empty_like(logit), dunit = torch::empty_like(logit);
+    diffq::detail::units_cpu(logit.data_ptr<float>(), unit.data_ptr<float>(),
+                             dunit.data_ptr<float>(), logit.numel(), 2, 15, param);
+    // Float evaluation: the arguments of 2^x (up to 29 in magnitude for |logit| <= 20) carry a
+    // rounding of 2^-24 relative, i.e. up to 1.8e-6 relative in 2^x, which adds 2e-7 of its own;
+    // the derivative combines three such factors. Logits within ±12 (bits within 1e-4 of the
+    // bounds beyond) keep to 5e-6, the whole range to 2e-5.
+    for (int64_t i = 0; i < logit.numel(); ++i) {
+      const double l = logit[i].item<double>();
+      const double tol = std::abs(l) <= 12 ? 5e-6 : 2e-5;
+      const auto ref = diffq::unit_from_logit(l, 2, 15, param);
+      EXPECT_NEAR(unit[i].item<double>(), ref.unit, tol * ref.unit) << i;
+      EXPECT_NEAR(dunit[i].item<double>(), ref.dunit_dlogit, tol * std::abs(ref.dunit_dlogit) + 1e-30)
+          << i;
+    }
+  }
+  // 2^x approximation over its whole range.
+  for (float x = -126; x <= 126; x += 0.37f) {
+    EXPECT_NEAR(diffq::detail::exp2_approx(x), std::exp2(static_cast<double>(x)),
+                3e-7 * std::exp2(static_cast<double>(x)));
+  }
+}
+
+TEST(Bits, QuantizeLevelsByHand) {
+  // 2 bits: 4 levels over [0, 1]; 0.5·3 = 1.5 rounds half to even.
+  auto w = torch::tensor({0.0f, 0.25f, 0.5f, 1.0f, 0.9f});
+  auto bits = torch::tensor({2, 3}, torch::kByte);  // group size 4: last group partial
+  auto levels = diffq::quantize_levels(w, bits, 4, 0.0, 1.0);
+  EXPECT_TRUE(torch::equal(levels, torch::tensor({0, 1, 2, 3, 6}, torch::kShort)));  // 0.9·7 = 6.3
+  auto back = diffq::dequantize_levels(levels, bits, 4, 0.0, 1.0, torch::kFloat);
+  std::vector<float> expected = {0, 1.0f / 3, 2.0f / 3, 1, 6.0f / 7};
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(back[i].item<float>(), expected[i], 1e-7);
+  // Every width 1..15 keeps levels within [0, 2^b − 1], and the error within half a step.
+  torch::manual_seed(0);
+  auto x = torch::randn({1000});
+  const double lo = x.min().item<double>(), hi = x.max().item<double>();
+  for (int b = 1; b <= 15; ++b) {
+    auto bb = torch::full({diffq::num_groups(1000, 0)}, b, torch::kByte);
+    auto lv = diffq::quantize_levels(x, bb, 0, lo, hi);
+    EXPECT_EQ(lv.min().item<int>(), 0);
+    EXPECT_EQ(lv.max().item<int>(), (1 << b) - 1);
+    auto y = diffq::dequantize_levels(lv, bb, 0, lo, hi, torch::kFloat);
+    EXPECT_LE((y - x).abs().max().item<double>(), 0.5 * (hi - lo) / ((1 << b) - 1) * (1 + 1e-5));
+  }
+}
+
+TEST(Bits, ConstantTensorGivesItsValueNeverNaN) {
+  auto w = torch::full({5}, 0.3f);
+  auto bits = torch::full({1}, 4, torch::kByte);
+  auto q = diffq::quantize_dequantize(w, bits, 0);
+  EXPECT_TRUE(torch::equal(q, w));
+}
+
+TEST(Bits, RoundedBitsClampToStoredRange) {
+  auto b = torch::tensor({0.2, 1.6, 7.5, 8.5, 14.4, 16.7}, torch::kDouble);
+  auto r = diffq::rounded_bits(b, 0.0);
+  EXPECT_TRUE(torch::equal(r, torch::tensor({1, 2, 8, 8, 14, 15}, torch::kByte)));  // half to even
+  EXPECT_TRUE(torch::equal(diffq::rounded_bits(b, 1.0), torch::tensor({1, 3, 8, 10, 15, 15}, torch::kByte)));
+}
+
+TEST(Bits, SizeFormulaByHand) {
+  // 10 elements, group size 4: groups of 4, 4, 2 elements.
+  auto b = torch::tensor({3.0, 5.0, 7.4}, torch::kDouble);
+  const double bits_bits = std::ceil(std::log2(1 + 7 - 2));  // round(max b) = 7
+  const double expected = 4 * 3 + 4 * 5 + 2 * 7.4 + 64 + 8 + bits_bits * 3;
+  EXPECT_NEAR(diffq::quantized_size_bits(b, 10, 4, 2).item<double>(), expected, 1e-9);
+  EXPECT_NEAR(diffq::bits_bits(b, 2).item<double>(), 3.0, 0);
+  EXPECT_NEAR(diffq::bits_bits(torch::tensor({2.2}, torch::kDouble), 2).item<double>(), 0.0, 0);
+  // Whole-tensor group.
+  EXPECT_NEAR(diffq::quantized_size_bits(torch::tensor({6.0}, torch::kDouble), 10, 0, 2).item<double>(),
+              60 + 72 + 3, 1e-9);
+}
+
+TEST(Bits, FiniteMinMaxRejectsNaNInfAndEmpty) {
+  EXPECT_EQ(diffq::finite_min_max(torch::tensor({1.0f, -2.0f, 3.0f}), "w"),
+            std::make_pair(-2.0, 3.0));
+  ExpectError([] { diffq::finite_min_max(torch::tensor({1.0f, std::nanf("")}), "fc.weight"); },
+              "diffq: tensor 'fc.weight' holds non-finite values");
+  ExpectError([] {
+    diffq::finite_min_max(torch::tensor({1.0f, std::numeric_limits<float>::infinity()}), "w");
+  }, "cannot quantize NaN or Inf weights");
+  ExpectError([] { diffq::finite_min_max(torch::empty({0}), "e"); }, "diffq: tensor 'e' is empty");
+}
+
+TEST(Bits, QuantizeShapeChecks) {
+  ExpectError([] { diffq::quantize_levels(torch::zeros({10}), torch::ones({2}, torch::kByte), 4, 0, 1); },
+              "diffq::quantize_levels: expected bits of shape [3], got [2]");
+  ExpectError([] {
+    diffq::dequantize_levels(torch::zeros({10}, torch::kShort), torch::ones({1}, torch::kByte), 4, 0, 1,
+                             torch::kFloat);
+  }, "diffq::dequantize_levels: expected bits of shape [3], got [1]");
+}
+
+TEST(Bits, CheckOptionsMessages) {
+  using diffq::DiffQOptions;
+  ExpectError([] { diffq::check_options(DiffQOptions().extra_bits(NAN)); }, "extra_bits must be finite");
+  ExpectError([] { diffq::check_options(DiffQOptions().suffix("")); }, "suffix must be non-empty");
+  ExpectError([] { diffq::check_options(DiffQOptions().group_size(-1), "where"); },
+              "where: group_size must be >= 0, got -1");
+  diffq::check_options(DiffQOptions());  // defaults are valid
+}
+
+TEST(Glob, MatchesLikeTheShell) {
+  using diffq::detail::glob_match;
+  EXPECT_TRUE(glob_match("*bias", "fc1.bias"));
+  EXPECT_TRUE(glob_match("bias", "bias"));
+  EXPECT_FALSE(glob_match("bias", "fc1.bias"));
+  EXPECT_TRUE(glob_match("fc?.weight", "fc2.weight"));
+  EXPECT_FALSE(glob_match("fc?.weight", "fc12.weight"));
+  EXPECT_TRUE(glob_match("layer[0-2].*", "layer1.conv.weight"));
+  EXPECT_FALSE(glob_match("layer[!0-2].*", "layer1.conv.weight"));
+  EXPECT_TRUE(glob_match("*.*.*", "a.b.c"));
+  EXPECT_TRUE(glob_match("*", ""));
+  EXPECT_FALSE(glob_match("?", ""));
+  EXPECT_TRUE(glob_match("a[", "a["));  // unterminated set: literal
+}
+
+}  // namespace

@@ -1,0 +1,1098 @@
+// Tests of diffq/checkpoint.h: the byte layout against a hand-built file, exact round trips of
+// every bit width and group size, encodings, the model loader (bit for bit equal to
+// dequantize_levels and to the quantizer's eval mode), its error reporting, atomic writes, and
+// robustness against truncation and corruption at every byte.
+#include <diffq/bits.h>
+#include <diffq/checkpoint.h>
+#include <diffq/quantizer.h>
+#include <diffq/state.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <zlib.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Bytes = std::vector<uint8_t>;
+namespace fs = std::filesystem;
+
+// ---- Independent little-endian helpers (not the library's) ---------------------------------
+
+void le(Bytes& b, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) b.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+void le_f64(Bytes& b, double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, 8);
+  le(b, u, 8);
+}
+void le_f32(Bytes& b, float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  le(b, u, 4);
+}
+void str(Bytes& b, const std::string& s) { b.insert(b.end(), s.begin(), s.end()); }
+uint32_t zcrc(const uint8_t* p, size_t n) {
+  return static_cast<uint32_t>(::crc32(0, p, static_cast<uInt>(n)));
+}
+uint64_t rd(const Bytes& b, size_t at, int n) {
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= uint64_t{b[at + static_cast<size_t>(i)]} << (8 * i);
+  return v;
+}
+void wr(Bytes& b, size_t at, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) b[at + static_cast<size_t>(i)] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+/// Recomputes the header CRC and every record CRC (walking the record sizes), so that a test can
+/// alter the content of a checkpoint and reach the checks behind the CRCs.
+void fix_crcs(Bytes& b) {
+  const size_t hb = static_cast<size_t>(rd(b, 12, 4));
+  wr(b, hb - 4, zcrc(b.data(), hb - 4), 4);
+  size_t at = hb;
+  while (at + 8 <= b.size()) {
+    const size_t rb = static_cast<size_t>(rd(b, at, 8));
+    if (rb < 12 || at + rb > b.size()) break;
+    wr(b, at + rb - 4, zcrc(b.data() + at, rb - 4), 4);
+    at += rb;
+  }
+}
+
+/// Offsets of the records (walking the sizes).
+std::vector<size_t> record_offsets(const Bytes& b) {
+  std::vector<size_t> out;
+  size_t at = static_cast<size_t>(rd(b, 12, 4));
+  while (at + 8 <= b.size()) {
+    out.push_back(at);
+    at += static_cast<size_t>(rd(b, at, 8));
+  }
+  return out;
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+#define EXPECT_ERROR_HAS(stmt, sub)                                                   \
+  do {                                                                                \
+    const std::string what_ = error_of([&] { stmt; });                                \
+    EXPECT_NE(what_.find(sub), std::string::npos) << "expected '" << (sub) << "' in: " \
+                                                  << what_;                           \
+  } while (0)
+
+// ---- State builders --------------------------------------------------------------------------
+
+/// A quantized tensor with the given levels (`numel`), bits, min and max.
+diffq::QuantizedTensor qt(const std::string& name, std::vector<int64_t> shape, int64_t group_size,
+                          at::Tensor bits, at::Tensor levels, double min = -1, double max = 1,
+                          at::ScalarType dtype = at::kFloat) {
+  diffq::QuantizedTensor q;
+  q.name = name;
+  q.shape = std::move(shape);
+  q.dtype = dtype;
+  q.group_size = group_size;
+  q.bits = bits.to(at::kByte).clone();
+  q.min = min;
+  q.max = max;
+  q.levels = levels.to(at::kShort).clone();
+  return q;
+}
+
+/// Levels of width `b` per group: uniform, or rounded Gaussian around the middle (std 1/10 of
+/// the range), clamped.
+at::Tensor random_levels(const at::Tensor& bits, int64_t numel, int64_t group_size, bool gaussian) {
+  auto maxl = (at::pow(2.0, diffq::expand_groups(bits.to(at::kDouble), numel, group_size)) - 1);
+  at::Tensor u;
+  if (gaussian) {
+    u = (0.5 + 0.1 * torch::randn({numel}, at::kDouble)).clamp(0, 1);
+  } else {
+    u = torch::rand({numel}, at::kDouble);
+  }
+  return (u * maxl).round().clamp_max(maxl).to(at::kShort);
+}
+
+void expect_same_state(const diffq::QuantizedState& a, const diffq::QuantizedState& b) {
+  ASSERT_EQ(a.quantized.size(), b.quantized.size());
+  for (size_t i = 0; i < a.quantized.size(); ++i) {
+    const auto& x = a.quantized[i];
+    const auto& y = b.quantized[i];
+    EXPECT_EQ(x.name, y.name);
+    EXPECT_EQ(x.shape, y.shape);
+    EXPECT_EQ(x.dtype, y.dtype);
+    EXPECT_EQ(x.group_size, y.group_size);
+    EXPECT_EQ(x.min, y.min);
+    EXPECT_EQ(x.max, y.max);
+    EXPECT_TRUE(torch::equal(x.bits, y.bits)) << x.name;
+    EXPECT_TRUE(torch::equal(x.levels, y.levels)) << x.name;
+  }
+  ASSERT_EQ(a.floats.size(), b.floats.size());
+  for (size_t i = 0; i < a.floats.size(); ++i) {
+    EXPECT_EQ(a.floats[i].name, b.floats[i].name);
+    EXPECT_EQ(a.floats[i].is_buffer, b.floats[i].is_buffer);
+    EXPECT_EQ(a.floats[i].value.scalar_type(), b.floats[i].value.scalar_type());
+    EXPECT_TRUE(torch::equal(a.floats[i].value, b.floats[i].value)) << a.floats[i].name;
+  }
+  ASSERT_EQ(a.tied.size(), b.tied.size());
+  for (size_t i = 0; i < a.tied.size(); ++i) {
+    EXPECT_EQ(a.tied[i].name, b.tied[i].name);
+    EXPECT_EQ(a.tied[i].target, b.tied[i].target);
+  }
+}
+
+Bytes encode(const diffq::QuantizedState& s,
+             const c10::optional<diffq::DiffQOptions>& o = c10::nullopt) {
+  Bytes b;
+  diffq::save_quantized_state(s, b, o);
+  return b;
+}
+
+/// A small plain model: Conv2d + BatchNorm2d + Linear.
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3)));
+    bn = register_module("bn", torch::nn::BatchNorm2d(8));
+    fc = register_module("fc", torch::nn::Linear(8 * 6 * 6, 10));
+  }
+  at::Tensor forward(at::Tensor x) {
+    x = torch::relu(bn->forward(conv->forward(x)));
+    return fc->forward(x.flatten(1));
+  }
+  torch::nn::Conv2d conv{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// The state of a plain model as a quantizer would make it: weights quantized with random bit
+/// widths, the rest fp32, buffers in their dtype.
+diffq::QuantizedState state_of(torch::nn::Module& m, int64_t group_size = 8) {
+  diffq::QuantizedState s;
+  for (const auto& p : m.named_parameters()) {
+    const at::Tensor w = p.value().detach();
+    if (p.key().find("weight") != std::string::npos && w.numel() > 16) {
+      auto bits = torch::randint(2, 12, {diffq::num_groups(w.numel(), group_size)}).to(at::kByte);
+      auto mm = diffq::finite_min_max(w, p.key());
+      s.quantized.push_back(qt(p.key(), w.sizes().vec(), group_size, bits,
+                               diffq::quantize_levels(w, bits, group_size, mm.first, mm.second),
+                               mm.first, mm.second, w.scalar_type()));
+    } else {
+      s.floats.push_back({p.key(), w.clone(), false, false});
+    }
+  }
+  for (const auto& b : m.named_buffers()) {
+    s.floats.push_back({b.key(), b.value().detach().clone(), false, true});
+  }
+  return s;
+}
+
+/// A small checkpoint exercising every record kind and encoding, for the corruption tests.
+diffq::QuantizedState small_state() {
+  torch::manual_seed(7);
+  diffq::QuantizedState s;
+  // 1024 Gaussian 4-bit levels: Huffman coded; then mixed widths: bit-packed chunks.
+  auto b4 = torch::full({128}, 4, at::kByte);
+  s.quantized.push_back(qt("a.weight", {64, 16}, 8, b4, random_levels(b4, 1024, 8, true)));
+  auto bm = torch::tensor({3, 9, 1, 15}, at::kByte);
+  s.quantized.push_back(
+      qt("b.weight", {2, 3, 3}, 5, bm, random_levels(bm, 18, 5, false), -0.5, 2.0, at::kDouble));
+  s.floats.push_back({"a.bias", torch::randn({5}), false, false});
+  s.floats.push_back({"b.bias", torch::zeros({40}), true, false});  // zlib, fp16
+  s.floats.push_back({"bn.num_batches_tracked", torch::tensor(int64_t{3}), false, true});
+  s.tied.push_back({"c.weight", "a.weight"});
+  s.logits.push_back({"a.weight_diffq", torch::randn({12}), false, false});
+  return s;
+}
+
+// ---- Format ----------------------------------------------------------------------------------
+
+TEST(Checkpoint, WriterMatchesHandBuiltBytes) {
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("w", {4}, 2, torch::tensor({3, 3}), torch::tensor({1, 2, 3, 4})));
+  s.floats.push_back({"b", torch::tensor({1.5f, -2.0f}), false, false});
+  s.tied.push_back({"w2", "w"});
+
+  Bytes e;
+  // Header: magic, version 1, header size 60, file size, 3 records, no flags, segments of 2^18
+  // elements, counts (1 quantized, 1 float, 0 buffers, 1 alias, 0 logits), CRC.
+  str(e, "DIFFQCKP");
+  le(e, 1, 4);
+  le(e, 60, 4);
+  le(e, 210, 8);
+  le(e, 3, 4);
+  le(e, 0, 4);
+  le(e, 1u << 18, 4);
+  for (uint64_t c : {1, 1, 0, 1, 0}) le(e, c, 4);
+  le(e, zcrc(e.data(), 56), 4);
+  // Record 0: quantized 'w', float32, shape [4], group size 2, min -1, max 1, bit widths [3, 3]
+  // as the raw nibbles 0x33, one bit-packed chunk of 4 3-bit levels 1 2 3 4 -> 0xD1 0x08.
+  size_t r = e.size();
+  le(e, 72, 8);
+  for (uint64_t v : {1, 1, 0, 1}) le(e, v, 1);
+  le(e, 1, 2);
+  le(e, 0, 2);
+  str(e, "w");
+  le(e, 4, 8);
+  le(e, 2, 8);
+  le_f64(e, -1.0);
+  le_f64(e, 1.0);
+  le(e, 0, 4);
+  le(e, 1, 4);
+  e.push_back(0x33);
+  le(e, 0, 4);
+  le(e, 2, 4);
+  e.push_back(0xD1);
+  e.push_back(0x08);
+  le(e, zcrc(e.data() + r, e.size() - r), 4);
+  // Record 1: float 'b', float32 stored as float32, shape [2], raw payload of 8 bytes.
+  r = e.size();
+  le(e, 53, 8);
+  for (uint64_t v : {2, 1, 1, 1}) le(e, v, 1);
+  le(e, 1, 2);
+  le(e, 0, 2);
+  str(e, "b");
+  le(e, 2, 8);
+  le(e, 0, 8);
+  le(e, 8, 8);
+  le_f32(e, 1.5f);
+  le_f32(e, -2.0f);
+  le(e, zcrc(e.data() + r, e.size() - r), 4);
+  // Record 2: alias 'w2' -> 'w'.
+  r = e.size();
+  le(e, 25, 8);
+  for (uint64_t v : {4, 0, 0, 0}) le(e, v, 1);
+  le(e, 2, 2);
+  le(e, 0, 2);
+  str(e, "w2");
+  le(e, 1, 2);
+  str(e, "w");
+  le(e, zcrc(e.data() + r, e.size() - r), 4);
+  ASSERT_EQ(e.size(), 210u);
+
+  const Bytes got = encode(s);
+  EXPECT_EQ(got, e);
+  expect_same_state(diffq::read_quantized_state(e), s);
+}
+
+TEST(Checkpoint, RoundTripEveryBitWidth) {
+  torch::manual_seed(0);
+  for (int64_t b = 1; b <= 15; ++b) {
+    for (int64_t gs : {0, 1, 8, 5, 200}) {  // 5 does not divide 111; 200 > numel
+      for (bool gaussian : {false, true}) {
+        const int64_t numel = 37 * 3;
+        auto bits = torch::full({diffq::num_groups(numel, gs)}, b, at::kByte);
+        diffq::QuantizedState s;
+        s.quantized.push_back(qt("w", {37, 3}, gs, bits, random_levels(bits, numel, gs, gaussian),
+                                 -0.25, 0.75, b % 2 ? at::kFloat : at::kDouble));
+        // Every level value of the width at least once, in a second tensor.
+        const int64_t n = int64_t{1} << b;
+        auto all = torch::arange(n, at::kLong);
+        auto bits2 = torch::full({diffq::num_groups(n, gs)}, b, at::kByte);
+        s.quantized.push_back(qt("all", {n}, gs, bits2, all));
+        const Bytes bytes = encode(s);
+        SCOPED_TRACE("bits=" + std::to_string(b) + " gs=" + std::to_string(gs));
+        expect_same_state(diffq::read_quantized_state(bytes), s);
+      }
+    }
+  }
+}
+
+TEST(Checkpoint, RoundTripMixedWidthsAcrossSegments) {
+  torch::manual_seed(1);
+  // 300000 elements: two segments of 2^18; group size 16 does not divide the tensor.
+  const int64_t numel = 300003, gs = 16;
+  auto bits = torch::randint(1, 16, {diffq::num_groups(numel, gs)}).to(at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("big", {numel}, gs, bits, random_levels(bits, numel, gs, true)));
+  const Bytes bytes = encode(s);
+  expect_same_state(diffq::read_quantized_state(bytes), s);
+  const auto info = diffq::read_checkpoint_info(bytes);
+  ASSERT_EQ(info.tensors.size(), 1u);
+  for (int64_t b = 1; b <= 15; ++b) {
+    EXPECT_EQ(info.tensors[0].bits_histogram[static_cast<size_t>(b)], (bits == b).sum().item<int64_t>());
+  }
+  EXPECT_EQ(info.tensors[0].bits_histogram[0], 0);
+}
+
+TEST(Checkpoint, ChoosesTheSmallerEncoding) {
+  torch::manual_seed(2);
+  const int64_t numel = 50000, gs = 16;
+  auto make = [&](int64_t b, bool gaussian) {
+    auto bits = torch::full({diffq::num_groups(numel, gs)}, b, at::kByte);
+    return qt("w" + std::to_string(b) + (gaussian ? "g" : "u"), {numel}, gs, bits,
+              random_levels(bits, numel, gs, gaussian));
+  };
+  diffq::QuantizedState s;
+  s.quantized = {make(8, false), make(4, true), make(8, true), make(12, true), make(12, false)};
+  const auto info = diffq::read_checkpoint_info(encode(s));
+  ASSERT_EQ(info.tensors.size(), 5u);
+  EXPECT_EQ(info.tensors[0].encoding, "bitpack");      // uniform: nothing to gain
+  EXPECT_EQ(info.tensors[1].encoding, "zlib-bytes");   // Gaussian, <= 8 bits
+  EXPECT_EQ(info.tensors[2].encoding, "zlib-bytes");
+  EXPECT_EQ(info.tensors[3].encoding, "zlib-planes");  // Gaussian, > 8 bits
+  EXPECT_EQ(info.tensors[4].encoding, "bitpack");
+  for (size_t i = 0; i < 5; ++i) {
+    const int64_t b = s.quantized[i].bits[0].item<int64_t>();
+    const double packed = std::ceil(numel * b / 8.0);
+    EXPECT_LE(info.tensors[i].stored_bytes, packed + 300) << info.tensors[i].name;
+  }
+  // Gaussian levels with std 1/10 of the range: entropy ~ log2(0.1·2^b·sqrt(2πe)) bits.
+  for (size_t i : {1u, 2u, 3u}) {
+    const double b = s.quantized[i].bits[0].item<double>();
+    const double h = std::log2(0.1 * (std::exp2(b) - 1) * std::sqrt(2 * M_PI * M_E));
+    EXPECT_LT(info.tensors[i].stored_bytes, numel * (h + 0.1) / 8 + 1500) << info.tensors[i].name;
+  }
+}
+
+TEST(Checkpoint, FloatsBuffersTiedAndLogitsRoundTrip) {
+  torch::manual_seed(3);
+  diffq::QuantizedState s;
+  auto bits = torch::full({4}, 5, at::kByte);
+  s.quantized.push_back(qt("q", {32}, 8, bits, random_levels(bits, 32, 8, true)));
+  s.floats.push_back({"f32", torch::randn({3, 4}), false, false});
+  s.floats.push_back({"f64", torch::randn({7}, at::kDouble), false, false});
+  s.floats.push_back({"half", torch::randn({100}), true, false});
+  s.floats.push_back({"zeros", torch::zeros({1000}), false, false});
+  s.floats.push_back({"count", torch::tensor(int64_t{123456789012}), false, true});
+  s.floats.push_back({"mask", torch::tensor({true, false, true}), false, true});
+  s.floats.push_back({"bf", torch::randn({4}).to(at::kBFloat16), false, true});
+  s.tied.push_back({"q2", "q"});
+  s.tied.push_back({"f2", "f32"});
+  s.logits.push_back({"q_diffq", torch::randn({4}), false, false});
+  const Bytes bytes = encode(s);
+  const auto back = diffq::read_quantized_state(bytes);
+  // fp16 storage is lossy: the value read back is the fp16 rounding, in the original dtype.
+  diffq::QuantizedState expected = s;
+  expected.floats[2].value = s.floats[2].value.to(at::kHalf).to(at::kFloat);
+  expect_same_state(back, expected);
+  EXPECT_TRUE(back.floats[2].float16);
+  EXPECT_FALSE(back.floats[0].float16);
+  ASSERT_EQ(back.logits.size(), 1u);
+  EXPECT_EQ(back.logits[0].name, "q_diffq");
+  EXPECT_TRUE(torch::equal(back.logits[0].value, s.logits[0].value));
+  const auto info = diffq::read_checkpoint_info(bytes);
+  std::vector<std::string> kinds, encodings;
+  for (const auto& t : info.tensors) {
+    kinds.push_back(t.kind);
+    encodings.push_back(t.encoding);
+  }
+  EXPECT_EQ(kinds, (std::vector<std::string>{"quantized", "float", "float", "float", "float",
+                                             "buffer", "buffer", "buffer", "logit", "alias",
+                                             "alias"}));
+  EXPECT_EQ(encodings[1], "float32");       // 48 bytes: raw
+  EXPECT_EQ(encodings[3], "zlib-float16");  // 200 bytes of fp16
+  EXPECT_EQ(encodings[4], "zlib-float32");  // zeros compress
+  EXPECT_EQ(encodings[5], "int64");
+  EXPECT_EQ(encodings[6], "bool");
+  EXPECT_EQ(info.tensors[9].target, "q");
+  EXPECT_LT(info.tensors[4].stored_bytes, 200);  // 4000 bytes of zeros
+  EXPECT_EQ(info.tensors[3].dtype, at::kFloat);
+}
+
+TEST(Checkpoint, SaveReturnsExactSizeForFileStreamAndBytes) {
+  const auto s = small_state();
+  Bytes bytes;
+  const size_t n = diffq::save_quantized_state(s, bytes);
+  EXPECT_EQ(n, bytes.size());
+  std::ostringstream os;
+  EXPECT_EQ(diffq::save_quantized_state(s, os), n);
+  EXPECT_EQ(os.str(), std::string(bytes.begin(), bytes.end()));
+  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_size";
+  fs::create_directories(dir);
+  const std::string path = (dir / "m.ckpt").string();
+  EXPECT_EQ(diffq::save_quantized_state(s, path), n);
+  EXPECT_EQ(fs::file_size(path), n);
+  std::istringstream is(os.str());
+  expect_same_state(diffq::read_quantized_state(is), diffq::read_quantized_state(path));
+  fs::remove_all(dir);
+}
+
+TEST(Checkpoint, InfoReportsShapesHistogramsAndOptions) {
+  const auto s = small_state();
+  const auto o = diffq::DiffQOptions()
+                     .group_size(5)
+                     .min_bits(1.5)
+                     .max_bits(14)
+                     .extra_bits(0.5)
+                     .float16(true)
+                     .noise(diffq::Noise::kUniform)
+                     .param(diffq::Param::kNoise)
+                     .suffix("_q")
+                     .exclude({"*bias", "bn.*"});
+  const Bytes bytes = encode(s, o);
+  const auto info = diffq::read_checkpoint_info(bytes);
+  EXPECT_EQ(info.version, 1u);
+  EXPECT_EQ(info.file_bytes, static_cast<int64_t>(bytes.size()));
+  ASSERT_TRUE(info.options.has_value());
+  EXPECT_EQ(info.options->group_size(), 5);
+  EXPECT_EQ(info.options->min_bits(), 1.5);
+  EXPECT_EQ(info.options->max_bits(), 14);
+  EXPECT_EQ(info.options->extra_bits(), 0.5);
+  EXPECT_TRUE(info.options->float16());
+  EXPECT_EQ(info.options->noise(), diffq::Noise::kUniform);
+  EXPECT_EQ(info.options->param(), diffq::Param::kNoise);
+  EXPECT_EQ(info.options->suffix(), "_q");
+  EXPECT_EQ(info.options->exclude(), (std::vector<std::string>{"*bias", "bn.*"}));
+  ASSERT_EQ(info.tensors.size(), 7u);
+  const auto& b = info.tensors[1];
+  EXPECT_EQ(b.name, "b.weight");
+  EXPECT_EQ(b.kind, "quantized");
+  EXPECT_EQ(b.shape, (std::vector<int64_t>{2, 3, 3}));
+  EXPECT_EQ(b.dtype, at::kDouble);
+  EXPECT_EQ(b.group_size, 5);
+  EXPECT_EQ(b.min, -0.5);
+  EXPECT_EQ(b.max, 2.0);
+  std::array<int64_t, 16> h{};
+  h[3] = h[9] = h[1] = h[15] = 1;
+  EXPECT_EQ(b.bits_histogram, h);
+  EXPECT_EQ(b.encoding, "bitpack");
+  int64_t total = 0;
+  for (const auto& t : info.tensors) total += t.stored_bytes;
+  EXPECT_EQ(total + 60 + 56 + 2 + (2 + 5) + (2 + 4), static_cast<int64_t>(bytes.size()))
+      << "records plus the header (fixed 56, options 56 + suffix + patterns, CRC) make the file";
+  EXPECT_FALSE(diffq::read_checkpoint_info(encode(s)).options.has_value());
+}
+
+TEST(Checkpoint, OutputIndependentOfThreadCount) {
+  torch::manual_seed(4);
+  const int64_t numel = 700000, gs = 16;
+  auto bits = torch::randint(3, 13, {diffq::num_groups(numel, gs)}).to(at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("w", {numel}, gs, bits, random_levels(bits, numel, gs, true)));
+  s.floats.push_back({"b", torch::randn({3000}), false, false});
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  const Bytes one = encode(s);
+  at::set_num_threads(2);
+  const Bytes two = encode(s);
+  at::set_num_threads(before);
+  EXPECT_EQ(one, two);
+}
+
+// ---- Loading into a model ----------------------------------------------------------------------
+
+TEST(Checkpoint, LoadedWeightsEqualDequantizeLevelsBitForBit) {
+  torch::manual_seed(5);
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    for (int64_t b = 1; b <= 15; ++b) {
+      for (int64_t gs : {0, 1, 8, 5, 16}) {
+        const int64_t numel = 203;
+        auto bits = torch::randint(1, b + 1, {diffq::num_groups(numel, gs)}).to(at::kByte);
+        bits[0] = b;
+        // min and max not representable in float32, to pin the rounding of the scalars.
+        const double lo = -0.1 - 1e-12 * b, hi = 0.3 + 1e-9;
+        diffq::QuantizedState s;
+        s.quantized.push_back(
+            qt("w", {7, 29}, gs, bits, random_levels(bits, numel, gs, false), lo, hi, dtype));
+        const Bytes bytes = encode(s);
+        auto pc = diffq::detail::parse_checkpoint(bytes.data(), bytes.size(), "t", "<bytes>");
+        const auto values = diffq::detail::decode_all_weights(pc);
+        const auto& q = s.quantized[0];
+        const auto ref = diffq::dequantize_levels(q.levels, q.bits, gs, lo, hi, dtype).view({7, 29});
+        ASSERT_EQ(values[0].scalar_type(), dtype);
+        ASSERT_TRUE(torch::equal(values[0], ref)) << "b=" << b << " gs=" << gs << " " << dtype;
+      }
+    }
+  }
+  // A constant tensor (max == min) loads as min, sign of -0.0 included.
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("c", {4}, 2, torch::tensor({3, 5}), torch::zeros({4}), -0.0, -0.0));
+  const Bytes bytes = encode(s);
+  auto pc = diffq::detail::parse_checkpoint(bytes.data(), bytes.size(), "t", "<bytes>");
+  const auto v = diffq::detail::decode_all_weights(pc)[0];
+  const auto ref = diffq::dequantize_levels(s.quantized[0].levels, s.quantized[0].bits, 2, -0.0,
+                                            -0.0, at::kFloat);
+  for (int64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(std::signbit(v[i].item<float>()), std::signbit(ref[i].item<float>()));
+    EXPECT_TRUE(std::signbit(v[i].item<float>()));
+  }
+}
+
+TEST(Checkpoint, LoadFillsAFreshPlainModel) {
+  torch::manual_seed(6);
+  Net src;
+  src->train();
+  src->forward(torch::randn({4, 3, 8, 8}));  // moves the BatchNorm running statistics
+  const auto s = state_of(*src);
+  const Bytes bytes = encode(s);
+  Net dst;  // another initialisation
+  diffq::load_quantized(dst, bytes);
+  auto params = dst->named_parameters();
+  for (const auto& q : s.quantized) {
+    // w = min + level·(max − min)/(2^b − 1) per group, computed here in double then rounded.
+    auto lv = q.levels.to(at::kDouble);
+    auto step = (q.max - q.min) /
+                (at::pow(2.0, diffq::expand_groups(q.bits.to(at::kDouble), lv.numel(), q.group_size)) - 1);
+    auto by_hand = (lv * step + q.min).to(at::kFloat).view(q.shape);
+    EXPECT_TRUE(torch::allclose(params[q.name], by_hand, 0, 1e-6)) << q.name;
+    EXPECT_TRUE(torch::equal(params[q.name], diffq::dequantize_levels(q.levels, q.bits, q.group_size,
+                                                                      q.min, q.max, q.dtype)
+                                                 .view(q.shape)))
+        << q.name;
+  }
+  for (const auto& f : s.floats) {
+    const at::Tensor got = f.is_buffer ? dst->named_buffers()[f.name] : params[f.name];
+    EXPECT_TRUE(torch::equal(got, f.value)) << f.name;
+  }
+  EXPECT_EQ(dst->bn->num_batches_tracked.item<int64_t>(), 1);
+}
+
+TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
+  torch::manual_seed(8);
+  auto src = torch::nn::Linear(40, 30);
+  const auto s = state_of(*src);
+  const Bytes bytes = encode(s);
+  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_overloads";
+  fs::create_directories(dir);
+  const std::string path = (dir / "lin.ckpt").string();
+  diffq::save_quantized_state(s, path);
+  auto expect_loaded = [&](const torch::nn::Linear& m) {
+    EXPECT_TRUE(torch::equal(m->bias, s.floats[0].value));
+    const auto& q = s.quantized[0];
+    EXPECT_TRUE(torch::equal(
+        m->weight,
+        diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype).view(q.shape)));
+  };
+  torch::nn::Linear a(40, 30), b(40, 30), c(40, 30), d(40, 30);
+  diffq::load_quantized(a, path);                  // holder, path
+  std::istringstream is(std::string(bytes.begin(), bytes.end()));
+  diffq::load_quantized(b.ptr(), is);              // shared_ptr, stream
+  diffq::load_quantized(*c, bytes);                // Module&, bytes
+  diffq::load_quantized(d, std::string(path));
+  for (auto* m : {&a, &b, &c, &d}) expect_loaded(*m);
+  EXPECT_ERROR_HAS(diffq::load_quantized(a, (dir / "missing.ckpt").string()),
+                   "diffq::load_quantized: " + (dir / "missing.ckpt").string() +
+                       ": cannot open the file for reading");
+  fs::remove_all(dir);
+}
+
+TEST(Checkpoint, LoadListsMissingUnexpectedAndMismatchedNamesInOneError) {
+  torch::manual_seed(9);
+  Net src;
+  auto s = state_of(*src);
+  // Unexpected: an extra record; missing: drop 'fc.bias'; mismatched: a wrong shape and dtype.
+  s.floats.push_back({"extra.weight", torch::randn({2}), false, false});
+  for (size_t i = 0; i < s.floats.size(); ++i) {
+    if (s.floats[i].name == "fc.bias") s.floats.erase(s.floats.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+  for (auto& f : s.floats) {
+    if (f.name == "conv.bias") f.value = torch::randn({9});
+    if (f.name == "bn.running_mean") f.value = f.value.to(at::kDouble);
+  }
+  const Bytes bytes = encode(s);
+  Net dst;
+  const std::string what = error_of([&] { diffq::load_quantized(dst, bytes); });
+  EXPECT_NE(what.find("diffq::load_quantized: <bytes>: the checkpoint does not match the model:"),
+            std::string::npos)
+      << what;
+  EXPECT_NE(what.find("missing from the checkpoint (1): 'fc.bias'"), std::string::npos) << what;
+  EXPECT_NE(what.find("unexpected in the checkpoint (1): 'extra.weight'"), std::string::npos)
+      << what;
+  EXPECT_NE(what.find("'conv.bias' (record"), std::string::npos) << what;
+  EXPECT_NE(what.find("checkpoint [9] Float, model [8] Float"), std::string::npos) << what;
+  EXPECT_NE(what.find("checkpoint [8] Double, model [8] Float"), std::string::npos) << what;
+  EXPECT_NE(what.find("mismatched shape or dtype (2)"), std::string::npos) << what;
+}
+
+TEST(Checkpoint, TiedNamesLoadTheirTargetAndLogitsAreIgnored) {
+  // 'b.weight' is the very tensor registered as 'a.weight'.
+  auto make = [] {
+    auto root = std::make_shared<torch::nn::Module>();
+    auto a = std::make_shared<torch::nn::Module>();
+    auto b = std::make_shared<torch::nn::Module>();
+    auto w = a->register_parameter("weight", torch::randn({8, 8}));
+    a->register_parameter("bias", torch::randn({8}));
+    b->register_parameter("weight", w);
+    b->register_parameter("bias", torch::randn({8}));
+    root->register_module("a", a);
+    root->register_module("b", b);
+    return root;
+  };
+  torch::manual_seed(10);
+  auto src = make();
+  auto p = src->named_parameters();
+  diffq::QuantizedState s;
+  auto bits = torch::full({8}, 6, at::kByte);
+  auto mm = diffq::finite_min_max(p["a.weight"], "a.weight");
+  s.quantized.push_back(qt("a.weight", {8, 8}, 8, bits,
+                           diffq::quantize_levels(p["a.weight"], bits, 8, mm.first, mm.second),
+                           mm.first, mm.second));
+  s.floats.push_back({"a.bias", p["a.bias"].detach().clone(), false, false});
+  s.floats.push_back({"b.bias", p["b.bias"].detach().clone(), false, false});
+  s.tied.push_back({"b.weight", "a.weight"});
+  s.logits.push_back({"a.weight_diffq", torch::zeros({8}), false, false});
+  auto dst = make();
+  diffq::load_quantized(dst, encode(s));
+  const auto& q = s.quantized[0];
+  const auto w = diffq::dequantize_levels(q.levels, q.bits, 8, q.min, q.max, at::kFloat).view({8, 8});
+  auto d = dst->named_parameters();
+  EXPECT_TRUE(torch::equal(d["a.weight"], w));
+  EXPECT_TRUE(torch::equal(d["b.weight"], w));
+  EXPECT_TRUE(torch::equal(d["b.bias"], p["b.bias"]));
+}
+
+TEST(Checkpoint, LoadLeavesTheModelUntouchedOnFailure) {
+  torch::manual_seed(11);
+  auto src = torch::nn::Linear(64, 64);
+  auto s = state_of(*src);
+  // Gaussian 8-bit levels: a Huffman-coded chunk whose quad size table we break (CRCs fixed, so
+  // that parsing succeeds and decoding fails).
+  auto bits = torch::full({512}, 8, at::kByte);
+  s.quantized[0] = qt("weight", {64, 64}, 8, bits, random_levels(bits, 4096, 8, true));
+  Bytes bytes = encode(s);
+  const auto rec = record_offsets(bytes);
+  ASSERT_EQ(diffq::read_checkpoint_info(bytes).tensors[0].encoding, "zlib-bytes");
+  // Record 0: size 8, fixed 8, name 'weight' 6, dims 16, quant header 32, bit widths (raw
+  // nibbles: 256 bytes, or deflated), then the chunk: 8-byte header, then the quad sizes.
+  const size_t bits_size = static_cast<size_t>(rd(bytes, rec[0] + 8 + 8 + 6 + 16 + 28, 4));
+  const size_t chunk = rec[0] + 8 + 8 + 6 + 16 + 32 + bits_size;
+  ASSERT_EQ(bytes[chunk], 1);  // zlib-bytes
+  wr(bytes, chunk + 8, 0, 4);  // first stream: 0 bytes
+  fix_crcs(bytes);
+  EXPECT_NO_THROW(diffq::read_checkpoint_info(bytes));
+  torch::nn::Linear dst(64, 64);
+  const auto w0 = dst->weight.clone(), b0 = dst->bias.clone();
+  EXPECT_ERROR_HAS(diffq::load_quantized(dst, bytes),
+                   "diffq::load_quantized: <bytes>: record 0 ('weight') at byte " +
+                       std::to_string(chunk) + ": chunk of 4096 8-bit levels in elements [0, 4096): " +
+                       "Huffman quad stream too short for its symbols");
+  EXPECT_TRUE(torch::equal(dst->weight, w0));
+  EXPECT_TRUE(torch::equal(dst->bias, b0));
+}
+
+// ---- Corrupt input -----------------------------------------------------------------------------
+
+/// The model matching `small_state()`.
+std::shared_ptr<torch::nn::Module> small_model() {
+  auto root = std::make_shared<torch::nn::Module>();
+  auto a = std::make_shared<torch::nn::Module>();
+  a->register_parameter("weight", torch::zeros({64, 16}));
+  a->register_parameter("bias", torch::zeros({5}));
+  auto b = std::make_shared<torch::nn::Module>();
+  b->register_parameter("weight", torch::zeros({2, 3, 3}, at::kDouble));
+  b->register_parameter("bias", torch::zeros({40}));
+  auto bn = std::make_shared<torch::nn::Module>();
+  bn->register_buffer("num_batches_tracked", torch::tensor(int64_t{0}));
+  auto c = std::make_shared<torch::nn::Module>();
+  c->register_parameter("weight", a->named_parameters()["weight"]);
+  root->register_module("a", a);
+  root->register_module("b", b);
+  root->register_module("bn", bn);
+  root->register_module("c", c);
+  return root;
+}
+
+TEST(Checkpoint, SmallModelLoads) {
+  const Bytes bytes = encode(small_state(), diffq::DiffQOptions());
+  auto m = small_model();
+  diffq::load_quantized(m, bytes);
+  EXPECT_EQ(m->named_buffers()["bn.num_batches_tracked"].item<int64_t>(), 3);
+}
+
+TEST(Checkpoint, TruncationAtEveryOffsetThrows) {
+  const Bytes bytes = encode(small_state(), diffq::DiffQOptions());
+  ASSERT_LT(bytes.size(), 2000u);
+  auto m = small_model();
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    const Bytes cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
+    const std::string what = error_of([&] { diffq::load_quantized(m, cut); });
+    ASSERT_NE(what.find("diffq::load_quantized: <bytes>: "), std::string::npos) << n << ": " << what;
+    ASSERT_NE(what.find(" at byte "), std::string::npos) << n << ": " << what;
+    const std::string info = error_of([&] { diffq::read_checkpoint_info(cut); });
+    ASSERT_NE(info.find("diffq::read_checkpoint_info: <bytes>: "), std::string::npos) << info;
+  }
+  EXPECT_ERROR_HAS(diffq::read_checkpoint_info(Bytes(bytes.begin(), bytes.begin() + 300)),
+                   "header at byte 16: the header declares " + std::to_string(bytes.size()) +
+                       " bytes but the file has 300 (truncated)");
+  EXPECT_ERROR_HAS(diffq::read_checkpoint_info(Bytes(bytes.begin(), bytes.begin() + 5)),
+                   "header at byte 0: truncated magic: needs 8 bytes, only 5 remain");
+}
+
+TEST(Checkpoint, EveryBitFlipThrows) {
+  const Bytes bytes = encode(small_state(), diffq::DiffQOptions());
+  auto m = small_model();
+  const auto before = m->named_parameters()["a.weight"].clone();
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    for (int bit = 0; bit < 8; ++bit) {
+      Bytes bad = bytes;
+      bad[i] = static_cast<uint8_t>(bad[i] ^ (1 << bit));
+      const std::string what = error_of([&] { diffq::load_quantized(m, bad); });
+      ASSERT_NE(what.find("diffq::load_quantized: <bytes>: "), std::string::npos)
+          << "byte " << i << " bit " << bit << ": " << what;
+      ASSERT_NE(what.find(" at byte "), std::string::npos) << what;
+    }
+    Bytes bad = bytes;
+    bad[i] ^= 0xFF;
+    ASSERT_NE(error_of([&] { diffq::load_quantized(m, bad); }), "<no error>") << i;
+  }
+  EXPECT_TRUE(torch::equal(m->named_parameters()["a.weight"], before));
+}
+
+TEST(Checkpoint, EveryByteCorruptionBehindTheCrcsIsHandled) {
+  // With the CRCs out of the way, every corrupted byte must still give a clean c10::Error or a
+  // well-formed result: the checks behind the CRCs (sizes, counts, widths, levels, deflate
+  // streams) hold on their own.
+  const Bytes bytes = encode(small_state(), diffq::DiffQOptions());
+  diffq::detail::ParseSettings no_crc;
+  no_crc.verify_crc = false;
+  int errors = 0, decoded = 0;
+  std::mt19937 rng(12);
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    for (int variant = 0; variant < 4; ++variant) {
+      Bytes bad = bytes;
+      bad[i] = variant == 0 ? static_cast<uint8_t>(bad[i] ^ 0xFF)
+               : variant == 1 ? uint8_t{0}
+               : variant == 2 ? static_cast<uint8_t>(bad[i] ^ 1)
+                              : static_cast<uint8_t>(rng());
+      try {
+        auto pc = diffq::detail::parse_checkpoint(bad.data(), bad.size(), "t", "<bytes>", no_crc);
+        diffq::detail::decode_all_weights(pc);
+        diffq::detail::decode_all_levels(pc);
+        for (size_t r = 0; r < pc.records.size(); ++r) {
+          const auto k = pc.records[r].kind;
+          if (k == diffq::detail::kKindFloat || k == diffq::detail::kKindBuffer ||
+              k == diffq::detail::kKindLogit) {
+            diffq::detail::decode_float_tensor(pc, r);
+          }
+        }
+        ++decoded;
+      } catch (const c10::Error& e) {
+        ++errors;
+        ASSERT_NE(std::string(e.what()).find("t: <bytes>: "), std::string::npos) << e.what();
+      }
+    }
+  }
+  EXPECT_GT(errors, 0);
+  EXPECT_GT(decoded, 0);  // e.g. changed payload bits that still decode
+}
+
+TEST(Checkpoint, RejectsBadMagicVersionFlagsCountsAndCrcs) {
+  const Bytes good = encode(small_state());
+  auto info_error = [](const Bytes& b) {
+    return error_of([&] { diffq::read_checkpoint_info(b); });
+  };
+  Bytes b = good;
+  b[0] = 'X';
+  EXPECT_NE(info_error(b).find("header at byte 0: not a diffq checkpoint (bad magic"), std::string::npos);
+  b = good;
+  wr(b, 8, 2, 4);
+  fix_crcs(b);
+  EXPECT_NE(info_error(b).find("header at byte 8: unsupported format version 2 (this reader supports "
+                               "version 1)"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, 28, 6, 4);
+  fix_crcs(b);
+  EXPECT_NE(info_error(b).find("header at byte 28: unknown flags 6"), std::string::npos);
+  b = good;
+  wr(b, 36, rd(b, 36, 4) + 1, 4);  // one more quantized record than present
+  fix_crcs(b);
+  EXPECT_NE(info_error(b).find("record counts by kind add up to 8, not 7"), std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, 36, rd(b, 36, 4) + 1, 4);
+  wr(b, 40, rd(b, 40, 4) - 1, 4);
+  fix_crcs(b);
+  EXPECT_NE(info_error(b).find("the header declares 3 quantized records, the file holds 2"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, 24, 100000, 4);
+  wr(b, 36, rd(b, 36, 4) + 100000 - 7, 4);
+  fix_crcs(b);
+  EXPECT_NE(info_error(b).find("100000 records cannot fit"), std::string::npos) << info_error(b);
+  b = good;
+  b[20] ^= 1;
+  EXPECT_NE(info_error(b).find("header at byte 56: header CRC mismatch"), std::string::npos);
+  b = good;
+  b.push_back(0);
+  EXPECT_NE(info_error(b).find("(trailing bytes)"), std::string::npos);
+  const auto rec = record_offsets(good);
+  b = good;
+  b[rec[2] + 20] ^= 1;
+  const size_t crc_at = rec[2] + static_cast<size_t>(rd(good, rec[2], 8)) - 4;
+  EXPECT_NE(info_error(b).find("record 2 at byte " + std::to_string(crc_at) +
+                               ": record CRC mismatch"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, rec[0], 1u << 30, 8);
+  EXPECT_NE(info_error(b).find("record 0 at byte " + std::to_string(rec[0]) + ": record size " +
+                               std::to_string(1u << 30) + " outside"),
+            std::string::npos)
+      << info_error(b);
+}
+
+TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
+  const Bytes good = encode(small_state());
+  const auto rec = record_offsets(good);
+  auto info_error = [](Bytes b) {
+    fix_crcs(b);
+    return error_of([&] { diffq::read_checkpoint_info(b); });
+  };
+  const size_t r0 = rec[0];  // quantized 'a.weight' [64, 16], group size 8, 4 bits
+  Bytes b = good;
+  b[r0 + 8] = 9;  // kind
+  EXPECT_NE(info_error(b).find("record 0 at byte " + std::to_string(r0 + 8) +
+                               ": unknown record kind 9"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  b[r0 + 9] = 5;  // dtype int64 for a quantized tensor
+  EXPECT_NE(info_error(b).find("quantized tensors are float32 or float64, got dtype int64"),
+            std::string::npos);
+  b = good;
+  wr(b, r0 + 8 + 8 + 8, static_cast<uint64_t>(-3), 8);  // first dim
+  EXPECT_NE(info_error(b).find("record 0 ('a.weight') at byte " + std::to_string(r0 + 24) +
+                               ": negative dim -3"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, r0 + 24, uint64_t{1} << 40, 8);
+  EXPECT_NE(info_error(b).find("shape declares more elements than the file can hold"),
+            std::string::npos);
+  const size_t qh = r0 + 8 + 8 + 8 + 16;  // group size, min, max, bits encoding
+  b = good;
+  wr(b, qh, static_cast<uint64_t>(-1), 8);
+  EXPECT_NE(info_error(b).find("group size -1 < 0"), std::string::npos);
+  b = good;
+  {
+    double nan = std::nan("");
+    uint64_t u;
+    std::memcpy(&u, &nan, 8);
+    wr(b, qh + 8, u, 8);
+  }
+  EXPECT_NE(info_error(b).find("min and max must be finite with min <= max, got min=nan"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  b[qh + 24] = 7;
+  EXPECT_NE(info_error(b).find("unknown bit widths encoding 7"), std::string::npos);
+  // Record 1: 'b.weight' [2, 3, 3] with 4 groups of widths 3 9 1 15: raw nibbles 0x93 0xF1.
+  const size_t qh1 = rec[1] + 8 + 8 + 8 + 24;
+  b = good;
+  ASSERT_EQ(b[qh1 + 24], 0);
+  ASSERT_EQ(b[qh1 + 32], 0x93);
+  b[qh1 + 32] = 0x90;
+  EXPECT_NE(info_error(b).find("record 1 ('b.weight') at byte " + std::to_string(qh1 + 32) +
+                               ": bit width of group 0 is 0 (must be in [1, 15])"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  wr(b, qh1 + 28, 3, 4);
+  EXPECT_NE(info_error(b).find("bit widths of 4 groups take 2 bytes, got 3"), std::string::npos)
+      << info_error(b);
+  // Record 0: 'a.weight', 1024 4-bit Gaussian levels in one Huffman-coded chunk.
+  const size_t chunk = qh + 32 + static_cast<size_t>(rd(good, qh + 28, 4));
+  ASSERT_EQ(good[chunk], 1);  // zlib-bytes
+  b = good;
+  b[chunk] = 2;
+  EXPECT_NE(info_error(b).find("chunk of 1024 4-bit levels in elements [0, 1024): zlib-planes "
+                               "encoding needs bits >= 9"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  b[chunk] = 0;
+  EXPECT_NE(info_error(b).find("bit-packed size must be 512 bytes"), std::string::npos)
+      << info_error(b);
+  b = good;
+  b[chunk] = 5;
+  EXPECT_NE(info_error(b).find("unknown encoding 5"), std::string::npos);
+  b = good;
+  b[chunk + 1] = 1;
+  EXPECT_NE(info_error(b).find("reserved bytes are not zero"), std::string::npos);
+  b = good;
+  wr(b, chunk + 4, 5, 4);
+  EXPECT_NE(info_error(b).find("5 bytes cannot hold them"), std::string::npos);
+  b = good;
+  wr(b, chunk + 4, rd(b, chunk + 4, 4) + 1000, 4);
+  EXPECT_NE(info_error(b).find("truncated chunk payload"), std::string::npos) << info_error(b);
+  // Levels beyond 2^b - 1 in a Huffman chunk are refused at decoding.
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("w", {64}, 8, torch::full({8}, 7, at::kByte),
+                           torch::arange(64).remainder(100)));
+  Bytes z = encode(s);
+  {
+    // Re-code the levels as 8-bit values with one level of 200 > 127: rebuild the chunk payload
+    // with deflate_huffman4 and patch the sizes.
+    Bytes lv(64);
+    for (size_t i = 0; i < 64; ++i) lv[i] = static_cast<uint8_t>(i % 100);
+    lv[10] = 200;
+    const Bytes quad = diffq::deflate_huffman4(lv.data(), lv.size());
+    const auto r = record_offsets(z)[0];
+    const size_t ch = r + 8 + 8 + 1 + 8 + 32 + 4;  // 8 groups of 7 bits: 4 raw nibble bytes
+    Bytes head(z.begin(), z.begin() + static_cast<std::ptrdiff_t>(ch));
+    head.push_back(1);
+    le(head, 0, 3);
+    le(head, quad.size(), 4);
+    head.insert(head.end(), quad.begin(), quad.end());
+    le(head, 0, 4);  // record CRC, fixed below
+    wr(head, r, head.size() - r, 8);
+    wr(head, 16, head.size(), 8);
+    z = head;
+    fix_crcs(z);
+  }
+  EXPECT_NO_THROW(diffq::read_checkpoint_info(z));
+  EXPECT_ERROR_HAS(diffq::read_quantized_state(z), "level 200 exceeds 127");
+}
+
+TEST(Checkpoint, WriterRejectsInvalidStates) {
+  auto bits = torch::full({2}, 4, at::kByte);
+  auto lv = torch::arange(16).remainder(16);
+  auto base = [&] {
+    diffq::QuantizedState s;
+    s.quantized.push_back(qt("w", {16}, 8, bits, lv));
+    return s;
+  };
+  auto save_error = [](const diffq::QuantizedState& s) {
+    return error_of([&] { encode(s); });
+  };
+  auto s = base();
+  s.floats.push_back({"w", torch::zeros({1}), false, false});
+  EXPECT_NE(save_error(s).find("diffq::save_quantized: duplicate tensor name 'w'"), std::string::npos);
+  s = base();
+  s.quantized[0].bits[1] = 0;
+  EXPECT_NE(save_error(s).find("tensor 'w': bit width of group 1 must be in [1, 15], got 0"),
+            std::string::npos);
+  s = base();
+  s.quantized[0].bits[0] = 16;
+  EXPECT_NE(save_error(s).find("got 16"), std::string::npos);
+  s = base();
+  s.quantized[0].levels[9] = 16;
+  EXPECT_NE(save_error(s).find("tensor 'w': level 16 of element 9 is outside [0, 15] (its group 1 "
+                               "has 4 bits)"),
+            std::string::npos)
+      << save_error(s);
+  s = base();
+  s.quantized[0].levels[3] = -1;
+  EXPECT_NE(save_error(s).find("level -1 of element 3"), std::string::npos);
+  s = base();
+  s.quantized[0].min = std::nan("");
+  EXPECT_NE(save_error(s).find("min and max must be finite with min <= max"), std::string::npos);
+  s = base();
+  s.quantized[0].min = 2;
+  EXPECT_NE(save_error(s).find("got min=2 max=1"), std::string::npos);
+  s = base();
+  s.quantized[0].levels = lv.to(at::kInt);
+  EXPECT_NE(save_error(s).find("expected levels as int16 with 16 elements, got Int"),
+            std::string::npos)
+      << save_error(s);
+  s = base();
+  s.quantized[0].bits = torch::full({3}, 4, at::kByte);
+  EXPECT_NE(save_error(s).find("expected bits as uint8 [2], got Byte [3]"), std::string::npos)
+      << save_error(s);
+  s = base();
+  s.quantized[0].group_size = -2;
+  EXPECT_NE(save_error(s).find("group_size must be >= 0, got -2"), std::string::npos);
+  s = base();
+  s.quantized[0].dtype = at::kHalf;
+  EXPECT_NE(save_error(s).find("quantized tensors must be float32 or float64, got float16"),
+            std::string::npos);
+  s = base();
+  s.tied.push_back({"v", "nope"});
+  EXPECT_NE(save_error(s).find("tied name 'v' refers to 'nope', which is not a stored tensor"),
+            std::string::npos);
+  s = base();
+  s.floats.push_back({"i", torch::zeros({2}, at::kLong), true, false});
+  EXPECT_NE(save_error(s).find("tensor 'i': float16 storage needs a floating point tensor"),
+            std::string::npos);
+  s = base();
+  s.floats.push_back({"", torch::zeros({2}), false, false});
+  EXPECT_NE(save_error(s).find("tensor name must have 1 to 65535 bytes, got 0"), std::string::npos);
+  s = base();
+  s.floats.push_back({"c", torch::zeros({2}, at::kComplexFloat), false, false});
+  EXPECT_NE(save_error(s).find("tensor 'c': unsupported dtype"), std::string::npos);
+  s = base();
+  s.floats.push_back({"u", at::Tensor(), false, false});
+  EXPECT_NE(save_error(s).find("tensor 'u' is undefined"), std::string::npos);
+}
+
+TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
+  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_atomic";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "m.ckpt").string();
+  const auto s = small_state();
+  const size_t n = diffq::save_quantized_state(s, path);
+  std::ifstream f(path, std::ios::binary);
+  const Bytes before((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(before.size(), n);
+  // Encoding fails: nothing written.
+  auto bad = s;
+  bad.quantized[0].bits[0] = 0;
+  EXPECT_ERROR_HAS(diffq::save_quantized_state(bad, path), "diffq::save_quantized");
+  // The rename fails (the target is a non-empty directory): the temporary file is removed.
+  const fs::path blocked = dir / "blocked.ckpt";
+  fs::create_directories(blocked / "x");
+  EXPECT_ERROR_HAS(diffq::save_quantized_state(s, blocked.string()),
+                   "cannot rename the temporary file into place");
+  // The folder does not exist: the temporary file cannot be created.
+  EXPECT_ERROR_HAS(diffq::save_quantized_state(s, (dir / "no" / "m.ckpt").string()),
+                   "cannot create the temporary file");
+  std::ifstream g(path, std::ios::binary);
+  const Bytes after((std::istreambuf_iterator<char>(g)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(after, before);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"blocked.ckpt", "m.ckpt"})) << "no temporary left";
+  // Overwriting works.
+  EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + 56 + 6);
+  fs::remove_all(dir);
+}
+
+// ---- With the quantizer --------------------------------------------------------------------------
+
+TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
+  torch::manual_seed(13);
+  Net model;
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+  diffq::DiffQuantizer<Net> q(model, diffq::DiffQOptions().group_size(8).min_size_mb(0));
+  q.setup_optimizer(opt, 1e-1);
+  const auto x = torch::randn({5, 3, 8, 8});
+  for (int step = 0; step < 3; ++step) {  // move weights, bit widths and running statistics
+    opt.zero_grad();
+    auto loss = q.forward(x).pow(2).mean() + 1e-3 * q.penalty();
+    loss.backward();
+    opt.step();
+  }
+  model->eval();
+  const at::Tensor expected = q.forward(x);
+  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_quantizer";
+  fs::create_directories(dir);
+  const std::string path = (dir / "net.ckpt").string();
+  const size_t n = diffq::save_quantized(q, path);
+  EXPECT_EQ(fs::file_size(path), n);
+  Net plain;
+  diffq::load_quantized(plain, path);
+  plain->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(plain->forward(x), expected));
+  // Bytes and stream overloads give the same file; logits on request.
+  Bytes bytes;
+  EXPECT_EQ(diffq::save_quantized(q, bytes), n);
+  std::ostringstream os;
+  EXPECT_GT(diffq::save_quantized(q, os, /*include_logits=*/true), n);
+  const auto info = diffq::read_checkpoint_info(bytes);
+  ASSERT_TRUE(info.options.has_value());
+  EXPECT_EQ(info.options->group_size(), 8);
+  fs::remove_all(dir);
+}
+
+}  // namespace

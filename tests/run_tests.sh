@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, configures, builds and runs the whole suite.
+#   bash tests/run_tests.sh            (build directory: build/)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/cmake/install_deps.sh" dataset-fashion-mnist clang libclang-rt-14-dev
+build="${DIFFQ_BUILD_DIR:-$root/build}"
+jobs="$(nproc)"
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release
+cmake --build "$build" -j "$jobs"
+# LibTorch's and OpenBLAS's thread pools would oversubscribe the cores that ctest already fills.
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+ctest --test-dir "$build" --output-on-failure -j "$jobs"
