@@ -99,6 +99,10 @@ struct TiedImpl : torch::nn::Module {
 };
 TORCH_MODULE(Tied);
 
+torch::Tensor FirstTensor(const torch::Tensor& t) { return t; }
+template <typename A, typename B>
+torch::Tensor FirstTensor(const std::tuple<A, B>& t) { return std::get<0>(t); }
+
 struct Case {
   int64_t group_size;
   bool reference_kernels;
@@ -119,9 +123,9 @@ std::string Describe(const Case& c) {
 
 /// Runs one training forward/backward through the quantizer and the same computation explicitly;
 /// compares loss, weight gradients and logit gradients, and checks the weights are clean after.
-template <typename Holder, typename RefForward, typename Input>
+template <typename Holder, typename RefForward, typename Input, typename... Extra>
 void CheckGradients(Holder model, const DiffQOptions& options, bool reference_kernels,
-                    const Input& input, RefForward ref_forward) {
+                    const Input& input, RefForward ref_forward, const Extra&... extra) {
   std::map<std::string, torch::Tensor> before;
   for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
   DiffQuantizer<Holder> q(model, options);
@@ -135,7 +139,7 @@ void CheckGradients(Holder model, const DiffQOptions& options, bool reference_ke
       l.copy_(torch::linspace(-1.5, 2.0, l.numel(), l.options()));
     }
   }
-  auto out = q.forward(input);
+  auto out = FirstTensor(q.forward(input, extra...));
   auto loss = torch::sin(out).pow(2).sum() + out.sum();
   std::map<std::string, torch::Tensor> noise;
   for (const auto& n : q.quantized_names()) noise[n] = q.noise(n).clone();
@@ -237,6 +241,24 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationLSTM) {
       EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << n;
       EXPECT_TRUE(Close(params[n + "_diffq"].grad(), l[n].grad())) << n;
     }
+  }
+}
+
+TEST(DiffQuantizer, GradientsMatchExplicitComputationGRU) {
+  for (bool ref : {false, true}) {
+    torch::manual_seed(22);
+    torch::nn::GRU gru(torch::nn::GRUOptions(3, 4));
+    auto x = torch::randn({5, 2, 3});
+    auto h0 = torch::randn({1, 2, 4});
+    auto options = DiffQOptions().group_size(5).min_size_mb(0);
+    CheckGradients(gru, options, ref, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     return std::get<0>(torch::gru(
+                         x, h0, {nw["weight_ih_l0"], nw["weight_hh_l0"], nw["bias_ih_l0"], nw["bias_hh_l0"]},
+                         /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/true,
+                         /*bidirectional=*/false, /*batch_first=*/false));
+                   },
+                   h0);
   }
 }
 
