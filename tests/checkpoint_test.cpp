@@ -41,7 +41,9 @@ void le_f32(Bytes& b, float f) {
   std::memcpy(&u, &f, 4);
   le(b, u, 4);
 }
-void str(Bytes& b, const std::string& s) { b.insert(b.end(), s.begin(), s.end()); }
+void str(Bytes& b, const std::string& s) {
+  b.insert(b.end(), s.begin(), s.end());
+}
 uint32_t zcrc(const uint8_t* p, size_t n) {
   return static_cast<uint32_t>(::crc32(0, p, static_cast<uInt>(n)));
 }
@@ -89,11 +91,10 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
-#define EXPECT_ERROR_HAS(stmt, sub)                                                   \
-  do {                                                                                \
-    const std::string what_ = error_of([&] { stmt; });                                \
-    EXPECT_NE(what_.find(sub), std::string::npos) << "expected '" << (sub) << "' in: " \
-                                                  << what_;                           \
+#define EXPECT_ERROR_HAS(stmt, sub)                                                              \
+  do {                                                                                           \
+    const std::string what_ = error_of([&] { stmt; });                                           \
+    EXPECT_NE(what_.find(sub), std::string::npos) << "expected '" << (sub) << "' in: " << what_; \
   } while (0)
 
 // ---- State builders --------------------------------------------------------------------------
@@ -304,6 +305,9 @@ TEST(Checkpoint, RoundTripEveryBitWidth) {
         auto all = torch::arange(n, at::kLong);
         auto bits2 = torch::full({diffq::num_groups(n, gs)}, b, at::kByte);
         s.quantized.push_back(qt("all", {n}, gs, bits2, all));
+        if (b == 1) {  // and an empty tensor
+          s.quantized.push_back(qt("empty", {0, 4}, gs, torch::zeros({0}), torch::zeros({0})));
+        }
         const Bytes bytes = encode(s);
         SCOPED_TRACE("bits=" + std::to_string(b) + " gs=" + std::to_string(gs));
         expect_same_state(diffq::read_quantized_state(bytes), s);
@@ -324,7 +328,8 @@ TEST(Checkpoint, RoundTripMixedWidthsAcrossSegments) {
   const auto info = diffq::read_checkpoint_info(bytes);
   ASSERT_EQ(info.tensors.size(), 1u);
   for (int64_t b = 1; b <= 15; ++b) {
-    EXPECT_EQ(info.tensors[0].bits_histogram[static_cast<size_t>(b)], (bits == b).sum().item<int64_t>());
+    EXPECT_EQ(info.tensors[0].bits_histogram[static_cast<size_t>(b)],
+              (bits == b).sum().item<int64_t>());
   }
   EXPECT_EQ(info.tensors[0].bits_histogram[0], 0);
 }
@@ -341,8 +346,8 @@ TEST(Checkpoint, ChoosesTheSmallerEncoding) {
   s.quantized = {make(8, false), make(4, true), make(8, true), make(12, true), make(12, false)};
   const auto info = diffq::read_checkpoint_info(encode(s));
   ASSERT_EQ(info.tensors.size(), 5u);
-  EXPECT_EQ(info.tensors[0].encoding, "bitpack");      // uniform: nothing to gain
-  EXPECT_EQ(info.tensors[1].encoding, "zlib-bytes");   // Gaussian, <= 8 bits
+  EXPECT_EQ(info.tensors[0].encoding, "bitpack");     // uniform: nothing to gain
+  EXPECT_EQ(info.tensors[1].encoding, "zlib-bytes");  // Gaussian, <= 8 bits
   EXPECT_EQ(info.tensors[2].encoding, "zlib-bytes");
   EXPECT_EQ(info.tensors[3].encoding, "zlib-planes");  // Gaussian, > 8 bits
   EXPECT_EQ(info.tensors[4].encoding, "bitpack");
@@ -391,11 +396,11 @@ TEST(Checkpoint, FloatsBuffersTiedAndLogitsRoundTrip) {
     kinds.push_back(t.kind);
     encodings.push_back(t.encoding);
   }
-  EXPECT_EQ(kinds, (std::vector<std::string>{"quantized", "float", "float", "float", "float",
-                                             "buffer", "buffer", "buffer", "logit", "alias",
-                                             "alias"}));
+  EXPECT_EQ(kinds,
+            (std::vector<std::string>{"quantized", "float", "float", "float", "float", "buffer",
+                                      "buffer", "buffer", "logit", "alias", "alias"}));
   EXPECT_EQ(encodings[1], "float32");       // 48 bytes: raw
-  EXPECT_EQ(encodings[3], "zlib-float16");  // 200 bytes of fp16
+  EXPECT_EQ(encodings[3], "float16");       // random fp16: deflate does not help
   EXPECT_EQ(encodings[4], "zlib-float32");  // zeros compress
   EXPECT_EQ(encodings[5], "int64");
   EXPECT_EQ(encodings[6], "bool");
@@ -503,7 +508,8 @@ TEST(Checkpoint, LoadedWeightsEqualDequantizeLevelsBitForBit) {
         auto pc = diffq::detail::parse_checkpoint(bytes.data(), bytes.size(), "t", "<bytes>");
         const auto values = diffq::detail::decode_all_weights(pc);
         const auto& q = s.quantized[0];
-        const auto ref = diffq::dequantize_levels(q.levels, q.bits, gs, lo, hi, dtype).view({7, 29});
+        const auto ref =
+            diffq::dequantize_levels(q.levels, q.bits, gs, lo, hi, dtype).view({7, 29});
         ASSERT_EQ(values[0].scalar_type(), dtype);
         ASSERT_TRUE(torch::equal(values[0], ref)) << "b=" << b << " gs=" << gs << " " << dtype;
       }
@@ -536,13 +542,15 @@ TEST(Checkpoint, LoadFillsAFreshPlainModel) {
   for (const auto& q : s.quantized) {
     // w = min + level·(max − min)/(2^b − 1) per group, computed here in double then rounded.
     auto lv = q.levels.to(at::kDouble);
-    auto step = (q.max - q.min) /
-                (at::pow(2.0, diffq::expand_groups(q.bits.to(at::kDouble), lv.numel(), q.group_size)) - 1);
+    auto step =
+        (q.max - q.min) /
+        (at::pow(2.0, diffq::expand_groups(q.bits.to(at::kDouble), lv.numel(), q.group_size)) - 1);
     auto by_hand = (lv * step + q.min).to(at::kFloat).view(q.shape);
     EXPECT_TRUE(torch::allclose(params[q.name], by_hand, 0, 1e-6)) << q.name;
-    EXPECT_TRUE(torch::equal(params[q.name], diffq::dequantize_levels(q.levels, q.bits, q.group_size,
-                                                                      q.min, q.max, q.dtype)
-                                                 .view(q.shape)))
+    EXPECT_TRUE(
+        torch::equal(params[q.name],
+                     diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype)
+                         .view(q.shape)))
         << q.name;
   }
   for (const auto& f : s.floats) {
@@ -565,14 +573,14 @@ TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
     EXPECT_TRUE(torch::equal(m->bias, s.floats[0].value));
     const auto& q = s.quantized[0];
     EXPECT_TRUE(torch::equal(
-        m->weight,
-        diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype).view(q.shape)));
+        m->weight, diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype)
+                       .view(q.shape)));
   };
   torch::nn::Linear a(40, 30), b(40, 30), c(40, 30), d(40, 30);
-  diffq::load_quantized(a, path);                  // holder, path
+  diffq::load_quantized(a, path);  // holder, path
   std::istringstream is(std::string(bytes.begin(), bytes.end()));
-  diffq::load_quantized(b.ptr(), is);              // shared_ptr, stream
-  diffq::load_quantized(*c, bytes);                // Module&, bytes
+  diffq::load_quantized(b.ptr(), is);  // shared_ptr, stream
+  diffq::load_quantized(*c, bytes);    // Module&, bytes
   diffq::load_quantized(d, std::string(path));
   for (auto* m : {&a, &b, &c, &d}) expect_loaded(*m);
   EXPECT_ERROR_HAS(diffq::load_quantized(a, (dir / "missing.ckpt").string()),
@@ -588,7 +596,8 @@ TEST(Checkpoint, LoadListsMissingUnexpectedAndMismatchedNamesInOneError) {
   // Unexpected: an extra record; missing: drop 'fc.bias'; mismatched: a wrong shape and dtype.
   s.floats.push_back({"extra.weight", torch::randn({2}), false, false});
   for (size_t i = 0; i < s.floats.size(); ++i) {
-    if (s.floats[i].name == "fc.bias") s.floats.erase(s.floats.begin() + static_cast<std::ptrdiff_t>(i));
+    if (s.floats[i].name == "fc.bias")
+      s.floats.erase(s.floats.begin() + static_cast<std::ptrdiff_t>(i));
   }
   for (auto& f : s.floats) {
     if (f.name == "conv.bias") f.value = torch::randn({9});
@@ -639,7 +648,8 @@ TEST(Checkpoint, TiedNamesLoadTheirTargetAndLogitsAreIgnored) {
   auto dst = make();
   diffq::load_quantized(dst, encode(s));
   const auto& q = s.quantized[0];
-  const auto w = diffq::dequantize_levels(q.levels, q.bits, 8, q.min, q.max, at::kFloat).view({8, 8});
+  const auto w =
+      diffq::dequantize_levels(q.levels, q.bits, 8, q.min, q.max, at::kFloat).view({8, 8});
   auto d = dst->named_parameters();
   EXPECT_TRUE(torch::equal(d["a.weight"], w));
   EXPECT_TRUE(torch::equal(d["b.weight"], w));
@@ -669,7 +679,8 @@ TEST(Checkpoint, LoadLeavesTheModelUntouchedOnFailure) {
   const auto w0 = dst->weight.clone(), b0 = dst->bias.clone();
   EXPECT_ERROR_HAS(diffq::load_quantized(dst, bytes),
                    "diffq::load_quantized: <bytes>: record 0 ('weight') at byte " +
-                       std::to_string(chunk) + ": chunk of 4096 8-bit levels in elements [0, 4096): " +
+                       std::to_string(chunk) +
+                       ": chunk of 4096 8-bit levels in elements [0, 4096): " +
                        "Huffman quad stream too short for its symbols");
   EXPECT_TRUE(torch::equal(dst->weight, w0));
   EXPECT_TRUE(torch::equal(dst->bias, b0));
@@ -711,7 +722,8 @@ TEST(Checkpoint, TruncationAtEveryOffsetThrows) {
   for (size_t n = 0; n < bytes.size(); ++n) {
     const Bytes cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
     const std::string what = error_of([&] { diffq::load_quantized(m, cut); });
-    ASSERT_NE(what.find("diffq::load_quantized: <bytes>: "), std::string::npos) << n << ": " << what;
+    ASSERT_NE(what.find("diffq::load_quantized: <bytes>: "), std::string::npos)
+        << n << ": " << what;
     ASSERT_NE(what.find(" at byte "), std::string::npos) << n << ": " << what;
     const std::string info = error_of([&] { diffq::read_checkpoint_info(cut); });
     ASSERT_NE(info.find("diffq::read_checkpoint_info: <bytes>: "), std::string::npos) << info;
@@ -755,7 +767,7 @@ TEST(Checkpoint, EveryByteCorruptionBehindTheCrcsIsHandled) {
   for (size_t i = 0; i < bytes.size(); ++i) {
     for (int variant = 0; variant < 4; ++variant) {
       Bytes bad = bytes;
-      bad[i] = variant == 0 ? static_cast<uint8_t>(bad[i] ^ 0xFF)
+      bad[i] = variant == 0   ? static_cast<uint8_t>(bad[i] ^ 0xFF)
                : variant == 1 ? uint8_t{0}
                : variant == 2 ? static_cast<uint8_t>(bad[i] ^ 1)
                               : static_cast<uint8_t>(rng());
@@ -788,13 +800,15 @@ TEST(Checkpoint, RejectsBadMagicVersionFlagsCountsAndCrcs) {
   };
   Bytes b = good;
   b[0] = 'X';
-  EXPECT_NE(info_error(b).find("header at byte 0: not a diffq checkpoint (bad magic"), std::string::npos);
+  EXPECT_NE(info_error(b).find("header at byte 0: not a diffq checkpoint (bad magic"),
+            std::string::npos);
   b = good;
   wr(b, 8, 2, 4);
   fix_crcs(b);
-  EXPECT_NE(info_error(b).find("header at byte 8: unsupported format version 2 (this reader supports "
-                               "version 1)"),
-            std::string::npos)
+  EXPECT_NE(
+      info_error(b).find("header at byte 8: unsupported format version 2 (this reader supports "
+                         "version 1)"),
+      std::string::npos)
       << info_error(b);
   b = good;
   wr(b, 28, 6, 4);
@@ -827,9 +841,9 @@ TEST(Checkpoint, RejectsBadMagicVersionFlagsCountsAndCrcs) {
   b = good;
   b[rec[2] + 20] ^= 1;
   const size_t crc_at = rec[2] + static_cast<size_t>(rd(good, rec[2], 8)) - 4;
-  EXPECT_NE(info_error(b).find("record 2 at byte " + std::to_string(crc_at) +
-                               ": record CRC mismatch"),
-            std::string::npos)
+  EXPECT_NE(
+      info_error(b).find("record 2 at byte " + std::to_string(crc_at) + ": record CRC mismatch"),
+      std::string::npos)
       << info_error(b);
   b = good;
   wr(b, rec[0], 1u << 30, 8);
@@ -849,9 +863,9 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
   const size_t r0 = rec[0];  // quantized 'a.weight' [64, 16], group size 8, 4 bits
   Bytes b = good;
   b[r0 + 8] = 9;  // kind
-  EXPECT_NE(info_error(b).find("record 0 at byte " + std::to_string(r0 + 8) +
-                               ": unknown record kind 9"),
-            std::string::npos)
+  EXPECT_NE(
+      info_error(b).find("record 0 at byte " + std::to_string(r0 + 8) + ": unknown record kind 9"),
+      std::string::npos)
       << info_error(b);
   b = good;
   b[r0 + 9] = 5;  // dtype int64 for a quantized tensor
@@ -925,8 +939,8 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
   EXPECT_NE(info_error(b).find("truncated chunk payload"), std::string::npos) << info_error(b);
   // Levels beyond 2^b - 1 in a Huffman chunk are refused at decoding.
   diffq::QuantizedState s;
-  s.quantized.push_back(qt("w", {64}, 8, torch::full({8}, 7, at::kByte),
-                           torch::arange(64).remainder(100)));
+  s.quantized.push_back(
+      qt("w", {64}, 8, torch::full({8}, 7, at::kByte), torch::arange(64).remainder(100)));
   Bytes z = encode(s);
   {
     // Re-code the levels as 8-bit values with one level of 200 > 127: rebuild the chunk payload
@@ -952,6 +966,221 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
   EXPECT_ERROR_HAS(diffq::read_quantized_state(z), "level 200 exceeds 127");
 }
 
+TEST(Checkpoint, RejectsFloatAliasHeaderAndLayoutInconsistencies) {
+  const Bytes good = encode(small_state());
+  const auto rec = record_offsets(good);
+  ASSERT_EQ(rec.size(), 7u);
+  auto fixed_error = [](Bytes b) {
+    fix_crcs(b);
+    return error_of([&] { diffq::read_quantized_state(b); });
+  };
+  auto raw_error = [](const Bytes& b) { return error_of([&] { diffq::read_quantized_state(b); }); };
+#define EXPECT_HAS(what, sub) \
+  EXPECT_NE((what).find(sub), std::string::npos) << "expected '" << (sub) << "' in: " << (what)
+  // Record 2: float 'a.bias' [5], float32, raw; FloatFixed at +30.
+  const size_t r2 = rec[2], f2 = r2 + 8 + 8 + 6 + 8;
+  Bytes b = good;
+  b[f2] = 3;
+  EXPECT_HAS(fixed_error(b),
+             "record 2 ('a.bias') at byte " + std::to_string(f2) + ": unknown float encoding 3");
+  b = good;
+  b[f2 + 1] = 1;
+  EXPECT_HAS(fixed_error(b), "reserved bytes are not zero");
+  b = good;
+  wr(b, f2 + 8, 16, 8);
+  EXPECT_HAS(fixed_error(b), "5 elements of float32 take 20 bytes, got 16");
+  b = good;
+  b[r2 + 9] = 77;
+  EXPECT_HAS(fixed_error(b), "unknown dtype 77");
+  // Record 3: 'b.bias' [40] float32 stored as deflated float16.
+  const size_t f3 = rec[3] + 8 + 8 + 6 + 8;
+  ASSERT_EQ(good[f3], 1);
+  b = good;
+  wr(b, f3 + 8, 0, 8);
+  EXPECT_HAS(fixed_error(b), "compressed payload of 0 bytes cannot hold 80 bytes");
+  // Record 4: int64 buffer.
+  b = good;
+  b[rec[4] + 10] = 3;
+  EXPECT_HAS(fixed_error(b), "a int64 tensor cannot be stored as float16");
+  // Quantized and alias records carry no stored dtype / no dtype.
+  b = good;
+  b[rec[0] + 10] = 1;
+  EXPECT_HAS(fixed_error(b), "stored dtype must be 0");
+  b = good;
+  b[rec[6] + 9] = 1;
+  EXPECT_HAS(fixed_error(b), "alias records have no dtype and no shape");
+  // Names: a duplicate, an alias to nothing.
+  b = good;
+  b[rec[1] + 16] = 'a';  // 'b.weight' -> 'a.weight'
+  EXPECT_HAS(fixed_error(b), "record 1 ('a.weight') at byte " + std::to_string(rec[1]) +
+                                 ": duplicate tensor name 'a.weight'");
+  b = good;
+  b[rec[6] + 8 + 8 + 8 + 2] = 'x';  // target 'a.weight' -> 'x.weight'
+  EXPECT_HAS(fixed_error(b), "record 6 ('c.weight') at byte " + std::to_string(rec[6]) +
+                                 ": tied name refers to 'x.weight', which is not a stored tensor");
+  // Header fields.
+  b = good;
+  wr(b, 32, 100, 4);
+  EXPECT_HAS(fixed_error(b),
+             "header at byte 32: segment size 100 is not a power of two in [64, "
+             "16777216]");
+  b = good;
+  wr(b, 12, 10, 4);
+  EXPECT_HAS(raw_error(b), "header at byte 12: header size 10 outside [60, 1048576]");
+  b = good;
+  wr(b, 12, 1 << 20, 4);
+  EXPECT_HAS(raw_error(b), "truncated header: declares 1048576 bytes, the file has " +
+                               std::to_string(good.size()));
+  const Bytes with_options = encode(small_state(), diffq::DiffQOptions());
+  b = with_options;
+  b[56 + 48] = 2;  // float16 flag
+  EXPECT_HAS(fixed_error(b), "invalid option flags");
+  b = with_options;
+  {
+    const size_t hb = static_cast<size_t>(rd(b, 12, 4));
+    b.insert(b.begin() + static_cast<std::ptrdiff_t>(hb - 4), 0);
+    wr(b, 12, hb + 1, 4);
+    wr(b, 16, b.size(), 8);
+  }
+  EXPECT_HAS(fixed_error(b), "1 unexpected bytes at the end of the header");
+  b = good;
+  {
+    const size_t rb = static_cast<size_t>(rd(b, r2, 8));
+    b.insert(b.begin() + static_cast<std::ptrdiff_t>(r2 + rb - 4), 0);
+    wr(b, r2, rb + 1, 8);
+    wr(b, 16, b.size(), 8);
+  }
+  EXPECT_HAS(fixed_error(b), "1 unexpected bytes at the end of the record");
+  // A bool buffer holding 2.
+  diffq::QuantizedState sb;
+  sb.floats.push_back({"m", torch::tensor({true, false, true}), false, true});
+  Bytes bb = encode(sb);
+  const size_t payload = record_offsets(bb)[0] + 8 + 8 + 1 + 8 + 16;
+  ASSERT_EQ(bb[payload + 1], 0);
+  bb[payload + 1] = 2;
+  EXPECT_HAS(fixed_error(bb), "bool element 1 has value 2 (must be 0 or 1)");
+  // An odd number of groups: the padding nibble must be zero.
+  diffq::QuantizedState sp;
+  sp.quantized.push_back(qt("w", {24}, 8, torch::full({3}, 2), torch::zeros({24})));
+  Bytes bp = encode(sp);
+  const size_t nib = record_offsets(bp)[0] + 8 + 8 + 1 + 8 + 32;
+  ASSERT_EQ(bp[nib + 1], 0x02);
+  bp[nib + 1] = 0x12;
+  EXPECT_HAS(fixed_error(bp), "padding nibble of the bit widths is not zero");
+  // zlib-planes: the quad size must add up with the low bits to the payload.
+  torch::manual_seed(14);
+  diffq::QuantizedState sz;
+  auto b12 = torch::full({1}, 12, at::kByte);
+  sz.quantized.push_back(qt("p", {16384}, 0, b12, random_levels(b12, 16384, 0, true)));
+  Bytes bz = encode(sz);
+  const size_t chunk = record_offsets(bz)[0] + 8 + 8 + 1 + 8 + 32 + 1;
+  ASSERT_EQ(bz[chunk], 2);
+  const uint64_t quad = rd(bz, chunk + 8, 4);
+  wr(bz, chunk + 8, quad + 1, 4);
+  EXPECT_HAS(fixed_error(bz), "high-byte plane of " + std::to_string(quad + 1) +
+                                  " bytes does not add up to the " +
+                                  std::to_string(rd(bz, chunk + 4, 4)) + "-byte payload");
+  // Writer and stream errors.
+  diffq::detail::WriterInput in;
+  in.segment_elems = 100;
+  EXPECT_HAS(
+      error_of([&] { diffq::detail::encode_checkpoint(in, diffq::detail::serial_for(), "w"); }),
+      "w: segment_elems must be a power of two in [64, 16777216], got 100");
+  std::ostringstream bad_out;
+  bad_out.setstate(std::ios::badbit);
+  EXPECT_HAS(error_of([&] { diffq::save_quantized_state(small_state(), bad_out); }),
+             "diffq::save_quantized: <stream>: writing failed");
+  std::istringstream bad_in("x");
+  bad_in.setstate(std::ios::badbit);
+  EXPECT_HAS(error_of([&] { diffq::read_checkpoint_info(bad_in); }),
+             "diffq::read_checkpoint_info: <stream>: the stream is not readable");
+#undef EXPECT_HAS
+}
+
+TEST(Checkpoint, RejectsNamesDimsAndTrailingRecordsBehindValidCrcs) {
+  const Bytes good = encode(small_state());
+  const auto rec = record_offsets(good);
+  auto fixed_error = [](Bytes b) {
+    fix_crcs(b);
+    return error_of([&] { diffq::read_quantized_state(b); });
+  };
+#define EXPECT_HAS(what, sub) \
+  EXPECT_NE((what).find(sub), std::string::npos) << "expected '" << (sub) << "' in: " << (what)
+  Bytes b = good;
+  wr(b, rec[2] + 12, 0, 2);  // name_bytes
+  EXPECT_HAS(fixed_error(b),
+             "record 2 at byte " + std::to_string(rec[2] + 12) + ": empty tensor name");
+  b = good;
+  b[rec[2] + 17] = 0;  // a NUL inside 'a.bias'
+  EXPECT_HAS(fixed_error(b), "name contains a NUL byte");
+  b = good;
+  b[rec[2] + 11] = 33;  // ndim
+  EXPECT_HAS(fixed_error(b), "33 dims, at most 32");
+  b = good;
+  b[rec[2] + 10] = 99;
+  EXPECT_HAS(fixed_error(b), "unknown stored dtype 99");
+  b = good;
+  wr(b, rec[6] + 24, 0, 2);  // alias target_bytes
+  EXPECT_HAS(fixed_error(b), "empty alias target");
+  b = good;
+  b[rec[6] + 27] = 0;
+  EXPECT_HAS(fixed_error(b), "alias target contains a NUL byte");
+  b = good;
+  wr(b, rec[0] + 24, 400, 8);  // 'a.weight' [400, 16]: more levels than its record can hold
+  EXPECT_HAS(fixed_error(b), "6400 levels cannot fit in a record of " +
+                                 std::to_string(rd(good, rec[0], 8)) + " bytes");
+  // 'b.weight': 18 levels, groups of 5 with widths 3 9 1 15: bit-packed chunks of widths 1
+  // (1 byte), 3 (2 bytes), 9 (6 bytes), 15 (6 bytes).
+  const size_t c0 = rec[1] + 8 + 8 + 8 + 24 + 32 + 2;
+  ASSERT_EQ(good[c0 + 9 + 10], 0);
+  ASSERT_EQ(rd(good, c0 + 9 + 10 + 4, 4), 6u);
+  b = good;
+  b[c0 + 19] = 1;
+  EXPECT_HAS(fixed_error(b),
+             "chunk of 5 9-bit levels in elements [0, 18): zlib-bytes encoding "
+             "needs bits <= 8");
+  b = good;
+  b[rec[1] + 8 + 8 + 8 + 24 + 24] = 1;  // the raw nibbles read as a deflate stream
+  EXPECT_HAS(fixed_error(b), "record 1 ('b.weight') at byte " +
+                                 std::to_string(rec[1] + 8 + 8 + 8 + 24 + 32) + ": bit widths: ");
+  // 'b.bias': deflated float16 payload made invalid (block type 3).
+  const size_t f3 = rec[3] + 8 + 8 + 6 + 8;
+  b = good;
+  b[f3 + 16] = 0xFF;
+  EXPECT_HAS(fixed_error(b), "record 3 ('b.bias') at byte " + std::to_string(f3 + 16) +
+                                 ": float payload: corrupt deflate stream");
+  // One record fewer declared than present.
+  b = good;
+  wr(b, 24, 6, 4);
+  wr(b, 48, 0, 4);  // no alias
+  EXPECT_HAS(fixed_error(b), "header at byte " + std::to_string(rec[6]) +
+                                 ": unexpected bytes after the last record");
+  // Writer: names, dims, options.
+  auto save_error = [](const diffq::QuantizedState& s,
+                       const c10::optional<diffq::DiffQOptions>& o = c10::nullopt) {
+    return error_of([&] { encode(s, o); });
+  };
+  diffq::QuantizedState s;
+  s.floats.push_back({std::string("a\0b", 3), torch::zeros({1}), false, false});
+  EXPECT_HAS(save_error(s), "diffq::save_quantized: tensor name contains a NUL byte at position 1");
+  s.floats[0] = {"x", torch::zeros(std::vector<int64_t>(33, 1)), false, false};
+  EXPECT_HAS(save_error(s), "tensor 'x' has 33 dims, at most 32 supported");
+  s.floats.clear();
+  s.quantized.push_back(qt("q", {-1}, 0, torch::zeros({0}), torch::zeros({0})));
+  EXPECT_HAS(save_error(s), "tensor 'q' has a negative dim -1");
+  s.quantized.clear();
+  EXPECT_HAS(save_error(s, diffq::DiffQOptions().suffix(std::string(70000, 's'))),
+             "options suffix or exclude list too long");
+  EXPECT_HAS(save_error(s, diffq::DiffQOptions().exclude({std::string(70000, 'e')})),
+             "exclude pattern too long");
+  EXPECT_HAS(save_error(s, diffq::DiffQOptions().exclude(
+                               std::vector<std::string>(20, std::string(60000, 'e')))),
+             "options too large for the header");
+  EXPECT_HAS(error_of([&] { diffq::load_quantized(std::shared_ptr<NetImpl>(), good); }),
+             "diffq::load_quantized: null model");
+#undef EXPECT_HAS
+}
+
 TEST(Checkpoint, WriterRejectsInvalidStates) {
   auto bits = torch::full({2}, 4, at::kByte);
   auto lv = torch::arange(16).remainder(16);
@@ -960,12 +1189,11 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
     s.quantized.push_back(qt("w", {16}, 8, bits, lv));
     return s;
   };
-  auto save_error = [](const diffq::QuantizedState& s) {
-    return error_of([&] { encode(s); });
-  };
+  auto save_error = [](const diffq::QuantizedState& s) { return error_of([&] { encode(s); }); };
   auto s = base();
   s.floats.push_back({"w", torch::zeros({1}), false, false});
-  EXPECT_NE(save_error(s).find("diffq::save_quantized: duplicate tensor name 'w'"), std::string::npos);
+  EXPECT_NE(save_error(s).find("diffq::save_quantized: duplicate tensor name 'w'"),
+            std::string::npos);
   s = base();
   s.quantized[0].bits[1] = 0;
   EXPECT_NE(save_error(s).find("tensor 'w': bit width of group 1 must be in [1, 15], got 0"),
@@ -1035,6 +1263,7 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   ASSERT_EQ(before.size(), n);
   // Encoding fails: nothing written.
   auto bad = s;
+  bad.quantized[0].bits = bad.quantized[0].bits.clone();  // the copy shares its tensors
   bad.quantized[0].bits[0] = 0;
   EXPECT_ERROR_HAS(diffq::save_quantized_state(bad, path), "diffq::save_quantized");
   // The rename fails (the target is a non-empty directory): the temporary file is removed.
@@ -1057,7 +1286,8 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   fs::remove_all(dir);
 }
 
-// ---- With the quantizer --------------------------------------------------------------------------
+// ---- With the quantizer
+// --------------------------------------------------------------------------
 
 TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   torch::manual_seed(13);

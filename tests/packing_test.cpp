@@ -164,16 +164,17 @@ TEST(Packing, DeflateHuffmanIsReadByZlib) {
   std::vector<Bytes> inputs = {
       {},
       {42},
-      Bytes(1000, 7),                              // one symbol: 1 bit each
-      gaussian_bytes(5000, 128, 24, 8, 1),         // 8-bit levels
-      gaussian_bytes(100000, 8, 2.5, 4, 2),        // 4-bit levels
+      Bytes(1000, 7),                        // one symbol: 1 bit each
+      gaussian_bytes(5000, 128, 24, 8, 1),   // 8-bit levels
+      gaussian_bytes(100000, 8, 2.5, 4, 2),  // 4-bit levels
   };
   Bytes all(256 * 50);
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint8_t>(i * 97 % 256);
   inputs.push_back(all);
   // Very skewed: forces length limiting at 15 bits.
   Bytes skew;
-  for (int s = 0; s < 20; ++s) skew.insert(skew.end(), size_t{1} << std::min(s, 18), static_cast<uint8_t>(s));
+  for (int s = 0; s < 20; ++s)
+    skew.insert(skew.end(), size_t{1} << std::min(s, 18), static_cast<uint8_t>(s));
   inputs.push_back(skew);
   for (const Bytes& in : inputs) {
     const Bytes z = diffq::deflate_huffman(in.data(), in.size());
@@ -254,8 +255,9 @@ TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
             "deflate stream holds less data than declared");
   Bytes trailing = h;
   trailing.push_back(0);
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(trailing.data(), trailing.size(), out.data(), 3000)),
-            "bytes left over after the end of the deflate stream");
+  EXPECT_EQ(
+      std::string(diffq::inflate_raw_exact(trailing.data(), trailing.size(), out.data(), 3000)),
+      "bytes left over after the end of the deflate stream");
   Bytes cut(h.begin(), h.begin() + static_cast<std::ptrdiff_t>(h.size() / 2));
   EXPECT_EQ(std::string(diffq::inflate_raw_exact(cut.data(), cut.size(), out.data(), 3000)),
             "deflate stream ends before the declared size");

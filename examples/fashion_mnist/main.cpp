@@ -1,8 +1,11 @@
-// Fashion-MNIST with DiffQ: trains a small CNN in fp32 and with DiffQ for each penalty λ, writes
-// the checkpoints, reloads each one in a new process into a model without quantizer, checks that
-// the test accuracy is the same, and writes a markdown report and an SVG figure.
+// Fashion-MNIST with DiffQ: trains a small CNN in fp32 and with DiffQ for each penalty λ, and the
+// baselines (uniform post-training quantization of the fp32 model, QAT with the straight-through
+// estimator, LSQ), writes the checkpoints, reloads each one in a new process into a model without
+// quantizer, checks that the test accuracy is the same, and writes a markdown report and an SVG
+// figure.
 //
-//   fashion_mnist train [--penalty 1,5] [--epochs 3] [--out DIR] ...   (see `fashion_mnist help`)
+//   fashion_mnist train [--method fp32,diffq,uniform] [--penalty 1,5] [--epochs 3] [--out DIR] ...
+//   (see `fashion_mnist help`)
 //   fashion_mnist eval --checkpoint FILE [--format auto|fp32|diffq]
 //
 // Data: Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or --data DIR.
@@ -57,6 +60,14 @@ struct Config {
   uint64_t seed = 42;
   int threads = 2;
   bool fp32 = true;
+  // Methods (--method): fp32, diffq, uniform (PTQ of the fp32 model), qat, lsq.
+  bool diffq = true;
+  bool uniform = true;
+  bool qat = false;
+  bool lsq = false;
+  std::vector<int64_t> uniform_bits = {8, 4};
+  int64_t qat_bits = 4;
+  int64_t lsq_bits = 4;
   // DiffQ.
   std::vector<double> penalties = {1.0};
   int64_t group_size = 16;
@@ -84,8 +95,15 @@ const char* kUsage = R"(usage:
   fashion_mnist help
 
 train options (defaults in brackets):
+  --method M1,M2,...    among fp32, diffq, uniform, qat, lsq [fp32,diffq,uniform]
+                        uniform: post-training quantization of the trained fp32 model (no
+                        training; trains fp32 first); qat: uniform QAT with the straight-through
+                        estimator; lsq: Learned Step Size Quantization (qat and lsq train for
+                        --epochs like fp32, so they are not in the default list)
+  --uniform-bits B1,... bit widths of the uniform PTQ runs [8,4]
+  --qat-bits B [4]      --lsq-bits B [4]
   --penalty L1,L2,...   DiffQ model-size penalties λ, one run each [1]
-  --no-fp32             skip the fp32 baseline run
+  --no-fp32             skip the fp32 baseline run (same as leaving fp32 out of --method)
   --epochs N            [3]          --lr X            Adam learning rate [1e-3]
   --batch-size N        [128]        --seed N          [42]
   --threads N           intra-op threads [2]
@@ -201,6 +219,50 @@ Config parse_args(int argc, char** argv) {
       train_only();
       if (has_value) throw UsageError(flag + " takes no value");
       c.fp32 = false;
+    } else if (flag == "--method") {
+      train_only();
+      const std::string v = next();
+      c.fp32 = c.diffq = c.uniform = c.qat = c.lsq = false;
+      std::stringstream ss(v);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        if (item == "fp32") {
+          c.fp32 = true;
+        } else if (item == "diffq") {
+          c.diffq = true;
+        } else if (item == "uniform") {
+          c.uniform = true;
+        } else if (item == "qat") {
+          c.qat = true;
+        } else if (item == "lsq") {
+          c.lsq = true;
+        } else {
+          throw UsageError(
+              "--method expects a comma-separated list of fp32, diffq, uniform, qat, "
+              "lsq, got '" +
+              item + "'");
+        }
+      }
+      if (v.empty() || v.back() == ',') {
+        throw UsageError("--method expects a comma-separated list of methods, got '" + v + "'");
+      }
+    } else if (flag == "--uniform-bits") {
+      train_only();
+      const std::string v = next();
+      c.uniform_bits.clear();
+      std::stringstream ss(v);
+      std::string item;
+      while (std::getline(ss, item, ',')) c.uniform_bits.push_back(parse_int(flag, item, 1));
+      if (v.empty() || v.back() == ',') {
+        throw UsageError("--uniform-bits expects a comma-separated list of integers, got '" + v +
+                         "'");
+      }
+    } else if (flag == "--qat-bits") {
+      train_only();
+      c.qat_bits = parse_int(flag, next(), 1);
+    } else if (flag == "--lsq-bits") {
+      train_only();
+      c.lsq_bits = parse_int(flag, next(), 2);
     } else if (flag == "--penalty") {
       train_only();
       const std::string v = next();
@@ -265,6 +327,14 @@ diffq::DiffQOptions diffq_options(const Config& c) {
                .noise(c.noise == "uniform" ? diffq::Noise::kUniform : diffq::Noise::kGaussian)
                .param(c.param == "noise" ? diffq::Param::kNoise : diffq::Param::kBits);
   return o;
+}
+
+diffq::UniformOptions uniform_options(const Config& c, int64_t bits, bool qat) {
+  return diffq::UniformOptions().bits(bits).min_size_mb(c.min_size_mb).qat(qat);
+}
+
+diffq::LSQOptions lsq_options(const Config& c) {
+  return diffq::LSQOptions().bits(c.lsq_bits).min_size_mb(c.min_size_mb);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -547,7 +617,7 @@ void finish_run(const Config& c, RunResult& r, const std::string& format) {
       static_cast<long long>(r.total), static_cast<long long>(r.reload_correct),
       static_cast<long long>(r.reload_total), r.reload_equal() ? "equal" : "DIFFERENT",
       with_commas(r.file_bytes).c_str(), r.checkpoint.c_str(), r.train_seconds);
-  if (r.diffq) {
+  if (r.diffq || r.quantized) {
     std::printf(
         "%-12s mean bits per quantized weight %.2f (learnt %.2f), bit-packed model size "
         "%.4f MB\n",
@@ -556,9 +626,10 @@ void finish_run(const Config& c, RunResult& r, const std::string& format) {
   std::fflush(stdout);
 }
 
-RunResult run_fp32(const Config& c, const Data& train_data, const Data& test) {
+/// Trains the fp32 model (`model`, a fresh `Net`, is the trained model afterwards).
+RunResult run_fp32(const Config& c, Net& model, const Data& train_data, const Data& test) {
   torch::manual_seed(c.seed);
-  Net model;
+  model = Net();
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
   Method m;
   m.name = "fp32";
@@ -618,8 +689,82 @@ RunResult run_diffq(const Config& c, double lambda, const Data& train_data, cons
   return r;
 }
 
+/// The result fields shared by the quantizer runs (any quantizer of diffq), after training: test
+/// accuracy through the quantizer in eval mode, bits, size, and the checkpoint written with
+/// `diffq::save_quantized` under `name`.
+template <class Quantizer>
+void finish_quantized(const Config& c, Quantizer& q, Net& model, const std::string& name,
+                      const Data& test, RunResult& r) {
+  model->eval();
+  const Accuracy a = evaluate([&](const torch::Tensor& x) { return q.forward(x); }, test);
+  r.correct = a.correct;
+  r.total = a.total;
+  r.mean_bits = q.mean_bits(/*rounded=*/true);
+  r.learnt_bits = q.mean_bits();
+  r.model_size_mb = q.true_model_size();
+  r.bits_per_layer = q.mean_bits_per_param(/*rounded=*/true);
+  r.checkpoint = c.out + "/fashion_mnist_" + name + ".dq";
+  const size_t bytes = diffq::save_quantized(q, r.checkpoint);
+  r.file_bytes = file_size(r.checkpoint);
+  TORCH_CHECK(bytes == r.file_bytes, "fashion_mnist: save_quantized reported ", bytes,
+              " bytes but '", r.checkpoint, "' has ", r.file_bytes);
+  finish_run(c, r, "diffq");
+}
+
+/// Uniform post-training quantization of the trained fp32 `model` (no training); the model is
+/// left unchanged.
+RunResult run_uniform_ptq(const Config& c, Net& model, int64_t bits, const Data& test) {
+  diffq::UniformQuantizer<Net> q(model, uniform_options(c, bits, /*qat=*/false));
+  RunResult r;
+  r.quantized = true;
+  r.method = "uniform PTQ " + std::to_string(bits) + "-bit";
+  finish_quantized(c, q, model, "uniform" + std::to_string(bits), test, r);
+  q.detach();
+  return r;
+}
+
+/// QAT with the straight-through estimator: uniform quantization with `c.qat_bits`, trained with
+/// the fp32 recipe.
+RunResult run_qat(const Config& c, const Data& train_data, const Data& test) {
+  torch::manual_seed(c.seed);
+  Net model;
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
+  diffq::UniformQuantizer<Net> q(model, uniform_options(c, c.qat_bits, /*qat=*/true));
+  RunResult r;
+  r.quantized = true;
+  r.method = "QAT " + std::to_string(c.qat_bits) + "-bit";
+  Method m;
+  m.name = "QAT " + std::to_string(c.qat_bits) + "-bit";
+  m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
+  r.train_seconds = train(c, *model, optimizer, m, train_data);
+  finish_quantized(c, q, model, "qat" + std::to_string(c.qat_bits), test, r);
+  return r;
+}
+
+/// LSQ with `c.lsq_bits`, trained with the fp32 recipe; the step sizes share the weights' lr.
+RunResult run_lsq(const Config& c, const Data& train_data, const Data& test) {
+  torch::manual_seed(c.seed);
+  Net model;
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
+  diffq::LSQQuantizer<Net> q(model, lsq_options(c));
+  q.setup_optimizer(optimizer, c.lr);
+  RunResult r;
+  r.quantized = true;
+  r.method = "LSQ " + std::to_string(c.lsq_bits) + "-bit";
+  Method m;
+  m.name = "LSQ " + std::to_string(c.lsq_bits) + "-bit";
+  m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
+  r.train_seconds = train(c, *model, optimizer, m, train_data);
+  finish_quantized(c, q, model, "lsq" + std::to_string(c.lsq_bits), test, r);
+  return r;
+}
+
 int run_train(const Config& c) {
   diffq::check_options(diffq_options(c), "fashion_mnist");
+  for (int64_t b : c.uniform_bits)
+    diffq::check_options(uniform_options(c, b, false), "fashion_mnist");
+  diffq::check_options(uniform_options(c, c.qat_bits, true), "fashion_mnist");
+  diffq::check_options(lsq_options(c), "fashion_mnist");
   torch::set_num_threads(c.threads);
   std::filesystem::create_directories(c.out);
   const auto t0 = std::chrono::steady_clock::now();
@@ -632,8 +777,17 @@ int run_train(const Config& c) {
 
   warm_up(c, train_data);
   std::vector<RunResult> runs;
-  if (c.fp32) runs.push_back(run_fp32(c, train_data, test));
-  for (double lambda : c.penalties) runs.push_back(run_diffq(c, lambda, train_data, test));
+  // Uniform PTQ quantizes the trained fp32 model, so it trains (and reports) fp32 too.
+  Net fp32_model{nullptr};
+  if (c.fp32 || c.uniform) runs.push_back(run_fp32(c, fp32_model, train_data, test));
+  if (c.diffq) {
+    for (double lambda : c.penalties) runs.push_back(run_diffq(c, lambda, train_data, test));
+  }
+  if (c.uniform) {
+    for (int64_t b : c.uniform_bits) runs.push_back(run_uniform_ptq(c, fp32_model, b, test));
+  }
+  if (c.qat) runs.push_back(run_qat(c, train_data, test));
+  if (c.lsq) runs.push_back(run_lsq(c, train_data, test));
 
   const std::vector<ParamInfo> params = param_infos(*Net());
   int64_t numel = 0;
@@ -651,10 +805,16 @@ int run_train(const Config& c) {
           ", " + fmt("%g", c.max_bits) + "] from " + fmt("%g", c.init_bits) + ", " + c.noise +
           " noise, logits parametrise " + c.param + ", bit logits' lr " + fmt("%g", c.bits_lr) +
           ", tensors ≤ " + fmt("%g", c.min_size_mb) + " MB kept fp32",
-      "file sizes: fp32 = `torch::save` of the model; DiffQ = `diffq::save_quantized` "
-      "(compressed). MB = 2^20 bytes",
+      "baselines: uniform PTQ = `diffq::UniformQuantizer` (fixed bits, per-tensor min/max) on the "
+      "trained fp32 model, no training; QAT = the same quantizer with the straight-through "
+      "estimator, trained like fp32; LSQ = `diffq::LSQQuantizer` (learnt step size per tensor), "
+      "trained like fp32; tensors ≤ " +
+          fmt("%g", c.min_size_mb) + " MB kept fp32",
+      "file sizes: fp32 = `torch::save` of the model; quantized models = "
+      "`diffq::save_quantized` (compressed). MB = 2^20 bytes",
   };
-  const bool figure = std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.diffq; });
+  const bool figure =
+      std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.diffq || r.quantized; });
   const std::string md = markdown_report(runs, params, setup, figure ? "fashion_mnist.svg" : "");
   {
     std::ofstream f(c.out + "/report.md");

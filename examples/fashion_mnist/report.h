@@ -26,6 +26,9 @@ struct ParamInfo {
 struct RunResult {
   std::string method;  ///< "fp32" or "DiffQ λ=1"
   bool diffq = false;
+  /// A baseline quantizer run (uniform PTQ, QAT, LSQ): reported with its bits like DiffQ, but not
+  /// on the DiffQ trade-off curve of the figure.
+  bool quantized = false;
   double lambda = 0;
   int64_t correct = 0;  ///< test images right, evaluated in the training process
   int64_t total = 0;
@@ -89,7 +92,7 @@ inline std::string markdown_report(const std::vector<RunResult>& runs,
 
   const RunResult* fp32 = nullptr;
   for (const auto& r : runs) {
-    if (!r.diffq) fp32 = &r;
+    if (!r.diffq && !r.quantized) fp32 = &r;
   }
   md << "| method | test accuracy | file size | compression vs fp32 file | mean bits per weight | "
         "train time |\n";
@@ -98,9 +101,9 @@ inline std::string markdown_report(const std::vector<RunResult>& runs,
     md << "| " << r.method << " | " << fmt("%.2f %%", r.accuracy()) << " | "
        << with_commas(r.file_bytes) << " B (" << fmt("%.3f", r.file_bytes / kMB) << " MB) | "
        << (fp32 && r.file_bytes > 0 ? fmt("%.2f×", double(fp32->file_bytes) / r.file_bytes) : "–")
-       << " | " << fmt(r.diffq ? "%.2f" : "%.0f", r.mean_bits) << " | "
+       << " | " << fmt(r.diffq || r.quantized ? "%.2f" : "%.0f", r.mean_bits) << " | "
        << fmt("%.1f s", r.train_seconds);
-    if (fp32 && r.diffq && fp32->train_seconds > 0) {
+    if (fp32 && (r.diffq || r.quantized) && fp32->train_seconds > 0 && r.train_seconds > 0) {
       md << fmt(" (%.2f× fp32)", r.train_seconds / fp32->train_seconds);
     }
     md << " |\n";
@@ -137,7 +140,7 @@ inline std::string markdown_report(const std::vector<RunResult>& runs,
 
   std::vector<const RunResult*> dq;
   for (const auto& r : runs) {
-    if (r.diffq) dq.push_back(&r);
+    if (r.diffq || r.quantized) dq.push_back(&r);
   }
   if (!dq.empty()) {
     md << "### Bits per layer\n\n";
@@ -400,7 +403,7 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
   for (const auto& r : runs) {
     const double x = X(std::max(r.file_bytes / kMB, 1e-6)), y = Y(r.accuracy());
     const std::string label = r.method + fmt(" (%.2f%%)", r.accuracy());
-    if (r.diffq) {
+    if (r.diffq || r.quantized) {
       s << "<circle cx=\"" << num(x) << "\" cy=\"" << num(y) << "\" r=\"5\" fill=\"" << palette(k++)
         << "\" stroke=\"white\" stroke-width=\"1\"/>\n";
     } else {

@@ -5,16 +5,17 @@
 ///
 /// Format summary (full specification: `docs/checkpoint_format.md`). Everything little-endian.
 /// - File header: magic `"DIFFQCKP"`, format version (readers refuse any other than 1), header
-///   size, total file size, record counts by kind, level chunk size, optionally the
+///   size, total file size, record counts by kind, segment size, optionally the
 ///   `DiffQOptions`, and a CRC-32 of the header.
 /// - One record per tensor, each framed by its size and closed by its own CRC-32: name, dtype,
 ///   shape, then
 ///   - quantized tensors: group size, min, max (float64), the per-group bit widths (4 bits each,
-///     deflated when smaller) and the integer levels: the groups are bucketed by width, and each
-///     width's level stream is cut into chunks of 2^18 levels, each stored as the smaller of
-///     plain bit-packing at `b` bits (`bitpack`) and one literal-only Huffman-coded deflate
-///     block (zlib-readable) of the levels as bytes (`zlib-bytes`, `b <= 8`) or of their 8 high
-///     bits with the `b − 8` low bits bit-packed (`zlib-planes`, `b >= 9`);
+///     deflated when smaller) and the integer levels: the tensor is cut into segments of 2^18
+///     elements (coded in parallel); within a segment the levels are bucketed by the bit width
+///     `b` of their group, one chunk per width, each stored as the smaller of plain bit-packing
+///     at `b` bits (`bitpack`) and Huffman coding (four literal-only deflate streams, each
+///     readable by zlib's inflate) of the levels as bytes (`zlib-bytes`, `b <= 8`) or of their 8
+///     high bits, the `b − 8` low bits bit-packed (`zlib-planes`, `b >= 9`);
 ///   - non-quantized parameters (fp32, or fp16 with `DiffQOptions::float16`), buffers (own
 ///     dtype) and optional logits: raw little-endian elements, or a deflate stream of their byte
 ///     planes when smaller;
@@ -69,11 +70,11 @@ struct TensorInfo {
   std::string name;
   /// `"quantized"`, `"float"` (a non-quantized parameter), `"buffer"`, `"alias"` or `"logit"`.
   std::string kind;
-  std::vector<int64_t> shape;     ///< empty for aliases
+  std::vector<int64_t> shape;  ///< empty for aliases
   /// Dtype of the tensor (`Undefined` for aliases).
   at::ScalarType dtype = at::ScalarType::Undefined;
-  int64_t group_size = 0;         ///< quantized tensors only
-  double min = 0, max = 0;        ///< quantized tensors only
+  int64_t group_size = 0;   ///< quantized tensors only
+  double min = 0, max = 0;  ///< quantized tensors only
   /// Quantized tensors: `bits_histogram[b]` = number of groups of `b` bits (b in 1..15).
   std::array<int64_t, 16> bits_histogram{};
   /// Bytes of the whole record in the file (framing, header and payload).
@@ -97,33 +98,55 @@ namespace detail {
 
 inline uint8_t dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kDtFloat32;
-    case at::kDouble: return kDtFloat64;
-    case at::kHalf: return kDtFloat16;
-    case at::kBFloat16: return kDtBFloat16;
-    case at::kLong: return kDtInt64;
-    case at::kInt: return kDtInt32;
-    case at::kShort: return kDtInt16;
-    case at::kChar: return kDtInt8;
-    case at::kByte: return kDtUInt8;
-    case at::kBool: return kDtBool;
-    default: return kDtNone;
+    case at::kFloat:
+      return kDtFloat32;
+    case at::kDouble:
+      return kDtFloat64;
+    case at::kHalf:
+      return kDtFloat16;
+    case at::kBFloat16:
+      return kDtBFloat16;
+    case at::kLong:
+      return kDtInt64;
+    case at::kInt:
+      return kDtInt32;
+    case at::kShort:
+      return kDtInt16;
+    case at::kChar:
+      return kDtInt8;
+    case at::kByte:
+      return kDtUInt8;
+    case at::kBool:
+      return kDtBool;
+    default:
+      return kDtNone;
   }
 }
 
 inline at::ScalarType scalar_type_of(uint8_t code) {
   switch (code) {
-    case kDtFloat32: return at::kFloat;
-    case kDtFloat64: return at::kDouble;
-    case kDtFloat16: return at::kHalf;
-    case kDtBFloat16: return at::kBFloat16;
-    case kDtInt64: return at::kLong;
-    case kDtInt32: return at::kInt;
-    case kDtInt16: return at::kShort;
-    case kDtInt8: return at::kChar;
-    case kDtUInt8: return at::kByte;
-    case kDtBool: return at::kBool;
-    default: return at::ScalarType::Undefined;
+    case kDtFloat32:
+      return at::kFloat;
+    case kDtFloat64:
+      return at::kDouble;
+    case kDtFloat16:
+      return at::kHalf;
+    case kDtBFloat16:
+      return at::kBFloat16;
+    case kDtInt64:
+      return at::kLong;
+    case kDtInt32:
+      return at::kInt;
+    case kDtInt16:
+      return at::kShort;
+    case kDtInt8:
+      return at::kChar;
+    case kDtUInt8:
+      return at::kByte;
+    case kDtBool:
+      return at::kBool;
+    default:
+      return at::ScalarType::Undefined;
   }
 }
 
@@ -197,14 +220,14 @@ inline WriterInput state_to_input(const QuantizedState& state, std::vector<at::T
     qi.min = q.min;
     qi.max = q.max;
     const uint64_t numel = checked_numel(q.shape, where, q.name);
-    TORCH_CHECK(q.group_size >= 0, where, ": tensor '", q.name,
-                "': group_size must be >= 0, got ", q.group_size);
+    TORCH_CHECK(q.group_size >= 0, where, ": tensor '", q.name, "': group_size must be >= 0, got ",
+                q.group_size);
     const uint64_t groups = groups_of(numel, static_cast<uint64_t>(q.group_size));
     TORCH_CHECK(q.bits.defined() && q.bits.scalar_type() == at::kByte && q.bits.dim() == 1 &&
                     static_cast<uint64_t>(q.bits.size(0)) == groups,
-                where, ": tensor '", q.name, "': expected bits as uint8 [", groups,
-                "], got ", q.bits.defined() ? c10::toString(q.bits.scalar_type()) : "undefined",
-                " ", q.bits.defined() ? q.bits.sizes() : at::IntArrayRef{});
+                where, ": tensor '", q.name, "': expected bits as uint8 [", groups, "], got ",
+                q.bits.defined() ? c10::toString(q.bits.scalar_type()) : "undefined", " ",
+                q.bits.defined() ? q.bits.sizes() : at::IntArrayRef{});
     TORCH_CHECK(q.levels.defined() && q.levels.scalar_type() == at::kShort &&
                     static_cast<uint64_t>(q.levels.numel()) == numel,
                 where, ": tensor '", q.name, "': expected levels as int16 with ", numel,
@@ -229,8 +252,7 @@ inline WriterInput state_to_input(const QuantizedState& state, std::vector<at::T
     at::Tensor v = f.value.detach().cpu().contiguous();
     if (f.float16) {
       TORCH_CHECK(at::isFloatingType(f.value.scalar_type()), where, ": tensor '", f.name,
-                  "': float16 storage needs a floating point tensor, got ",
-                  f.value.scalar_type());
+                  "': float16 storage needs a floating point tensor, got ", f.value.scalar_type());
       v = v.to(at::kHalf).contiguous();
     }
     fi.stored_dtype = dtype_code(v.scalar_type());
@@ -268,21 +290,19 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
   try {
     {
       std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-      TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot create the temporary file '", tmp,
-                  "'");
+      TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot create the temporary file '", tmp, "'");
       for (const auto& p : enc.pieces) {
         f.write(reinterpret_cast<const char*>(p.data()), static_cast<std::streamsize>(p.size()));
       }
       f.flush();
       TORCH_CHECK(f.good(), where, ": ", path, ": writing the temporary file '", tmp, "' failed");
       f.close();
-      TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp,
-                  "' failed");
+      TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp, "' failed");
     }
     std::error_code ec;
     fs::rename(tmp, path, ec);
-    TORCH_CHECK(!ec, where, ": ", path, ": cannot rename the temporary file into place: ",
-                ec.message());
+    TORCH_CHECK(!ec, where, ": ", path,
+                ": cannot rename the temporary file into place: ", ec.message());
   } catch (...) {
     std::error_code ec;
     fs::remove(tmp, ec);
@@ -291,8 +311,9 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
 }
 
 inline at::Tensor bits_tensor(const RecordView& rv) {
-  return at::from_blob(const_cast<uint8_t*>(rv.bits.data()),
-                       {static_cast<int64_t>(rv.bits.size())}, at::kByte)
+  if (rv.bits.empty()) return at::empty({0}, at::kByte);
+  return at::from_blob(const_cast<uint8_t*>(rv.bits.data()), {static_cast<int64_t>(rv.bits.size())},
+                       at::kByte)
       .clone();
 }
 
@@ -313,7 +334,8 @@ inline void for_each_segment(const ParsedCheckpoint& pc, F&& body) {
     for (size_t s = 0; s + 1 < rv.segment_first.size(); ++s) tasks.emplace_back(r, s);
   }
   aten_parallel_for()(static_cast<int64_t>(tasks.size()), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) body(tasks[static_cast<size_t>(t)].first, tasks[static_cast<size_t>(t)].second);
+    for (int64_t t = b; t < e; ++t)
+      body(tasks[static_cast<size_t>(t)].first, tasks[static_cast<size_t>(t)].second);
   });
 }
 
@@ -327,8 +349,8 @@ inline std::vector<at::Tensor> decode_all_levels(const ParsedCheckpoint& pc) {
     }
   }
   for_each_segment(pc, [&](size_t r, size_t s) {
-    decode_segment(pc.records[r], s, pc.segment_elems,
-                   LevelSink{levels[r].data_ptr<int16_t>()}, pc.ctx, static_cast<int64_t>(r));
+    decode_segment(pc.records[r], s, pc.segment_elems, LevelSink{levels[r].data_ptr<int16_t>()},
+                   pc.ctx, static_cast<int64_t>(r));
   });
   return levels;
 }
@@ -356,10 +378,10 @@ inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
                                         static_cast<float>(rv.min)},
                      pc.ctx, static_cast<int64_t>(r));
     } else {
-      decode_segment(rv, s, pc.segment_elems,
-                     DequantSink<double>{values[r].data_ptr<double>(),
-                                         steps[r].data_ptr<double>(), rv.min},
-                     pc.ctx, static_cast<int64_t>(r));
+      decode_segment(
+          rv, s, pc.segment_elems,
+          DequantSink<double>{values[r].data_ptr<double>(), steps[r].data_ptr<double>(), rv.min},
+          pc.ctx, static_cast<int64_t>(r));
     }
   });
   for (size_t r = 0; r < pc.records.size(); ++r) {
@@ -420,10 +442,9 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     const at::ScalarType dt = scalar_type_of(sv.dtype);
     if (it->second.sizes() != at::IntArrayRef(sv.shape) || it->second.scalar_type() != dt) {
       mismatched.push_back("'" + rv.name + "' (record " + std::to_string(r) + " at byte " +
-                           std::to_string(rv.offset) + "): checkpoint " +
-                           shape_str(sv.shape) + " " + c10::toString(dt) + ", model " +
-                           shape_str(it->second.sizes()) + " " +
-                           c10::toString(it->second.scalar_type()));
+                           std::to_string(rv.offset) + "): checkpoint " + shape_str(sv.shape) +
+                           " " + c10::toString(dt) + ", model " + shape_str(it->second.sizes()) +
+                           " " + c10::toString(it->second.scalar_type()));
     }
   }
   if (!missing.empty() || !unexpected.empty() || !mismatched.empty()) {
@@ -491,8 +512,8 @@ inline QuantizedState state_from_source(const ByteSource& src, const std::string
 }
 
 inline CheckpointInfo info_from_source(const ByteSource& src) {
-  ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, "diffq::read_checkpoint_info",
-                                         src.name);
+  ParsedCheckpoint pc =
+      parse_checkpoint(src.data, src.size, "diffq::read_checkpoint_info", src.name);
   CheckpointInfo info;
   info.version = pc.version;
   info.file_bytes = static_cast<int64_t>(pc.file_bytes);
@@ -522,8 +543,8 @@ inline CheckpointInfo info_from_source(const ByteSource& src) {
       t.target = rv.target;
       t.shape.clear();
     } else {
-      t.encoding = std::string(rv.float_encoding == kFloatZlib ? "zlib-" : "") +
-                   dtype_name(rv.stored_dtype);
+      t.encoding =
+          std::string(rv.float_encoding == kFloatZlib ? "zlib-" : "") + dtype_name(rv.stored_dtype);
     }
     info.tensors.push_back(std::move(t));
   }
@@ -567,22 +588,36 @@ inline size_t save_quantized_state(const QuantizedState& state, std::vector<uint
   return out.size();
 }
 
-/// Saves a quantizer's model (`q.quantized_state(include_logits)`, `q.options()`) to a file
-/// (atomically), a `std::ostream&` or a `std::vector<uint8_t>&`. Returns the bytes written.
+namespace detail {
+/// The options a checkpoint stores for a quantizer: its `DiffQOptions`, or none for quantizers
+/// with other options (uniform, LSQ), whose checkpoints load the same way.
+inline c10::optional<DiffQOptions> checkpoint_options(const DiffQOptions& o) {
+  return o;
+}
+template <class Options>
+c10::optional<DiffQOptions> checkpoint_options(const Options&) {
+  return c10::nullopt;
+}
+}  // namespace detail
+
+/// Saves a quantizer's model (`q.quantized_state(include_logits)`, and `q.options()` when they are
+/// `DiffQOptions`) to a file (atomically), a `std::ostream&` or a `std::vector<uint8_t>&`. Works
+/// for every quantizer (`DiffQuantizer`, `UniformQuantizer`, `LSQQuantizer`). Returns the bytes
+/// written.
 template <class Quantizer>
 size_t save_quantized(const Quantizer& q, const std::string& path, bool include_logits = false) {
   return save_quantized_state(q.quantized_state(include_logits), path,
-                              c10::optional<DiffQOptions>(q.options()));
+                              detail::checkpoint_options(q.options()));
 }
 template <class Quantizer>
 size_t save_quantized(const Quantizer& q, std::ostream& out, bool include_logits = false) {
   return save_quantized_state(q.quantized_state(include_logits), out,
-                              c10::optional<DiffQOptions>(q.options()));
+                              detail::checkpoint_options(q.options()));
 }
 template <class Quantizer>
 size_t save_quantized(const Quantizer& q, std::vector<uint8_t>& out, bool include_logits = false) {
   return save_quantized_state(q.quantized_state(include_logits), out,
-                              c10::optional<DiffQOptions>(q.options()));
+                              detail::checkpoint_options(q.options()));
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -7,14 +7,21 @@
 /// - `diffq/bits.h`: bit widths from logits, quantization levels, model-size formula;
 /// - `diffq/noise.h`: the fast deterministic pseudo quantization noise generator;
 /// - `diffq/state.h`: the quantized state handed to checkpoints;
-/// - `diffq/quantizer.h`: `DiffQuantizer<M>`, `QuantizedGuard`;
+/// - `diffq/base_quantizer.h`: `BaseQuantizer`, the machinery shared by all quantizers, and
+///   `QuantizedGuard`;
+/// - `diffq/quantizer.h`: `DiffQuantizer<M>`;
+/// - `diffq/uniform.h`: `UniformQuantizer<M>`, `UniformOptions` (PTQ and QAT baselines);
+/// - `diffq/lsq.h`: `LSQQuantizer<M>`, `LSQOptions` (Learned Step Size Quantization baseline);
 /// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
 /// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`.
 
+#include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
 #include <diffq/checkpoint.h>
+#include <diffq/lsq.h>
 #include <diffq/noise.h>
 #include <diffq/options.h>
 #include <diffq/packing.h>
 #include <diffq/quantizer.h>
 #include <diffq/state.h>
+#include <diffq/uniform.h>

@@ -152,13 +152,17 @@ inline void unpack_bits_t(const uint8_t* in, size_t n, uint16_t* out) {
 inline void pack_bits(const uint16_t* values, size_t n, int bits, uint8_t* out) {
   switch (bits) {
 #define DIFFQ_PACK_CASE(B) \
-  case B: return detail::pack_bits_t<B>(values, n, out);
-    DIFFQ_PACK_CASE(1) DIFFQ_PACK_CASE(2) DIFFQ_PACK_CASE(3) DIFFQ_PACK_CASE(4)
-    DIFFQ_PACK_CASE(5) DIFFQ_PACK_CASE(6) DIFFQ_PACK_CASE(7) DIFFQ_PACK_CASE(8)
-    DIFFQ_PACK_CASE(9) DIFFQ_PACK_CASE(10) DIFFQ_PACK_CASE(11) DIFFQ_PACK_CASE(12)
-    DIFFQ_PACK_CASE(13) DIFFQ_PACK_CASE(14) DIFFQ_PACK_CASE(15) DIFFQ_PACK_CASE(16)
+  case B:                  \
+    return detail::pack_bits_t<B>(values, n, out);
+    DIFFQ_PACK_CASE(1)
+    DIFFQ_PACK_CASE(2)
+    DIFFQ_PACK_CASE(3) DIFFQ_PACK_CASE(4) DIFFQ_PACK_CASE(5) DIFFQ_PACK_CASE(6) DIFFQ_PACK_CASE(7)
+        DIFFQ_PACK_CASE(8) DIFFQ_PACK_CASE(9) DIFFQ_PACK_CASE(10) DIFFQ_PACK_CASE(11)
+            DIFFQ_PACK_CASE(12) DIFFQ_PACK_CASE(13) DIFFQ_PACK_CASE(14) DIFFQ_PACK_CASE(15)
+                DIFFQ_PACK_CASE(16)
 #undef DIFFQ_PACK_CASE
-    default: TORCH_CHECK(false, "diffq::pack_bits: bits must be in [1, 16], got ", bits);
+                    default
+        : TORCH_CHECK(false, "diffq::pack_bits: bits must be in [1, 16], got ", bits);
   }
 }
 
@@ -177,17 +181,22 @@ inline void unpack_bits(const uint8_t* in, size_t n_in_bytes, size_t n, int bits
   (void)n_in_bytes;
   switch (bits) {
 #define DIFFQ_UNPACK_CASE(B) \
-  case B: return detail::unpack_bits_t<B>(in, n, out);
-    DIFFQ_UNPACK_CASE(1) DIFFQ_UNPACK_CASE(2) DIFFQ_UNPACK_CASE(3) DIFFQ_UNPACK_CASE(4)
-    DIFFQ_UNPACK_CASE(5) DIFFQ_UNPACK_CASE(6) DIFFQ_UNPACK_CASE(7) DIFFQ_UNPACK_CASE(8)
-    DIFFQ_UNPACK_CASE(9) DIFFQ_UNPACK_CASE(10) DIFFQ_UNPACK_CASE(11) DIFFQ_UNPACK_CASE(12)
-    DIFFQ_UNPACK_CASE(13) DIFFQ_UNPACK_CASE(14) DIFFQ_UNPACK_CASE(15) DIFFQ_UNPACK_CASE(16)
+  case B:                    \
+    return detail::unpack_bits_t<B>(in, n, out);
+    DIFFQ_UNPACK_CASE(1)
+    DIFFQ_UNPACK_CASE(2)
+    DIFFQ_UNPACK_CASE(3) DIFFQ_UNPACK_CASE(4) DIFFQ_UNPACK_CASE(5) DIFFQ_UNPACK_CASE(6)
+        DIFFQ_UNPACK_CASE(7) DIFFQ_UNPACK_CASE(8) DIFFQ_UNPACK_CASE(9) DIFFQ_UNPACK_CASE(10)
+            DIFFQ_UNPACK_CASE(11) DIFFQ_UNPACK_CASE(12) DIFFQ_UNPACK_CASE(13) DIFFQ_UNPACK_CASE(14)
+                DIFFQ_UNPACK_CASE(15) DIFFQ_UNPACK_CASE(16)
 #undef DIFFQ_UNPACK_CASE
-    default: TORCH_CHECK(false, "diffq::unpack_bits: bits must be in [1, 16], got ", bits);
+                    default
+        : TORCH_CHECK(false, "diffq::unpack_bits: bits must be in [1, 16], got ", bits);
   }
 }
 
-/// `unpack_bits` of `n` values from a vector; throws if it holds fewer than `packed_bytes(n, bits)`.
+/// `unpack_bits` of `n` values from a vector; throws if it holds fewer than `packed_bytes(n,
+/// bits)`.
 inline std::vector<uint16_t> unpack_bits(const std::vector<uint8_t>& in, size_t n, int bits) {
   TORCH_CHECK(bits >= 1 && bits <= 16, "diffq::unpack_bits: bits must be in [1, 16], got ", bits);
   TORCH_CHECK(in.size() >= packed_bytes(n, bits), "diffq::unpack_bits: ", n, " values of ", bits,
@@ -209,7 +218,8 @@ inline std::vector<uint8_t> pack_nibbles(const uint8_t* widths, size_t n) {
 
 /// Inverse of `pack_nibbles`: `n` values from `ceil(n/2)` bytes at `in` (checked by callers).
 inline void unpack_nibbles(const uint8_t* in, size_t n, uint8_t* widths) {
-  for (size_t i = 0; i < n; ++i) widths[i] = static_cast<uint8_t>((in[i / 2] >> (4 * (i % 2))) & 0xF);
+  for (size_t i = 0; i < n; ++i)
+    widths[i] = static_cast<uint8_t>((in[i / 2] >> (4 * (i % 2))) & 0xF);
 }
 
 /// zlib's CRC-32 (the one of gzip and PNG) of `n_bytes` bytes, continuing from `crc`.

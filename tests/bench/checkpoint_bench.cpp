@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -30,6 +31,12 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+/// Process CPU time in seconds (all threads): less sensitive than wall time to other processes
+/// sharing the cores.
+double cpu_seconds() {
+  return static_cast<double>(std::clock()) / CLOCKS_PER_SEC;
 }
 
 double median(std::vector<double> v) {
@@ -49,7 +56,8 @@ constexpr double kMinSizeMb = 0.01;
 
 /// The quantized state of `model` as DiffQ builds it (weights above min_size quantized, the rest
 /// fp32), with bit widths from uniform logits.
-diffq::QuantizedState build_state(torch::nn::Sequential& model, const std::vector<at::Tensor>& logits) {
+diffq::QuantizedState build_state(torch::nn::Sequential& model,
+                                  const std::vector<at::Tensor>& logits) {
   diffq::QuantizedState st;
   size_t li = 0;
   for (const auto& p : model->named_parameters()) {
@@ -58,8 +66,8 @@ diffq::QuantizedState build_state(torch::nn::Sequential& model, const std::vecto
       st.floats.push_back({p.key(), w.detach().clone(), false, false});
       continue;
     }
-    auto bits = diffq::rounded_bits(
-        diffq::bits_from_logit(logits[li++], 2, 15, diffq::Param::kBits), 0);
+    auto bits =
+        diffq::rounded_bits(diffq::bits_from_logit(logits[li++], 2, 15, diffq::Param::kBits), 0);
     auto mm = diffq::finite_min_max(w, p.key());
     diffq::QuantizedTensor q;
     q.name = p.key();
@@ -117,20 +125,26 @@ void run_variant(const char* title, bool gaussian, int runs, const std::string& 
               title, static_cast<long long>(numel), mb, mean_bits / qnumel);
   for (int threads : {1, 2}) {
     at::set_num_threads(threads);
-    std::vector<double> tq, te, tl;
+    std::vector<double> tq, te, tl, cq, ce, cl;
     size_t file_bytes = 0;
     bool exact = true;
     for (int r = 0; r < runs; ++r) {
       auto t0 = Clock::now();
+      double c0 = cpu_seconds();
       diffq::QuantizedState st = build_state(model, logits);
       tq.push_back(seconds_since(t0));
+      cq.push_back(cpu_seconds() - c0);
       t0 = Clock::now();
+      c0 = cpu_seconds();
       file_bytes = diffq::save_quantized_state(st, path);
       te.push_back(seconds_since(t0));
+      ce.push_back(cpu_seconds() - c0);
       auto fresh = make_mlp();
       t0 = Clock::now();
+      c0 = cpu_seconds();
       diffq::load_quantized(fresh, path);
       tl.push_back(seconds_since(t0));
+      cl.push_back(cpu_seconds() - c0);
       if (r == 0) {
         // Loaded weights equal dequantize_levels bit for bit.
         auto params = fresh->named_parameters();
@@ -147,6 +161,9 @@ void run_variant(const char* title, bool gaussian, int runs, const std::string& 
         "quantize+export %6.0f MB/s  load %7.1f ms (%6.0f MB/s)  bit-exact=%s\n",
         threads, q * 1e3, mb / q, e * 1e3, mb / e, mb / (q + e), l * 1e3, mb / l,
         exact ? "yes" : "NO");
+    std::printf(
+        "           CPU time (all threads): quantize %7.1f ms  export %7.1f ms  load %7.1f ms\n",
+        median(cq) * 1e3, median(ce) * 1e3, median(cl) * 1e3);
     if (threads == 1) {
       std::printf("size: file %zu bytes, bit-packed %.0f bytes, ratio %.4f\n", file_bytes,
                   packed_bytes, file_bytes / packed_bytes);

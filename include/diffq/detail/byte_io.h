@@ -26,11 +26,21 @@ inline void put_le(std::vector<uint8_t>& out, T v) {
   static_assert(std::is_unsigned<T>::value, "put_le: unsigned integers only");
   for (size_t i = 0; i < sizeof(T); ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
 }
-inline void put_u8(std::vector<uint8_t>& out, uint8_t v) { out.push_back(v); }
-inline void put_u16(std::vector<uint8_t>& out, uint16_t v) { put_le(out, v); }
-inline void put_u32(std::vector<uint8_t>& out, uint32_t v) { put_le(out, v); }
-inline void put_u64(std::vector<uint8_t>& out, uint64_t v) { put_le(out, v); }
-inline void put_i64(std::vector<uint8_t>& out, int64_t v) { put_le(out, static_cast<uint64_t>(v)); }
+inline void put_u8(std::vector<uint8_t>& out, uint8_t v) {
+  out.push_back(v);
+}
+inline void put_u16(std::vector<uint8_t>& out, uint16_t v) {
+  put_le(out, v);
+}
+inline void put_u32(std::vector<uint8_t>& out, uint32_t v) {
+  put_le(out, v);
+}
+inline void put_u64(std::vector<uint8_t>& out, uint64_t v) {
+  put_le(out, v);
+}
+inline void put_i64(std::vector<uint8_t>& out, int64_t v) {
+  put_le(out, static_cast<uint64_t>(v));
+}
 /// IEEE-754 binary64, little-endian.
 inline void put_f64(std::vector<uint8_t>& out, double v) {
   uint64_t u;
@@ -61,10 +71,10 @@ inline T load_le(const uint8_t* p) {
 /// Where an error happened, to build messages such as
 /// `"diffq::load_quantized: model.ckpt: record 3 ('fc1.weight') at byte 1234: expected ..."`.
 struct ErrorContext {
-  std::string where;       ///< the public entry point, e.g. `"diffq::load_quantized"`
-  std::string source;      ///< the file name, `"<bytes>"` or `"<stream>"`
-  int64_t record = -1;     ///< record index, -1 outside records (the file header)
-  std::string name;        ///< the record's tensor name, once known
+  std::string where;    ///< the public entry point, e.g. `"diffq::load_quantized"`
+  std::string source;   ///< the file name, `"<bytes>"` or `"<stream>"`
+  int64_t record = -1;  ///< record index, -1 outside records (the file header)
+  std::string name;     ///< the record's tensor name, once known
 
   /// `"<where>: <source>: record <i> ('<name>') at byte <offset>: "`.
   std::string prefix(uint64_t offset) const {

@@ -57,10 +57,10 @@ constexpr uint64_t kMaxDeflateRatio = 1032;
 constexpr uint32_t kFlagOptions = 1;
 
 struct FileHeaderFixed {
-  uint8_t magic[8];        ///< `kMagic`
-  uint32_t version;        ///< `kFormatVersion`
-  uint32_t header_bytes;   ///< the whole header: this struct, the options block, the header CRC
-  uint64_t file_bytes;     ///< the whole file
+  uint8_t magic[8];       ///< `kMagic`
+  uint32_t version;       ///< `kFormatVersion`
+  uint32_t header_bytes;  ///< the whole header: this struct, the options block, the header CRC
+  uint64_t file_bytes;    ///< the whole file
   uint32_t num_records;
   uint32_t flags;          ///< bit 0: options block present; other bits 0
   uint32_t segment_elems;  ///< elements per segment of a quantized tensor
@@ -112,9 +112,9 @@ inline int dtype_bytes(uint8_t dt) {
   return dt < kNumDtypes ? kBytes[dt] : 0;
 }
 inline const char* dtype_name(uint8_t dt) {
-  static const char* kNames[kNumDtypes] = {"none",  "float32", "float64", "float16",
-                                           "bfloat16", "int64", "int32",   "int16",
-                                           "int8",  "uint8",   "bool"};
+  static const char* kNames[kNumDtypes] = {"none",     "float32", "float64", "float16",
+                                           "bfloat16", "int64",   "int32",   "int16",
+                                           "int8",     "uint8",   "bool"};
   return dt < kNumDtypes ? kNames[dt] : "unknown";
 }
 inline bool dtype_is_floating(uint8_t dt) {
@@ -122,12 +122,18 @@ inline bool dtype_is_floating(uint8_t dt) {
 }
 inline const char* kind_name(uint8_t k) {
   switch (k) {
-    case kKindQuantized: return "quantized";
-    case kKindFloat: return "float";
-    case kKindBuffer: return "buffer";
-    case kKindAlias: return "alias";
-    case kKindLogit: return "logit";
-    default: return "unknown";
+    case kKindQuantized:
+      return "quantized";
+    case kKindFloat:
+      return "float";
+    case kKindBuffer:
+      return "buffer";
+    case kKindAlias:
+      return "alias";
+    case kKindLogit:
+      return "logit";
+    default:
+      return "unknown";
   }
 }
 
@@ -142,11 +148,11 @@ struct RecordFixed {
 static_assert(sizeof(RecordFixed) == 8, "RecordFixed layout");
 
 struct QuantFixed {
-  int64_t group_size;          ///< >= 0; 0: one group
-  double min, max;             ///< finite, min <= max
-  uint8_t bits_encoding;       ///< 0: packed nibbles as is, 1: raw deflate of the packed nibbles
-  uint8_t reserved[3];         ///< 0
-  uint32_t bits_payload_bytes; ///< followed by the bit widths payload, then the chunks
+  int64_t group_size;           ///< >= 0; 0: one group
+  double min, max;              ///< finite, min <= max
+  uint8_t bits_encoding;        ///< 0: packed nibbles as is, 1: raw deflate of the packed nibbles
+  uint8_t reserved[3];          ///< 0
+  uint32_t bits_payload_bytes;  ///< followed by the bit widths payload, then the chunks
 };
 static_assert(sizeof(QuantFixed) == 32, "QuantFixed layout");
 
@@ -158,10 +164,14 @@ enum ChunkEncoding : uint8_t {
 };
 inline const char* chunk_encoding_name(uint8_t e) {
   switch (e) {
-    case kChunkBitpack: return "bitpack";
-    case kChunkZlibBytes: return "zlib-bytes";
-    case kChunkZlibPlanes: return "zlib-planes";
-    default: return "unknown";
+    case kChunkBitpack:
+      return "bitpack";
+    case kChunkZlibBytes:
+      return "zlib-bytes";
+    case kChunkZlibPlanes:
+      return "zlib-planes";
+    default:
+      return "unknown";
   }
 }
 
@@ -174,8 +184,8 @@ static_assert(sizeof(ChunkFixed) == 8, "ChunkFixed layout");
 
 /// Float payload encodings.
 enum FloatEncoding : uint8_t {
-  kFloatRaw = 0,      ///< little-endian elements as is
-  kFloatZlib = 1,     ///< raw deflate of the byte planes (all first bytes, then all second ...)
+  kFloatRaw = 0,   ///< little-endian elements as is
+  kFloatZlib = 1,  ///< raw deflate of the byte planes (all first bytes, then all second ...)
 };
 
 struct FloatFixed {
@@ -237,7 +247,8 @@ inline void for_each_group(uint64_t gs, uint64_t s0, uint64_t s1, F&& f) {
 inline std::array<uint64_t, 16> segment_counts(const uint8_t* bits, uint64_t gs, uint64_t s0,
                                                uint64_t s1) {
   std::array<uint64_t, 16> counts{};
-  for_each_group(gs, s0, s1, [&](uint64_t g, uint64_t a, uint64_t e) { counts[bits[g] & 15] += e - a; });
+  for_each_group(gs, s0, s1,
+                 [&](uint64_t g, uint64_t a, uint64_t e) { counts[bits[g] & 15] += e - a; });
   return counts;
 }
 
@@ -247,7 +258,7 @@ inline std::array<uint64_t, 16> segment_counts(const uint8_t* bits, uint64_t gs,
 struct QuantizedInput {
   std::string name;
   std::vector<int64_t> shape;
-  uint8_t dtype = kDtFloat32;   ///< kDtFloat32 or kDtFloat64
+  uint8_t dtype = kDtFloat32;  ///< kDtFloat32 or kDtFloat64
   int64_t group_size = 0;
   double min = 0, max = 0;
   const uint8_t* bits = nullptr;    ///< [groups], each in 1..15
@@ -257,8 +268,8 @@ struct QuantizedInput {
 struct FloatInput {
   std::string name;
   std::vector<int64_t> shape;
-  uint8_t kind = kKindFloat;     ///< kKindFloat, kKindBuffer or kKindLogit
-  uint8_t dtype = kDtFloat32;    ///< the tensor's dtype
+  uint8_t kind = kKindFloat;   ///< kKindFloat, kKindBuffer or kKindLogit
+  uint8_t dtype = kDtFloat32;  ///< the tensor's dtype
   uint8_t stored_dtype = kDtFloat32;
   const uint8_t* data = nullptr;  ///< numel elements of `stored_dtype`, little-endian
 };
@@ -291,13 +302,13 @@ struct EncodedCheckpoint {
 
 inline uint64_t checked_numel(const std::vector<int64_t>& shape, const std::string& where,
                               const std::string& name) {
-  TORCH_CHECK(shape.size() <= static_cast<size_t>(kMaxDims), where, ": tensor '", name,
-              "' has ", shape.size(), " dims, at most ", kMaxDims, " supported");
+  TORCH_CHECK(shape.size() <= static_cast<size_t>(kMaxDims), where, ": tensor '", name, "' has ",
+              shape.size(), " dims, at most ", kMaxDims, " supported");
   uint64_t n = 1;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, where, ": tensor '", name, "' has a negative dim ", d);
-    TORCH_CHECK(d == 0 || n <= (uint64_t{1} << 62) / static_cast<uint64_t>(d), where,
-                ": tensor '", name, "' has too many elements");
+    TORCH_CHECK(d == 0 || n <= (uint64_t{1} << 62) / static_cast<uint64_t>(d), where, ": tensor '",
+                name, "' has too many elements");
     n *= static_cast<uint64_t>(d);
   }
   return n;
@@ -461,8 +472,9 @@ inline void put_record_head(std::vector<uint8_t>& o, uint8_t kind, uint8_t dtype
 inline void check_name(const std::string& name, const std::string& where, const char* what) {
   TORCH_CHECK(!name.empty() && name.size() <= 65535, where, ": ", what,
               " name must have 1 to 65535 bytes, got ", name.size(), " ('", name, "')");
-  TORCH_CHECK(name.find('\0') == std::string::npos, where, ": ", what, " name '", name,
-              "' contains a NUL byte");
+  // The name itself is not printed: a NUL would cut the message.
+  TORCH_CHECK(name.find('\0') == std::string::npos, where, ": ", what,
+              " name contains a NUL byte at position ", name.find('\0'));
 }
 
 /// Encodes a checkpoint. Throws `c10::Error` (prefixed by `where`) on invalid input: duplicate or
@@ -488,8 +500,7 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
     } else if (f.kind == kKindBuffer) {
       ++n_buffer;
     } else {
-      TORCH_CHECK(f.kind == kKindLogit, where, ": tensor '", f.name, "': bad kind ",
-                  int(f.kind));
+      TORCH_CHECK(f.kind == kKindLogit, where, ": tensor '", f.name, "': bad kind ", int(f.kind));
       ++n_logit;
     }
   }
@@ -524,9 +535,9 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
                 "': quantized tensors must be float32 or float64, got ", dtype_name(q.dtype));
     TORCH_CHECK(q.group_size >= 0, where, ": tensor '", q.name, "': group_size must be >= 0, got ",
                 q.group_size);
-    TORCH_CHECK(std::isfinite(q.min) && std::isfinite(q.max) && q.min <= q.max, where,
-                ": tensor '", q.name, "': min and max must be finite with min <= max, got min=",
-                q.min, " max=", q.max);
+    TORCH_CHECK(std::isfinite(q.min) && std::isfinite(q.max) && q.min <= q.max, where, ": tensor '",
+                q.name, "': min and max must be finite with min <= max, got min=", q.min,
+                " max=", q.max);
     groups[r] = groups_of(numels[r], static_cast<uint64_t>(q.group_size));
     for (uint64_t g = 0; g < groups[r]; ++g) {
       TORCH_CHECK(q.bits[g] >= 1 && q.bits[g] <= 15, where, ": tensor '", q.name,
@@ -552,10 +563,11 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[static_cast<size_t>(t)];
       if (task.is_float) {
-        outs[static_cast<size_t>(t)] = encode_float(in.floats[task.record], float_numels[task.record]);
+        outs[static_cast<size_t>(t)] =
+            encode_float(in.floats[task.record], float_numels[task.record]);
       } else {
-        outs[static_cast<size_t>(t)] = encode_segment(in.quantized[task.record],
-                                                      numels[task.record], task.s0, task.s1, where);
+        outs[static_cast<size_t>(t)] =
+            encode_segment(in.quantized[task.record], numels[task.record], task.s0, task.s1, where);
       }
     }
   });
@@ -613,7 +625,8 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
     patch_u64(head, 0, bytes);
     uint32_t crc = crc32(head.data(), head.size());
     for (auto* c : body) {
-      crc = static_cast<uint32_t>(crc32_combine(crc, c->crc, static_cast<z_off_t>(c->bytes.size())));
+      crc =
+          static_cast<uint32_t>(crc32_combine(crc, c->crc, static_cast<z_off_t>(c->bytes.size())));
     }
     enc.pieces.push_back(std::move(head));
     for (auto* c : body) enc.pieces.push_back(std::move(c->bytes));
@@ -674,10 +687,10 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
 struct ChunkView {
   int bits = 0;
   uint8_t encoding = 0;
-  uint64_t n = 0;                ///< levels in the chunk
+  uint64_t n = 0;  ///< levels in the chunk
   const uint8_t* payload = nullptr;
   uint32_t payload_bytes = 0;
-  uint64_t offset = 0;           ///< file offset of the chunk header
+  uint64_t offset = 0;  ///< file offset of the chunk header
 };
 
 struct RecordView {
@@ -687,7 +700,7 @@ struct RecordView {
   std::string name;
   std::vector<int64_t> shape;
   uint64_t numel = 0;
-  uint64_t offset = 0;        ///< file offset of the record
+  uint64_t offset = 0;  ///< file offset of the record
   uint64_t record_bytes = 0;
   // Quantized.
   int64_t group_size = 0;
@@ -849,8 +862,7 @@ inline void parse_quantized(ByteReader& b, RecordView& rv, uint32_t segment_elem
   if (bits_enc == 0) {
     if (bits_payload != nib_bytes) {
       b.fail(bp_off, "bit widths of " + std::to_string(groups) + " groups take " +
-                         std::to_string(nib_bytes) + " bytes, got " +
-                         std::to_string(bits_payload));
+                         std::to_string(nib_bytes) + " bytes, got " + std::to_string(bits_payload));
     }
     nib.assign(bp, bp + bits_payload);
   } else {
@@ -891,9 +903,9 @@ inline void parse_quantized(ByteReader& b, RecordView& rv, uint32_t segment_elem
       }
       c.payload_bytes = b.u32("chunk size");
       const uint64_t min_bytes = (cn + 7) / 8;  // every level takes at least one bit
-      const std::string where_chunk = "chunk of " + std::to_string(cn) + " " +
-                                      std::to_string(w) + "-bit levels in elements [" +
-                                      std::to_string(s0) + ", " + std::to_string(s1) + ")";
+      const std::string where_chunk = "chunk of " + std::to_string(cn) + " " + std::to_string(w) +
+                                      "-bit levels in elements [" + std::to_string(s0) + ", " +
+                                      std::to_string(s1) + ")";
       if (c.encoding == kChunkBitpack) {
         if (c.payload_bytes != packed_bytes(cn, w)) {
           b.fail(c.offset, where_chunk + ": bit-packed size must be " +
@@ -903,15 +915,15 @@ inline void parse_quantized(ByteReader& b, RecordView& rv, uint32_t segment_elem
       } else if (c.encoding == kChunkZlibBytes) {
         if (w > 8) b.fail(c.offset, where_chunk + ": zlib-bytes encoding needs bits <= 8");
         if (c.payload_bytes < 12 + min_bytes) {
-          b.fail(c.offset, where_chunk + ": " + std::to_string(c.payload_bytes) +
-                               " bytes cannot hold them");
+          b.fail(c.offset,
+                 where_chunk + ": " + std::to_string(c.payload_bytes) + " bytes cannot hold them");
         }
       } else if (c.encoding == kChunkZlibPlanes) {
         if (w <= 8) b.fail(c.offset, where_chunk + ": zlib-planes encoding needs bits >= 9");
         const uint64_t need = 4 + 12 + min_bytes + packed_bytes(cn, w - 8);
         if (c.payload_bytes < need) {
-          b.fail(c.offset, where_chunk + ": " + std::to_string(c.payload_bytes) +
-                               " bytes cannot hold them");
+          b.fail(c.offset,
+                 where_chunk + ": " + std::to_string(c.payload_bytes) + " bytes cannot hold them");
         }
       } else {
         b.fail(c.offset, where_chunk + ": unknown encoding " + std::to_string(c.encoding));
@@ -1081,7 +1093,8 @@ inline ParsedCheckpoint parse_checkpoint(const uint8_t* data, size_t size, const
         pc.records[it->second].kind == kKindLogit) {
       ctx.record = static_cast<int64_t>(i);
       ctx.name = rv.name;
-      fail_at(ctx, rv.offset, "tied name refers to '" + rv.target + "', which is not a stored tensor");
+      fail_at(ctx, rv.offset,
+              "tied name refers to '" + rv.target + "', which is not a stored tensor");
     }
   }
   if (r.remaining() != 0) r.fail("unexpected bytes after the last record");
@@ -1098,9 +1111,10 @@ inline void decode_levels(const ChunkView& c, uint16_t* lv, uint8_t* sym, const 
   const size_t n = static_cast<size_t>(c.n);
   const int b = c.bits;
   auto chunk_fail = [&](const std::string& msg) {
-    fail_at(ctx, c.offset, "chunk of " + std::to_string(n) + " " + std::to_string(b) +
-                               "-bit levels in elements [" + std::to_string(s0) + ", " +
-                               std::to_string(s1) + "): " + msg);
+    fail_at(ctx, c.offset,
+            "chunk of " + std::to_string(n) + " " + std::to_string(b) +
+                "-bit levels in elements [" + std::to_string(s0) + ", " + std::to_string(s1) +
+                "): " + msg);
   };
   if (c.encoding == kChunkBitpack) {
     unpack_bits(c.payload, c.payload_bytes, n, b, lv);
@@ -1206,14 +1220,16 @@ inline void decode_float(const RecordView& rv, uint8_t* out, const ErrorContext&
     }
     for (int k = 0; k < eb; ++k) {
       const uint8_t* src = planes.data() + static_cast<size_t>(rv.numel) * static_cast<size_t>(k);
-      for (uint64_t i = 0; i < rv.numel; ++i) out[i * static_cast<uint64_t>(eb) + static_cast<uint64_t>(k)] = src[i];
+      for (uint64_t i = 0; i < rv.numel; ++i)
+        out[i * static_cast<uint64_t>(eb) + static_cast<uint64_t>(k)] = src[i];
     }
   }
   if (rv.stored_dtype == kDtBool) {
     for (uint64_t i = 0; i < rv.numel; ++i) {
       if (out[i] > 1) {
-        fail_at(ctx, rv.payload_offset, "bool element " + std::to_string(i) + " has value " +
-                                            std::to_string(out[i]) + " (must be 0 or 1)");
+        fail_at(ctx, rv.payload_offset,
+                "bool element " + std::to_string(i) + " has value " + std::to_string(out[i]) +
+                    " (must be 0 or 1)");
       }
     }
   }

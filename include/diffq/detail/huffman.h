@@ -50,17 +50,16 @@ inline void huffman_code_lengths(const uint64_t* freq, int n_symbols, int limit,
     return;
   }
   // Leaves sorted by (frequency, symbol); two-queue Huffman construction.
-  std::sort(used.begin(), used.end(), [&](int x, int y) {
-    return freq[x] != freq[y] ? freq[x] < freq[y] : x < y;
-  });
+  std::sort(used.begin(), used.end(),
+            [&](int x, int y) { return freq[x] != freq[y] ? freq[x] < freq[y] : x < y; });
   const int m = static_cast<int>(used.size());
   std::vector<uint64_t> weight(static_cast<size_t>(2 * m - 1));
   std::vector<int> parent(static_cast<size_t>(2 * m - 1), -1);
   for (int i = 0; i < m; ++i) weight[static_cast<size_t>(i)] = freq[used[static_cast<size_t>(i)]];
   int leaf = 0, inner = m, next = m;
   auto pop = [&]() {
-    if (leaf < m && (inner >= next || weight[static_cast<size_t>(leaf)] <=
-                                          weight[static_cast<size_t>(inner)])) {
+    if (leaf < m && (inner >= next ||
+                     weight[static_cast<size_t>(leaf)] <= weight[static_cast<size_t>(inner)])) {
       return leaf++;
     }
     return inner++;
@@ -68,7 +67,8 @@ inline void huffman_code_lengths(const uint64_t* freq, int n_symbols, int limit,
   while (next < 2 * m - 1) {
     const int a = pop();
     const int b = pop();
-    weight[static_cast<size_t>(next)] = weight[static_cast<size_t>(a)] + weight[static_cast<size_t>(b)];
+    weight[static_cast<size_t>(next)] =
+        weight[static_cast<size_t>(a)] + weight[static_cast<size_t>(b)];
     parent[static_cast<size_t>(a)] = next;
     parent[static_cast<size_t>(b)] = next;
     ++next;
@@ -81,9 +81,11 @@ inline void huffman_code_lengths(const uint64_t* freq, int n_symbols, int limit,
   // restored by lengthening shorter codes (the method of miniz's
   // `tdefl_huffman_enforce_max_code_size`).
   std::vector<int64_t> count(64, 0);
-  for (int i = 0; i < m; ++i) ++count[static_cast<size_t>(std::min(depth[static_cast<size_t>(i)], limit))];
+  for (int i = 0; i < m; ++i)
+    ++count[static_cast<size_t>(std::min(depth[static_cast<size_t>(i)], limit))];
   uint64_t total = 0;
-  for (int len = limit; len > 0; --len) total += static_cast<uint64_t>(count[static_cast<size_t>(len)]) << (limit - len);
+  for (int len = limit; len > 0; --len)
+    total += static_cast<uint64_t>(count[static_cast<size_t>(len)]) << (limit - len);
   while (total != (uint64_t{1} << limit)) {
     --count[static_cast<size_t>(limit)];
     for (int len = limit - 1; len > 0; --len) {
@@ -139,9 +141,9 @@ struct LiteralBlockPlan {
   std::vector<std::pair<uint8_t, uint8_t>> header;
   uint8_t clen_lens[19];
   uint16_t clen_rev_codes[19];
-  int n_clen = 4;             ///< code-length code lengths transmitted (HCLEN + 4)
-  uint64_t header_bits = 0;   ///< block header (up to the first data bit)
-  uint64_t total_bits = 0;    ///< the whole block: header, data and end of block
+  int n_clen = 4;            ///< code-length code lengths transmitted (HCLEN + 4)
+  uint64_t header_bits = 0;  ///< block header (up to the first data bit)
+  uint64_t total_bits = 0;   ///< the whole block: header, data and end of block
   uint64_t bytes() const { return (total_bits + 7) / 8; }
 };
 
@@ -191,7 +193,8 @@ inline LiteralBlockPlan plan_literal_block(const uint64_t* freq) {
   huffman_code_lengths(cf, 19, kMaxClenCodeBits, p.clen_lens);
   canonical_codes_reversed(p.clen_lens, 19, p.clen_rev_codes);
   p.n_clen = 19;
-  while (p.n_clen > 4 && p.clen_lens[kClenOrder[static_cast<size_t>(p.n_clen - 1)]] == 0) --p.n_clen;
+  while (p.n_clen > 4 && p.clen_lens[kClenOrder[static_cast<size_t>(p.n_clen - 1)]] == 0)
+    --p.n_clen;
   uint64_t bits = 3 + 5 + 5 + 4 + 3 * static_cast<uint64_t>(p.n_clen);
   static const int kExtra[19] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7};
   for (const auto& h : p.header) bits += p.clen_lens[h.first] + kExtra[h.first];
@@ -231,12 +234,13 @@ struct FastBitWriter {
 inline size_t encode_literal_block(const LiteralBlockPlan& plan, const uint8_t* sym, size_t n,
                                    uint8_t* out) {
   FastBitWriter w(out);
-  w.put(1, 1);    // BFINAL
-  w.put(2, 2);    // BTYPE = 10: dynamic Huffman codes
-  w.put(0, 5);    // HLIT: 257 literal/length codes
-  w.put(0, 5);    // HDIST: 1 distance code
+  w.put(1, 1);  // BFINAL
+  w.put(2, 2);  // BTYPE = 10: dynamic Huffman codes
+  w.put(0, 5);  // HLIT: 257 literal/length codes
+  w.put(0, 5);  // HDIST: 1 distance code
   w.put(static_cast<uint64_t>(plan.n_clen - 4), 4);
-  for (int i = 0; i < plan.n_clen; ++i) w.put(plan.clen_lens[kClenOrder[static_cast<size_t>(i)]], 3);
+  for (int i = 0; i < plan.n_clen; ++i)
+    w.put(plan.clen_lens[kClenOrder[static_cast<size_t>(i)]], 3);
   static const unsigned kExtra[19] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7};
   for (const auto& h : plan.header) {
     w.add(plan.clen_rev_codes[h.first], plan.clen_lens[h.first]);
@@ -244,7 +248,9 @@ inline size_t encode_literal_block(const LiteralBlockPlan& plan, const uint8_t* 
   }
   // Data: three codes of at most 15 bits between flushes (7 + 45 < 64).
   uint32_t table[256];
-  for (int s = 0; s < 256; ++s) table[s] = static_cast<uint32_t>(plan.rev_codes[s]) | (static_cast<uint32_t>(plan.lens[s]) << 16);
+  for (int s = 0; s < 256; ++s)
+    table[s] =
+        static_cast<uint32_t>(plan.rev_codes[s]) | (static_cast<uint32_t>(plan.lens[s]) << 16);
   size_t i = 0;
   for (; i + 3 <= n; i += 3) {
     const uint32_t a = table[sym[i]], b = table[sym[i + 1]], c = table[sym[i + 2]];
@@ -332,7 +338,8 @@ inline size_t encode_quad(const QuadPlan& q, const uint8_t* data, size_t n, uint
     for (int i = 0; i < 4; ++i) out[4 * k + i] = static_cast<uint8_t>(q.stream_bytes[k] >> (8 * i));
   }
   size_t at = 12;
-  for (int k = 0; k < 4; ++k) at += encode_literal_block(q.plan, data + begin[k], size[k], out + at);
+  for (int k = 0; k < 4; ++k)
+    at += encode_literal_block(q.plan, data + begin[k], size[k], out + at);
   return at;
 }
 
@@ -349,10 +356,10 @@ struct LiteralStreamDecoder {
 
   const uint8_t* in = nullptr;
   size_t n_in = 0;
-  size_t pos = 0;             ///< next byte of `in` to load
-  uint64_t acc = 0;           ///< buffered bits, LSB first
-  unsigned have = 0;          ///< valid bits in `acc`
-  uint64_t virtual_bytes = 0; ///< zero bytes loaded past the end
+  size_t pos = 0;              ///< next byte of `in` to load
+  uint64_t acc = 0;            ///< buffered bits, LSB first
+  unsigned have = 0;           ///< valid bits in `acc`
+  uint64_t virtual_bytes = 0;  ///< zero bytes loaded past the end
   uint8_t* out = nullptr;
   size_t n_out = 0;
   size_t written = 0;
@@ -432,7 +439,8 @@ struct LiteralStreamDecoder {
       for (int sym = 0; sym < 19; ++sym) {
         const int len = clen_lens[sym];
         if (len == 0) continue;
-        for (int r = rev[sym]; r < 128; r += 1 << len) ctab[r] = static_cast<uint16_t>(sym << 3 | len);
+        for (int r = rev[sym]; r < 128; r += 1 << len)
+          ctab[r] = static_cast<uint16_t>(sym << 3 | len);
       }
     }
     uint8_t lens[286 + 30] = {0};
@@ -582,118 +590,88 @@ inline bool inflate_literals_fast(const uint8_t* in, size_t n_in, uint8_t* out, 
   return d->read_header() && d->finish();
 }
 
-/// Decodes four literal-only streams at once, interleaving their symbols so that the four
-/// table-lookup dependency chains overlap (a single chain is latency-bound). `ok[k]` tells whether
-/// stream k was decoded completely and exactly; the others must go through zlib.
+/// Hot loop over two streams at once: their table-lookup dependency chains overlap (one chain
+/// alone is latency-bound), and two streams' bit buffers fit in registers where four spill. Per
+/// round: refill both to >= 56 bits, then up to three table-resolved literals from each. Stops at
+/// anything else (a long code, the end of block, the end of the input or output), leaving the
+/// rest to each stream's careful `finish`.
+inline void interleave_pair(LiteralStreamDecoder& A, LiteralStreamDecoder& B) {
+  constexpr unsigned M = LiteralStreamDecoder::kTableMask;
+  for (;;) {
+    uint64_t a0 = A.acc, a1 = B.acc;
+    unsigned h0 = A.have, h1 = B.have;
+    size_t p0 = A.pos, p1 = B.pos;
+    uint8_t* o0 = A.out + A.written;
+    uint8_t* o1 = B.out + B.written;
+    const uint16_t* t0 = A.table;
+    const uint16_t* t1 = B.table;
+    // Rounds that surely fit: >= 3 output bytes and >= 8 input bytes left in both streams (a
+    // round consumes at most 7 input bytes).
+    auto rounds_left = [](const LiteralStreamDecoder& S, size_t written, size_t p) {
+      if (S.n_in < p + 8) return size_t{0};
+      return std::min((S.n_out - written) / 3, (S.n_in - p - 8) / 7 + 1);
+    };
+    size_t rounds = std::min(rounds_left(A, A.written, p0), rounds_left(B, B.written, p1));
+    if (rounds == 0) return;
+    bool stop = false;
+    for (; rounds > 0 && !stop; --rounds) {
+      uint64_t w0, w1;
+      std::memcpy(&w0, A.in + p0, 8);  // little-endian host (checked in byte_io.h)
+      std::memcpy(&w1, B.in + p1, 8);
+      a0 |= w0 << h0;
+      a1 |= w1 << h1;
+      p0 += (63 - h0) >> 3;
+      p1 += (63 - h1) >> 3;
+      h0 |= 56;
+      h1 |= 56;
+      for (int j = 0; j < 3; ++j) {
+        const uint16_t e0 = t0[a0 & M], e1 = t1[a1 & M];
+        // Zero entries (long codes) and the end of block (256 << 4 | len >= 4096) stop.
+        if (e0 == 0 || e1 == 0 || (e0 | e1) >= 4096) {
+          stop = true;
+          break;
+        }
+        *o0++ = static_cast<uint8_t>(e0 >> 4);
+        *o1++ = static_cast<uint8_t>(e1 >> 4);
+        a0 >>= e0 & 15;
+        a1 >>= e1 & 15;
+        h0 -= e0 & 15;
+        h1 -= e1 & 15;
+      }
+    }
+    A.acc = a0, B.acc = a1;
+    A.have = h0, B.have = h1;
+    A.pos = p0, B.pos = p1;
+    A.written = static_cast<size_t>(o0 - A.out);
+    B.written = static_cast<size_t>(o1 - B.out);
+    if (!stop) continue;
+    // One careful literal for a stream whose next code is long; the end of block (or a full
+    // output) ends the interleaving.
+    for (LiteralStreamDecoder* S : {&A, &B}) {
+      if (S->have < 48) S->refill();
+      unsigned len;
+      const unsigned sym = S->peek(len);
+      if (sym >= 256 || S->written == S->n_out) return;
+      if (S->table[S->acc & M] != 0) continue;  // a short code: the hot loop takes it
+      S->out[S->written++] = static_cast<uint8_t>(sym);
+      S->consume(len);
+    }
+  }
+}
+
+/// Decodes four literal-only streams, two at a time interleaved (`interleave_pair`). `ok[k]`
+/// tells whether stream k was decoded completely and exactly; the others must go through zlib.
 inline void inflate_literals_fast4(const uint8_t* const in[4], const size_t n_in[4],
                                    uint8_t* const out[4], const size_t n_out[4], bool ok[4]) {
   auto d = std::make_unique<std::array<LiteralStreamDecoder, 4>>();
   auto& st = *d;
   bool header_ok[4];
-  bool all = true;
   for (int k = 0; k < 4; ++k) {
     st[k].init(in[k], n_in[k], out[k], n_out[k]);
     header_ok[k] = st[k].read_header();
-    all = all && header_ok[k];
   }
-  if (all) {
-    // Hot loop on local copies of the four bit buffers (kept in registers): per round, refill
-    // each stream to >= 56 bits, then three table-resolved literals from each, interleaved.
-    // Anything else (a long code, the end of block, the end of the input or output) leaves the
-    // rest to each stream's careful `finish`.
-    constexpr unsigned M = LiteralStreamDecoder::kTableMask;
-    uint64_t a0 = st[0].acc, a1 = st[1].acc, a2 = st[2].acc, a3 = st[3].acc;
-    unsigned h0 = st[0].have, h1 = st[1].have, h2 = st[2].have, h3 = st[3].have;
-    size_t p0 = st[0].pos, p1 = st[1].pos, p2 = st[2].pos, p3 = st[3].pos;
-    uint8_t* o0 = st[0].out + st[0].written;
-    uint8_t* o1 = st[1].out + st[1].written;
-    uint8_t* o2 = st[2].out + st[2].written;
-    uint8_t* o3 = st[3].out + st[3].written;
-    const uint16_t* t0 = st[0].table;
-    const uint16_t* t1 = st[1].table;
-    const uint16_t* t2 = st[2].table;
-    const uint16_t* t3 = st[3].table;
-    // Rounds that surely fit: every stream has >= 3 output bytes and >= 8 input bytes left.
-    auto rounds_left = [&](const LiteralStreamDecoder& S, const uint8_t* o, size_t p) {
-      const size_t out_left = static_cast<size_t>(S.out + S.n_out - o);
-      const size_t in_left = S.n_in >= p + 8 ? S.n_in - p - 8 : 0;
-      return std::min(out_left / 3, S.n_in >= p + 8 ? in_left / 7 + 1 : size_t{0});
-    };
-    for (;;) {
-      size_t rounds = std::min(std::min(rounds_left(st[0], o0, p0), rounds_left(st[1], o1, p1)),
-                               std::min(rounds_left(st[2], o2, p2), rounds_left(st[3], o3, p3)));
-      if (rounds == 0) break;
-      bool stop = false;
-      for (; rounds > 0 && !stop; --rounds) {
-#define DIFFQ_REFILL(A, H, P, K)                       \
-  {                                                    \
-    uint64_t w;                                        \
-    std::memcpy(&w, st[K].in + P, 8);                  \
-    A |= w << H;                                       \
-    P += (63 - H) >> 3;                                \
-    H |= 56;                                           \
-  }
-        DIFFQ_REFILL(a0, h0, p0, 0)
-        DIFFQ_REFILL(a1, h1, p1, 1)
-        DIFFQ_REFILL(a2, h2, p2, 2)
-        DIFFQ_REFILL(a3, h3, p3, 3)
-#undef DIFFQ_REFILL
-        for (int j = 0; j < 3; ++j) {
-          const uint16_t e0 = t0[a0 & M], e1 = t1[a1 & M], e2 = t2[a2 & M], e3 = t3[a3 & M];
-          // Zero entries (long codes) and the end of block (256 << 4 | len >= 4096) stop.
-          if (e0 == 0 || e1 == 0 || e2 == 0 || e3 == 0 || (e0 | e1 | e2 | e3) >= 4096) {
-            stop = true;
-            break;
-          }
-          *o0++ = static_cast<uint8_t>(e0 >> 4);
-          *o1++ = static_cast<uint8_t>(e1 >> 4);
-          *o2++ = static_cast<uint8_t>(e2 >> 4);
-          *o3++ = static_cast<uint8_t>(e3 >> 4);
-          a0 >>= e0 & 15;
-          a1 >>= e1 & 15;
-          a2 >>= e2 & 15;
-          a3 >>= e3 & 15;
-          h0 -= e0 & 15;
-          h1 -= e1 & 15;
-          h2 -= e2 & 15;
-          h3 -= e3 & 15;
-        }
-      }
-      // Hand the state back; a stop means one stream needs its careful step.
-      st[0].acc = a0, st[1].acc = a1, st[2].acc = a2, st[3].acc = a3;
-      st[0].have = h0, st[1].have = h1, st[2].have = h2, st[3].have = h3;
-      st[0].pos = p0, st[1].pos = p1, st[2].pos = p2, st[3].pos = p3;
-      st[0].written = static_cast<size_t>(o0 - st[0].out);
-      st[1].written = static_cast<size_t>(o1 - st[1].out);
-      st[2].written = static_cast<size_t>(o2 - st[2].out);
-      st[3].written = static_cast<size_t>(o3 - st[3].out);
-      if (!stop) continue;
-      // One careful symbol for each stream whose next code is long (never the end of block
-      // here: that ends the interleaving).
-      bool eob = false;
-      for (int k = 0; k < 4; ++k) {
-        LiteralStreamDecoder& S = st[k];
-        if (S.have < 48) S.refill();
-        unsigned len;
-        const unsigned sym = S.peek(len);
-        if (sym >= 256 || S.written == S.n_out) {
-          eob = true;
-          continue;
-        }
-        if (S.table[S.acc & M] != 0) continue;  // short code: the hot loop takes it
-        S.out[S.written++] = static_cast<uint8_t>(sym);
-        S.consume(len);
-      }
-      if (eob) break;
-      a0 = st[0].acc, a1 = st[1].acc, a2 = st[2].acc, a3 = st[3].acc;
-      h0 = st[0].have, h1 = st[1].have, h2 = st[2].have, h3 = st[3].have;
-      p0 = st[0].pos, p1 = st[1].pos, p2 = st[2].pos, p3 = st[3].pos;
-      o0 = st[0].out + st[0].written;
-      o1 = st[1].out + st[1].written;
-      o2 = st[2].out + st[2].written;
-      o3 = st[3].out + st[3].written;
-    }
-  }
+  if (header_ok[0] && header_ok[1]) interleave_pair(st[0], st[1]);
+  if (header_ok[2] && header_ok[3]) interleave_pair(st[2], st[3]);
   for (int k = 0; k < 4; ++k) ok[k] = header_ok[k] && st[k].finish();
 }
 

@@ -1,0 +1,587 @@
+#pragma once
+/// \file diffq/base_quantizer.h
+/// `diffq::BaseQuantizer<Derived, M, Options, Param>`: the machinery shared by every quantizer of
+/// diffq (DiffQ, uniform post-training quantization and QAT, LSQ), as a CRTP base.
+///
+/// What it does, once for all quantizers:
+/// - parameter discovery: the model's parameters, recursively, that are floating point, larger
+///   than `min_size_mb` of fp32 and not matched by an `exclude` glob; tied parameters (one tensor
+///   under several names) are quantized once (refused unless `detect_bound`); an optional
+///   learnable per-tensor auxiliary tensor (DiffQ's logits, LSQ's step sizes) is registered on the
+///   owning module as `<name><suffix>`;
+/// - the forward wrapper: before a training forward the derived quantizer may give a parameter a
+///   substitute (`Tensor::set_data`: DiffQ's noisy weights, QAT's or LSQ's quantized weights); a
+///   gradient hook registered once per parameter calls the derived backward when the parameter's
+///   gradient is complete and gives the parameter back its clean values, bit for bit; eval
+///   forwards (and `quantize()`) see the true quantized weights, cached until the weights or the
+///   auxiliary tensor change;
+/// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
+///   the others 32 bits, or 16 with `float16`, per element), `mean_bits()`;
+/// - `quantized_state()`, the method-independent export of `diffq/checkpoint.h`.
+///
+/// The derived class provides (it may keep them private and befriend the base):
+/// - `at::Tensor init_param(Param& q)`: called once per discovered parameter (common fields set);
+///   returns the initial auxiliary tensor, or an undefined tensor for none;
+/// - `void set_training(Param& q)`: before a training forward; either leaves `q` clean or calls
+///   `substitute(q, values)`;
+/// - `static at::Tensor training_backward(Param& q, const at::Tensor& grad)`: from the gradient
+///   hook while `q` holds a training substitute; returns the replacement weight gradient, or an
+///   undefined tensor to keep `grad`;
+/// - `at::Tensor quantized_weights(const Param& q, const at::Tensor& w)`: true quantized weights,
+///   shape and dtype of `w`; must equal the dequantized levels of `export_levels` bit for bit;
+/// - `void export_levels(const Param& q, const at::Tensor& w, QuantizedTensor& t)`: fills
+///   `group_size`, `bits`, `min`, `max` and `levels` of `t` from the clean CPU weights `w`;
+/// - `at::Tensor size_bits(const Param& q, bool exact)`: bits of the quantized tensor (0-dim);
+/// - `double sum_bits(const Param& q, bool rounded)`: sum over elements of their bit widths.
+
+#include <diffq/bits.h>
+#include <diffq/detail/glob.h>
+#include <diffq/detail/module_access.h>
+#include <diffq/state.h>
+
+#include <c10/util/Exception.h>
+#include <torch/autograd.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/optim.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace diffq {
+namespace detail {
+
+/// `M::ContainedType` for a `torch::nn::ModuleHolder` (e.g. `torch::nn::Linear`), else `M`.
+template <typename M, typename = void>
+struct ModuleImpl {
+  using type = M;
+};
+template <typename M>
+struct ModuleImpl<M, std::void_t<typename M::ContainedType>> {
+  using type = typename M::ContainedType;
+};
+
+/// What a quantized parameter's data currently holds.
+enum class WeightState {
+  kClean,      ///< the clean weights
+  kNoisy,      ///< a training substitute (DiffQ's noisy weights, QAT/LSQ quantized weights)
+  kQuantized,  ///< the true quantized weights (eval mode, `quantize()`)
+};
+
+/// Per-parameter state shared by every quantizer; quantizers derive their own state from it.
+struct QParamBase {
+  std::string name;                          ///< first full dotted name
+  std::vector<std::string> names;            ///< all names (several for tied parameters)
+  std::shared_ptr<torch::nn::Module> owner;  ///< module the auxiliary tensor is registered on
+  std::string aux_name;                      ///< leaf name of the auxiliary tensor on `owner`
+  at::Tensor param;                          ///< the parameter (same TensorImpl as the module's)
+  at::Tensor aux;  ///< learnable auxiliary tensor (DiffQ logit, LSQ step), may be undefined
+  int64_t numel = 0;
+  unsigned hook = 0;
+  bool hooked = false;
+
+  WeightState state = WeightState::kClean;
+  bool pending = false;  ///< a backward is expected to restore the clean values
+  at::Tensor clean;      ///< the clean data while `state != kClean`
+  // Eval-mode cache of the true quantized weights.
+  at::Tensor quantized;
+  int64_t cached_param_version = -1;
+  int64_t cached_aux_version = -1;
+  const void* cached_data_ptr = nullptr;
+};
+
+/// How a quantizer names itself and its auxiliary tensors, for discovery and messages.
+struct QuantizerTraits {
+  std::string name;              ///< prefix of messages, e.g. `"diffq::DiffQuantizer"`
+  std::string suffix;            ///< suffix of the auxiliary tensors; empty: none registered
+  std::string aux_kind;          ///< e.g. `"logit"`, `"step size"`
+  std::string aux_label;         ///< e.g. `"DiffQ logit"`
+  bool needs_optimizer = false;  ///< training forwards need `setup_optimizer`/`no_optimizer`
+};
+
+/// Adds `tensors` to `optimizer` as a param group of their own with learning rate `lr` and weight
+/// decay 0 (Adam, AdamW, SGD, RMSprop, Adagrad). `where` prefixes the messages.
+inline void add_param_group_without_decay(torch::optim::Optimizer& optimizer,
+                                          std::vector<at::Tensor> tensors, double lr,
+                                          const std::string& where) {
+  TORCH_CHECK(lr >= 0 && std::isfinite(lr), where, ": lr must be >= 0, got ", lr);
+  auto opts = optimizer.defaults().clone();
+  opts->set_lr(lr);
+  if (auto* o = dynamic_cast<torch::optim::AdamOptions*>(opts.get())) {
+    o->weight_decay(0);
+  } else if (auto* o = dynamic_cast<torch::optim::AdamWOptions*>(opts.get())) {
+    o->weight_decay(0);
+  } else if (auto* o = dynamic_cast<torch::optim::SGDOptions*>(opts.get())) {
+    o->weight_decay(0);
+  } else if (auto* o = dynamic_cast<torch::optim::RMSpropOptions*>(opts.get())) {
+    o->weight_decay(0);
+  } else if (auto* o = dynamic_cast<torch::optim::AdagradOptions*>(opts.get())) {
+    o->weight_decay(0);
+  } else {
+    TORCH_CHECK(false, where, ": unsupported optimizer (expected ",
+                "Adam, AdamW, SGD, RMSprop or Adagrad)");
+  }
+  if (!tensors.empty()) {
+    optimizer.add_param_group(torch::optim::OptimizerParamGroup(tensors, std::move(opts)));
+  }
+}
+
+}  // namespace detail
+
+/// CRTP base of the quantizers (see the file comment for what a derived class provides).
+/// `ModuleType`: an `Impl` class held by `std::shared_ptr`, or a `torch::nn::ModuleHolder`;
+/// `Options`: the quantizer's options (with `min_size_mb`, `exclude`, `float16`, `detect_bound`);
+/// `Param`: the per-parameter state, derived from `detail::QParamBase`.
+/// Not thread-safe: one forward/backward at a time.
+template <typename Derived, typename ModuleType, typename Options, typename Param>
+class BaseQuantizer {
+ public:
+  using Impl = typename detail::ModuleImpl<ModuleType>::type;
+
+  BaseQuantizer(const BaseQuantizer&) = delete;
+  BaseQuantizer& operator=(const BaseQuantizer&) = delete;
+  BaseQuantizer(BaseQuantizer&&) noexcept = default;
+  BaseQuantizer& operator=(BaseQuantizer&&) = delete;
+
+  /// Restores the clean weights and removes the gradient hooks; the auxiliary tensors stay
+  /// registered (use `detach()` to remove them).
+  ~BaseQuantizer() {
+    for (auto& q : params_) {
+      restore(*q);
+      if (q->hooked) q->param.remove_hook(q->hook);
+      q->hooked = false;
+    }
+  }
+
+  /// Calls the model's forward with any arguments. Training mode: the quantizer's training
+  /// substitute (if any; one per step, shared by several forwards before one backward). Eval
+  /// mode, or after `quantize()`: true quantized weights. Throws in training mode if the quantizer
+  /// needs an optimizer and neither `setup_optimizer` nor `no_optimizer` was called, and on
+  /// NaN/Inf weights.
+  template <typename... Args>
+  decltype(auto) forward(Args&&... args) {
+    check_attached("forward");
+    pre_forward();
+    try {
+      decltype(auto) out = model_->forward(std::forward<Args>(args)...);
+      post_forward();
+      return out;
+    } catch (...) {
+      restore_all();
+      throw;
+    }
+  }
+
+  /// Model size in MB (2^20 bytes), a 0-dim tensor: the quantized tensors as the quantizer counts
+  /// them (differentiable for DiffQ), plus 32 bits (16 with `float16`) per element of the other
+  /// parameters. Tied parameters count once.
+  at::Tensor model_size() const { return size_mb(false); }
+
+  /// Model size in MB with the bit widths of true quantization (the bit-packed model's size).
+  double true_model_size() const { return size_mb(true).template item<double>(); }
+
+  /// Declares that the auxiliary tensors will not be trained (evaluation-only use): allows
+  /// training forwards without `setup_optimizer`.
+  void no_optimizer() { optimizer_ready_ = true; }
+
+  /// Gives every quantized parameter its true quantized values until `unquantize()`; forwards then
+  /// use them in both modes. Throws on NaN/Inf weights.
+  void quantize() {
+    check_attached("quantize");
+    restore_all();
+    for (auto& q : params_) set_quantized(*q);
+    manual_quantized_ = true;
+  }
+
+  /// Gives back the clean weights after `quantize()`.
+  void unquantize() {
+    manual_quantized_ = false;
+    restore_all();
+  }
+
+  /// Whether `quantize()` is in force.
+  bool is_quantized() const { return manual_quantized_; }
+
+  /// Restores the clean weights, removes the hooks and the auxiliary tensors: the model is as it
+  /// was before the quantizer. The quantizer is unusable afterwards.
+  void detach() {
+    check_attached("detach");
+    manual_quantized_ = false;
+    for (auto& q : params_) {
+      restore(*q);
+      if (q->hooked) q->param.remove_hook(q->hook);
+      q->hooked = false;
+      if (q->aux.defined()) detail::erase_parameter(*q->owner, q->aux_name);
+    }
+    params_.clear();
+    detached_ = true;
+  }
+
+  /// The wrapped model.
+  const std::shared_ptr<Impl>& model() const { return model_; }
+  /// The options.
+  const Options& options() const { return options_; }
+
+  /// Full dotted names of the quantized parameters (first name of tied ones), discovery order.
+  std::vector<std::string> quantized_names() const {
+    std::vector<std::string> out;
+    for (const auto& q : params_) out.push_back(q->name);
+    return out;
+  }
+
+  /// Element-weighted mean bit width over quantized parameters (see the derived quantizer for
+  /// `rounded`). 0 if none.
+  double mean_bits(bool rounded = false) const {
+    double total = 0, count = 0;
+    for (const auto& q : params_) {
+      total += derived().sum_bits(*q, rounded);
+      count += static_cast<double>(q->numel);
+    }
+    return count > 0 ? total / count : 0.0;
+  }
+
+  /// Mean bit width per quantized parameter (see `mean_bits`), in discovery order.
+  std::vector<std::pair<std::string, double>> mean_bits_per_param(bool rounded = false) const {
+    std::vector<std::pair<std::string, double>> out;
+    for (const auto& q : params_) {
+      out.emplace_back(q->name, derived().sum_bits(*q, rounded) / static_cast<double>(q->numel));
+    }
+    return out;
+  }
+
+  /// The quantized state for a checkpoint (`diffq/checkpoint.h`): levels, bit widths and min/max of
+  /// each quantized parameter (dequantizing to the eval-mode weights bit for bit), the other
+  /// parameters (fp16 with `float16`), all buffers, tied names, and the auxiliary tensors (stored
+  /// as logits) if `include_logits`. Tensors are copied to the CPU. Throws on NaN/Inf weights.
+  QuantizedState quantized_state(bool include_logits = false) const {
+    check_attached("quantized_state");
+    QuantizedState state;
+    std::unordered_map<const void*, std::string> stored;  // TensorImpl -> stored name
+    for (const auto& q : params_) {
+      QuantizedTensor t;
+      t.name = q->name;
+      t.shape = q->param.sizes().vec();
+      t.dtype = q->param.scalar_type();
+      derived().export_levels(*q, clean_of(*q).cpu(), t);
+      state.quantized.push_back(std::move(t));
+      stored[q->param.unsafeGetTensorImpl()] = q->name;
+      for (std::size_t k = 1; k < q->names.size(); ++k)
+        state.tied.push_back({q->names[k], q->name});
+      if (include_logits && q->aux.defined()) {
+        state.logits.push_back(
+            {q->name + traits_.suffix, q->aux.detach().cpu().contiguous(), false, false});
+      }
+    }
+    for (const auto& item : model_->named_parameters(/*recurse=*/true)) {
+      if (is_aux(item.value())) continue;
+      const void* impl = item.value().unsafeGetTensorImpl();
+      auto it = stored.find(impl);
+      if (it != stored.end()) {
+        if (it->second != item.key() && !is_quantized_name(item.key())) {
+          state.tied.push_back({item.key(), it->second});
+        }
+        continue;
+      }
+      stored[impl] = item.key();
+      state.floats.push_back(
+          {item.key(), item.value().detach().cpu().contiguous(), options_.float16(), false});
+    }
+    for (const auto& item : model_->named_buffers(/*recurse=*/true)) {
+      if (!item.value().defined()) continue;
+      state.floats.push_back({item.key(), item.value().detach().cpu().contiguous(), false, true});
+    }
+    return state;
+  }
+
+ protected:
+  using WeightState = detail::WeightState;
+
+  BaseQuantizer(std::shared_ptr<Impl> model, Options options, detail::QuantizerTraits traits)
+      : model_(std::move(model)), options_(std::move(options)), traits_(std::move(traits)) {
+    TORCH_CHECK(model_ != nullptr, traits_.name, ": model is null");
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+
+  void check_attached(const char* what) const {
+    TORCH_CHECK(!detached_, traits_.name, "::", what, ": the quantizer was detached");
+  }
+
+  const Param& find(const std::string& name) const {
+    for (const auto& q : params_) {
+      for (const auto& n : q->names) {
+        if (n == name) return *q;
+      }
+    }
+    std::string known;
+    for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q->name;
+    TORCH_CHECK(false, traits_.name, ": no quantized parameter named '", name, "'; quantized: [",
+                known, "]");
+    return *params_.front();  // unreachable
+  }
+
+  bool is_aux(const at::Tensor& t) const {
+    for (const auto& q : params_) {
+      if (q->aux.defined() && t.is_same(q->aux)) return true;
+    }
+    return false;
+  }
+
+  bool is_quantized_name(const std::string& name) const {
+    for (const auto& q : params_) {
+      if (std::find(q->names.begin(), q->names.end(), name) != q->names.end()) return true;
+    }
+    return false;
+  }
+
+  bool excluded(const std::string& full, const std::string& leaf) const {
+    for (const auto& pattern : options_.exclude()) {
+      if (detail::glob_match(pattern, full) || detail::glob_match(pattern, leaf)) return true;
+    }
+    return false;
+  }
+
+  /// Adds the auxiliary tensors to `optimizer` as a param group (learning rate `lr`, weight decay
+  /// 0). Throws if the optimizer already holds one of them, or is of an unsupported type.
+  void setup_aux_optimizer(torch::optim::Optimizer& optimizer, double lr) {
+    check_attached("setup_optimizer");
+    const std::string where = traits_.name + "::setup_optimizer";
+    TORCH_CHECK(lr >= 0 && std::isfinite(lr), where, ": lr must be >= 0, got ", lr);
+    for (const auto& group : optimizer.param_groups()) {
+      for (const auto& p : group.params()) {
+        for (const auto& q : params_) {
+          TORCH_CHECK(!q->aux.defined() || !p.is_same(q->aux), where,
+                      ": the optimizer already holds the ", traits_.aux_kind, " '", q->name,
+                      traits_.suffix,
+                      "'; create the optimizer (on model->parameters()) before the quantizer");
+        }
+      }
+    }
+    std::vector<at::Tensor> aux;
+    for (const auto& q : params_) {
+      if (q->aux.defined()) aux.push_back(q->aux);
+    }
+    detail::add_param_group_without_decay(optimizer, std::move(aux), lr, where);
+    optimizer_ready_ = true;
+  }
+
+  /// Discovers the quantized parameters; called by the derived constructor once it is ready.
+  void build() {
+    const auto& suffix = traits_.suffix;
+    // Refuse a model already wrapped: a parameter name ending with the suffix.
+    if (!suffix.empty()) {
+      for (const auto& item : model_->named_parameters(true)) {
+        const auto& n = item.key();
+        TORCH_CHECK(n.size() < suffix.size() ||
+                        n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0,
+                    traits_.name, ": the model already carries a ", traits_.aux_label, " ('", n,
+                    "'); wrap a model only once, or detach() the previous quantizer");
+      }
+    }
+    std::unordered_map<const void*, std::shared_ptr<Param>> by_impl;
+    std::unordered_map<const void*, std::string> seen;  // every parameter, first name
+    for (const auto& mod : model_->named_modules("", /*include_self=*/true)) {
+      const std::string& prefix = mod.key();
+      const auto& module = mod.value();
+      for (const auto& item : module->named_parameters(/*recurse=*/false)) {
+        const auto& p = item.value();
+        if (!p.defined()) continue;
+        const std::string full = prefix.empty() ? item.key() : prefix + "." + item.key();
+        const void* impl = p.unsafeGetTensorImpl();
+        auto tied = seen.find(impl);
+        if (tied != seen.end()) {
+          TORCH_CHECK(options_.detect_bound(), traits_.name, ": parameter '", full,
+                      "' is tied to '", tied->second, "'; tied parameters need detect_bound(true)");
+          auto it = by_impl.find(impl);
+          if (it != by_impl.end()) it->second->names.push_back(full);
+          continue;
+        }
+        seen[impl] = full;
+        const double fp32_mb = 4.0 * static_cast<double>(p.numel()) / 1048576.0;
+        if (!p.is_floating_point() || fp32_mb <= options_.min_size_mb() ||
+            excluded(full, item.key())) {
+          continue;
+        }
+        TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, traits_.name,
+                    ": parameter '", full, "' has dtype ", p.scalar_type(),
+                    "; expected float32 or float64");
+        auto q = std::make_shared<Param>();
+        q->name = full;
+        q->names = {full};
+        q->owner = module;
+        q->aux_name = item.key() + suffix;
+        q->param = p;
+        q->numel = p.numel();
+        at::Tensor aux = derived().init_param(*q);
+        if (aux.defined()) {
+          q->aux = module->register_parameter(q->aux_name, aux, /*requires_grad=*/true);
+        }
+        by_impl[impl] = q;
+        params_.push_back(q);
+      }
+    }
+    for (auto& q : params_) register_hook(q);
+  }
+
+  /// Registers the gradient hook; it holds a weak reference to the parameter state.
+  static void register_hook(const std::shared_ptr<Param>& q) {
+    if (!q->param.requires_grad()) return;
+    std::weak_ptr<Param> weak = q;
+    q->hook = q->param.register_hook([weak](const at::Tensor& grad) -> at::Tensor {
+      auto q = weak.lock();
+      if (!q || !q->pending) return at::Tensor();
+      at::Tensor result;
+      if (q->state == WeightState::kNoisy) result = Derived::training_backward(*q, grad);
+      restore(*q);
+      return result;
+    });
+    q->hooked = true;
+  }
+
+  /// The clean values of a parameter (its data when clean, the saved handle otherwise).
+  static at::Tensor clean_of(const Param& q) {
+    return q.state == WeightState::kClean ? q.param.detach() : q.clean;
+  }
+
+  /// Gives the parameter back its clean data (bit for bit).
+  static void restore(Param& q) {
+    if (q.state != WeightState::kClean) {
+      q.param.set_data(q.clean);
+      q.clean = at::Tensor();
+      q.state = WeightState::kClean;
+    }
+    q.pending = false;
+  }
+
+  void restore_all() {
+    for (auto& q : params_) restore(*q);
+  }
+
+  /// Gives the (clean) parameter `values` (same shape, dtype and device) until the backward or
+  /// `restore`; `state` tells what they are.
+  static void substitute(Param& q, const at::Tensor& values,
+                         WeightState state = WeightState::kNoisy) {
+    TORCH_INTERNAL_ASSERT(q.state == WeightState::kClean);
+    q.clean = q.param.detach();
+    q.param.set_data(values);
+    q.state = state;
+  }
+
+  /// The true quantized weights of `q`'s clean values, from the cache while the weights and the
+  /// auxiliary tensor are unchanged. `q` must be clean.
+  const at::Tensor& cached_quantized(Param& q) {
+    at::NoGradGuard no_grad;
+    const auto w = q.param.detach();
+    const int64_t aux_version = q.aux.defined() ? q.aux._version() : 0;
+    const bool valid = q.quantized.defined() && q.cached_param_version == q.param._version() &&
+                       q.cached_aux_version == aux_version && q.cached_data_ptr == w.data_ptr() &&
+                       q.quantized.scalar_type() == w.scalar_type() &&
+                       q.quantized.device() == w.device();
+    if (!valid) {
+      q.quantized = derived().quantized_weights(q, w);
+      q.cached_param_version = q.param._version();
+      q.cached_aux_version = aux_version;
+      q.cached_data_ptr = w.data_ptr();
+    }
+    return q.quantized;
+  }
+
+  /// Sets the true quantized weights (cached while the weights and auxiliary tensor are unchanged).
+  void set_quantized(Param& q, WeightState state = WeightState::kQuantized) {
+    restore(q);
+    substitute(q, cached_quantized(q), state);
+  }
+
+  at::Tensor size_mb(bool exact) const {
+    std::unordered_map<const void*, bool> counted;
+    at::Tensor total;
+    for (const auto& q : params_) {
+      counted[q->param.unsafeGetTensorImpl()] = true;
+      auto t = derived().size_bits(*q, exact);
+      total = total.defined() ? total + t : t;
+    }
+    double other_bits = 0;
+    for (const auto& p : model_->parameters(/*recurse=*/true)) {
+      const void* impl = p.unsafeGetTensorImpl();
+      if (counted.count(impl) || is_aux(p)) continue;
+      counted[impl] = true;
+      other_bits += static_cast<double>(p.numel() * float_bits(options_.float16()));
+    }
+    if (!total.defined()) {
+      return at::scalar_tensor(other_bits / kBitsPerMB, at::TensorOptions().dtype(at::kDouble));
+    }
+    return (total + other_bits) / kBitsPerMB;
+  }
+
+  void pre_forward() {
+    const bool training = model_->is_training();
+    if (training && !manual_quantized_ && traits_.needs_optimizer) {
+      TORCH_CHECK(optimizer_ready_, traits_.name,
+                  "::forward: call setup_optimizer(optimizer) (or no_optimizer()) before a ",
+                  "training forward");
+    }
+    for (auto& q : params_) {
+      if (manual_quantized_) {
+        if (q->state != WeightState::kQuantized) set_quantized(*q);
+      } else if (training) {
+        // Several forwards before one backward share one training substitute.
+        const bool shared = q->state == WeightState::kNoisy && q->pending &&
+                            torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr;
+        if (!shared) {
+          restore(*q);
+          derived().set_training(*q);
+        }
+      } else {
+        set_quantized(*q);
+      }
+    }
+  }
+
+  void post_forward() {
+    if (manual_quantized_) return;
+    const bool grad = at::GradMode::is_enabled();
+    for (auto& q : params_) {
+      if (q->state == WeightState::kClean) continue;
+      // A backward will restore the weights only if the parameter is in a live graph.
+      const bool in_graph = grad && q->hooked && q->param.requires_grad() &&
+                            torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr;
+      if (in_graph) {
+        q->pending = true;
+      } else if (!q->pending) {
+        restore(*q);
+      }
+    }
+  }
+
+  std::shared_ptr<Impl> model_;
+  Options options_;
+  detail::QuantizerTraits traits_;
+  std::vector<std::shared_ptr<Param>> params_;
+  bool optimizer_ready_ = false;
+  bool manual_quantized_ = false;
+  bool detached_ = false;
+};
+
+/// RAII guard: true quantized weights (`quantize()`) for its lifetime, then `unquantize()`.
+/// Works with every quantizer.
+template <typename Quantizer>
+class QuantizedGuard {
+ public:
+  explicit QuantizedGuard(Quantizer& quantizer) : quantizer_(quantizer) { quantizer_.quantize(); }
+  ~QuantizedGuard() { quantizer_.unquantize(); }
+  QuantizedGuard(const QuantizedGuard&) = delete;
+  QuantizedGuard& operator=(const QuantizedGuard&) = delete;
+
+ private:
+  Quantizer& quantizer_;
+};
+
+}  // namespace diffq

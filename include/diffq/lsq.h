@@ -1,0 +1,248 @@
+#pragma once
+/// \file diffq/lsq.h
+/// `diffq::LSQQuantizer<M>`: Learned Step Size Quantization (Esser, McKinstry, Bablani,
+/// Appuswamy, Modha, "Learned Step Size Quantization", ICLR 2020, arXiv 1902.08153), the LSQ
+/// baseline of the DiffQ paper (arXiv 2104.09987, Section 5).
+///
+/// Each quantized tensor has a learnable step size `s` (registered on the owning module as
+/// `<name><suffix>`, shape `[1]`, the parameter's dtype). With `v = w/s`, `Qn = 2^(b−1)` and
+/// `Qp = 2^(b−1) − 1` (signed levels), LSQ Eq. 1–2: `w_q = round(clamp(v, −Qn, Qp))·s`.
+/// Gradients (straight-through estimator, LSQ Eq. 3 and Section 2.2), `g = 1/sqrt(numel·Qp)`:
+/// - `∂w_q/∂w = 1` if `−Qn < v < Qp`, else 0;
+/// - `∂w_q/∂s = (round(v) − v)` if `−Qn < v < Qp`, `−Qn` if `v <= −Qn`, `Qp` if `v >= Qp`,
+///   times `g`.
+///
+/// Checkpoint: the signed levels `round(clamp(v))` are stored as `levels = round(clamp(v)) + Qn` in
+/// `[0, 2^b − 1]` with `min = −Qn·s`, `max = Qp·s`, so that `min + level·(max − min)/(2^b − 1) =
+/// (level − Qn)·s` in real arithmetic. The quantizer's quantized weights (eval mode, `quantize()`,
+/// training forwards) are *defined* as `diffq::dequantize_levels` of those levels, so a loaded
+/// checkpoint equals them bit for bit.
+
+#include <diffq/base_quantizer.h>
+#include <diffq/bits.h>
+#include <diffq/state.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/arg.h>
+#include <torch/nn/pimpl.h>
+#include <torch/optim.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace diffq {
+
+/// Options of `diffq::LSQQuantizer`, chainable: `LSQOptions().bits(3).exclude({"*bias"})`.
+struct LSQOptions {
+  /// Bit width of every quantized tensor, in [2, 15] (signed levels need `Qp = 2^(b−1) − 1 >= 1`).
+  TORCH_ARG(int64_t, bits) = 4;
+  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
+  /// quantized. Must be >= 0.
+  TORCH_ARG(double, min_size_mb) = 0.01;
+  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32.
+  TORCH_ARG(bool, float16) = false;
+  /// Glob patterns of parameters never quantized (as `DiffQOptions::exclude`).
+  TORCH_ARG(std::vector<std::string>, exclude) = {};
+  /// Tied parameters share one step size; with `false` a model with tied parameters is refused.
+  TORCH_ARG(bool, detect_bound) = true;
+  /// Suffix of the step-size parameters registered on the owning modules: `<name><suffix>`.
+  TORCH_ARG(std::string, suffix) = "_lsq";
+};
+
+/// Checks `LSQOptions`; throws `c10::Error` naming the option, e.g.
+/// `"diffq::LSQQuantizer: bits must be in [2, 15], got 1"`.
+inline void check_options(const LSQOptions& o, const std::string& where = "diffq::LSQQuantizer") {
+  TORCH_CHECK(o.bits() >= 2 && o.bits() <= kMaxStoredBits, where, ": bits must be in [2, ",
+              kMaxStoredBits, "], got ", o.bits());
+  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
+              ": min_size_mb must be >= 0, got ", o.min_size_mb());
+  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
+              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
+}
+
+/// LSQ levels of `w` (any shape, float or double) with step `step > 0` and `bits` in [2, 15], in
+/// the checkpoint's unsigned form: `round(clamp(w/step, −Qn, Qp)) + Qn`, int16 `[numel]` in
+/// `[0, 2^bits − 1]` (LSQ Eq. 1, `Qn = 2^(bits−1)`, `Qp = 2^(bits−1) − 1`). `w/step` is computed
+/// in `w`'s dtype; `round` is round-half-to-even.
+inline at::Tensor lsq_levels(const at::Tensor& w, double step, int64_t bits) {
+  const double qn = std::exp2(static_cast<double>(bits - 1));
+  const double qp = qn - 1;
+  auto v = w.detach().reshape(-1) / step;
+  return (at::clamp(v, -qn, qp).round() + qn).to(at::kShort);
+}
+
+/// `{min, max}` of the common checkpoint format for LSQ step `step`: `{−Qn·step, Qp·step}` (exact
+/// in double for a float or double step).
+inline std::pair<double, double> lsq_min_max(double step, int64_t bits) {
+  const double qn = std::exp2(static_cast<double>(bits - 1));
+  return {-qn * step, (qn - 1) * step};
+}
+
+namespace detail {
+/// Per-parameter state of `LSQQuantizer` (`aux` is the step size `[1]`).
+struct LSQParam : QParamBase {
+  double qn = 0, qp = 0;  ///< `2^(b−1)`, `2^(b−1) − 1`
+  double grad_scale = 0;  ///< `1/sqrt(numel·Qp)`
+  at::Tensor v;           ///< `w/s` of the current training forward, `[numel]`
+};
+}  // namespace detail
+
+/// LSQ quantizer with a fixed bit width and a learnt step size per tensor, wrapping a model `M` (an
+/// `Impl` class held by `std::shared_ptr`, or a `torch::nn::ModuleHolder`). Shares the machinery
+/// of `diffq::BaseQuantizer`: `forward`, `quantize()`/`unquantize()`, `detach()`,
+/// `quantized_state()` (for `diffq::save_quantized`), `model_size()`, `true_model_size()`,
+/// `mean_bits()`. Usage:
+/// \code
+///   torch::optim::Adam opt(model->parameters(), 1e-3);   // optimizer first
+///   diffq::LSQQuantizer<Net> q(model, diffq::LSQOptions().bits(4));
+///   q.setup_optimizer(opt, 1e-3);                        // step sizes in their own group
+///   auto loss = ce(q.forward(x), y); loss.backward(); opt.step();
+/// \endcode
+/// Training forwards see `w_q` (set with `Tensor::set_data`); the gradient hook replaces the weight
+/// gradient by the STE gradient and adds the step-size gradient (see the file comment). The step
+/// is initialised to `2·mean|w|/sqrt(Qp)` (LSQ Section 2.1; 1 for an all-zero tensor).
+/// Model size (MB, 2^20 bytes): `b·numel + 64` bits per quantized tensor, plus 32 bits (16 with
+/// `float16`) per element of the other parameters; the step sizes are not counted.
+template <typename ModuleType>
+class LSQQuantizer
+    : public BaseQuantizer<LSQQuantizer<ModuleType>, ModuleType, LSQOptions, detail::LSQParam> {
+  using Base = BaseQuantizer<LSQQuantizer<ModuleType>, ModuleType, LSQOptions, detail::LSQParam>;
+  friend Base;
+
+ public:
+  using Impl = typename Base::Impl;
+
+  /// Wraps `model`. Throws on bad options (see `check_options(const LSQOptions&)`), on a model that
+  /// already carries step sizes with this suffix, on tied parameters when `detect_bound` is false,
+  /// and on NaN/Inf weights (step initialisation).
+  explicit LSQQuantizer(std::shared_ptr<Impl> model, LSQOptions options = {})
+      : Base(std::move(model), options,
+             {"diffq::LSQQuantizer", options.suffix(), "step size", "LSQ step size",
+              /*needs_optimizer=*/true}) {
+    check_options(this->options_);
+    this->build();
+  }
+
+  /// Wraps the module of a `ModuleHolder` (e.g. `torch::nn::Linear`).
+  template <typename Holder, typename = std::enable_if_t<std::is_base_of<
+                                 torch::nn::ModuleHolder<Impl>, std::decay_t<Holder>>::value>>
+  explicit LSQQuantizer(const Holder& holder, LSQOptions options = {})
+      : LSQQuantizer(holder.ptr(), std::move(options)) {}
+
+  LSQQuantizer(LSQQuantizer&&) noexcept = default;
+
+  /// Adds the step sizes to `optimizer` as a param group of their own with learning rate `lr` and
+  /// weight decay 0 (Adam, AdamW, SGD, RMSprop, Adagrad). Throws if the optimizer already holds a
+  /// step size (create the optimizer before the quantizer) or is of another type.
+  void setup_optimizer(torch::optim::Optimizer& optimizer, double lr = 1e-3) {
+    this->setup_aux_optimizer(optimizer, lr);
+  }
+
+  /// The step size `[1]` of quantized parameter `name` (any of its tied names).
+  at::Tensor step(const std::string& name) const { return this->find(name).aux; }
+
+  /// The bit width (as `options().bits()`).
+  int64_t bits() const { return this->options_.bits(); }
+
+ private:
+  using Param = detail::LSQParam;
+
+  at::Tensor bits_tensor() const {
+    return at::full({1}, this->options_.bits(), at::TensorOptions().dtype(at::kByte));
+  }
+
+  /// `Qn`, `Qp`, the gradient scale and the initial step `2·mean|w|/sqrt(Qp)`.
+  at::Tensor init_param(Param& q) const {
+    const int64_t b = this->options_.bits();
+    q.qn = std::exp2(static_cast<double>(b - 1));
+    q.qp = q.qn - 1;
+    q.grad_scale = 1.0 / std::sqrt(static_cast<double>(q.numel) * q.qp);
+    at::NoGradGuard no_grad;
+    const double mean_abs = q.param.detach().abs().mean().template item<double>();
+    TORCH_CHECK(std::isfinite(mean_abs), "diffq::LSQQuantizer: parameter '", q.name,
+                "' holds non-finite values; cannot initialise its step size");
+    double init = 2.0 * mean_abs / std::sqrt(q.qp);
+    if (!(init > 0)) init = 1.0;
+    return at::full({1}, init, q.param.options());
+  }
+
+  /// The current step as a double; throws unless it is > 0 and finite.
+  static double step_of(const Param& q) {
+    const double s = q.aux.detach().template item<double>();
+    TORCH_CHECK(s > 0 && std::isfinite(s), "diffq::LSQQuantizer: the step size of '", q.name,
+                "' must be > 0 and finite, got ", s);
+    return s;
+  }
+
+  static void check_finite(const at::Tensor& w, const std::string& name) {
+    finite_min_max(w, name);  // throws on NaN/Inf
+  }
+
+  at::Tensor quantized_weights(const Param& q, const at::Tensor& w) const {
+    check_finite(w, q.name);
+    const double s = step_of(q);
+    const int64_t b = this->options_.bits();
+    auto mm = lsq_min_max(s, b);
+    auto levels = lsq_levels(w, s, b);
+    return dequantize_levels(levels, bits_tensor().to(w.device()), 0, mm.first, mm.second,
+                             w.scalar_type())
+        .view(w.sizes());
+  }
+
+  /// Training forward: `w_q` (as in eval mode), keeping `v = w/s` for the backward.
+  void set_training(Param& q) {
+    at::NoGradGuard no_grad;
+    const auto w = q.param.detach();
+    const auto wq = this->cached_quantized(q);
+    q.v = w.reshape(-1) / step_of(q);
+    this->substitute(q, wq);
+  }
+
+  /// STE gradients of LSQ Eq. 3: the weight gradient is masked to `−Qn < v < Qp`, and the
+  /// step-size gradient `g·Σ grad·∂w_q/∂s` is added to the step's `.grad`.
+  static at::Tensor training_backward(Param& q, const at::Tensor& grad) {
+    at::NoGradGuard no_grad;
+    auto g = grad.reshape(-1);
+    const auto& v = q.v;
+    auto below = v <= -q.qn;
+    auto above = v >= q.qp;
+    auto inside = at::logical_not(at::logical_or(below, above));
+    auto dstep = at::where(inside, v.round() - v,
+                           at::where(below, at::full_like(v, -q.qn), at::full_like(v, q.qp)));
+    auto gs = (g * dstep.to(g.scalar_type())).sum() * q.grad_scale;
+    auto& sg = q.aux.mutable_grad();
+    if (!sg.defined()) sg = at::zeros_like(q.aux);
+    sg.add_(gs.to(sg.scalar_type()).reshape(sg.sizes()));
+    q.v = at::Tensor();
+    return (g * inside.to(g.scalar_type())).view(grad.sizes());
+  }
+
+  void export_levels(const Param& q, const at::Tensor& w, QuantizedTensor& t) const {
+    check_finite(w, q.name);
+    const double s = step_of(q);
+    const int64_t b = this->options_.bits();
+    t.group_size = 0;
+    t.bits = bits_tensor();
+    auto mm = lsq_min_max(s, b);
+    t.min = mm.first;
+    t.max = mm.second;
+    t.levels = lsq_levels(w, s, b);
+  }
+
+  at::Tensor size_bits(const Param& q, bool) const {
+    return at::scalar_tensor(static_cast<double>(this->options_.bits() * q.numel + 64),
+                             at::TensorOptions().dtype(at::kDouble));
+  }
+
+  double sum_bits(const Param& q, bool) const {
+    return static_cast<double>(this->options_.bits() * q.numel);
+  }
+};
+
+}  // namespace diffq

@@ -1,0 +1,266 @@
+// Tests of diffq::LSQQuantizer against independent computations: LSQ's formulas (Esser et al.,
+// arXiv 1902.08153, Eq. 1–3) evaluated by hand element by element on small tensors, finite
+// differences where the quantizer is smooth, and the checkpoint round trip.
+#include <diffq/checkpoint.h>
+#include <diffq/lsq.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace F = torch::nn::functional;
+using diffq::LSQOptions;
+using diffq::LSQQuantizer;
+
+::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
+                                 double rtol = 1e-5) {
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure()
+           << "shape " << actual.sizes() << " vs " << expected.sizes();
+  }
+  auto a = actual.detach().to(torch::kDouble);
+  auto e = expected.detach().to(torch::kDouble);
+  const double err = (a - e).abs().max().item<double>();
+  const double ref = e.abs().max().item<double>();
+  if (!std::isfinite(err) || err > rtol * ref) {
+    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
+  auto a = x.detach().cpu().contiguous(), b = y.detach().cpu().contiguous();
+  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
+}
+
+/// A module whose output is `Σ x ⊙ weight`: the upstream gradient of its weight is `x`.
+struct DotImpl : torch::nn::Module {
+  explicit DotImpl(torch::Tensor w) : weight(register_parameter("weight", std::move(w))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return (x * weight).sum(); }
+  torch::Tensor weight;
+};
+TORCH_MODULE(Dot);
+
+struct MLPImpl : torch::nn::Module {
+  MLPImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
+        fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
+  torch::nn::Linear fc1, fc2;
+};
+TORCH_MODULE(MLP);
+
+template <typename Fn>
+void ExpectError(Fn fn, const std::string& substring) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing '" << substring << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
+  }
+}
+
+/// Sets the step of `name` to `s`.
+template <typename Q>
+void SetStep(Q& q, const std::string& name, double s) {
+  torch::NoGradGuard ng;
+  q.step(name).fill_(s);
+}
+
+TEST(LSQQuantizer, StepInitialisedFromMeanAbsAndRegisteredOnOwner) {
+  torch::manual_seed(1);
+  MLP model;
+  LSQQuantizer<MLP> q(model, LSQOptions().bits(3).min_size_mb(0).exclude({"*bias"}));
+  const auto w = model->fc1->weight.detach().to(torch::kDouble).contiguous();
+  double sum = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) sum += std::abs(w.data_ptr<double>()[i]);
+  const double expected = 2.0 * (sum / w.numel()) / std::sqrt(3.0);  // Qp = 2^2 − 1
+  EXPECT_NEAR(q.step("fc1.weight").item<double>(), expected, 1e-6 * expected);
+  EXPECT_EQ(q.step("fc1.weight").sizes(), (std::vector<int64_t>{1}));
+  auto names = model->fc1->named_parameters(false).keys();
+  EXPECT_NE(std::find(names.begin(), names.end(), "weight_lsq"), names.end());
+  q.detach();
+  names = model->fc1->named_parameters(false).keys();
+  EXPECT_EQ(std::find(names.begin(), names.end(), "weight_lsq"), names.end());
+}
+
+TEST(LSQQuantizer, ForwardLevelsAndGradientsMatchThePaperByHand) {
+  for (int64_t bits : {2, 3, 4}) {
+    SCOPED_TRACE("bits=" + std::to_string(bits));
+    torch::manual_seed(2);
+    const auto w0 = torch::randn({3, 5});
+    Dot model(w0.clone());
+    torch::optim::SGD opt(model->parameters(), 0.0);
+    LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
+    q.setup_optimizer(opt, 0.0);
+    const double s = 1.1 / (std::pow(2.0, bits - 1) - 1);  // some elements inside, some clamped
+    SetStep(q, "weight", s);
+    const auto x = torch::randn({3, 5});
+    auto y = q.forward(x);
+    y.backward();
+
+    const double qn = std::pow(2.0, bits - 1), qp = qn - 1;
+    const double g = 1.0 / std::sqrt(15.0 * qp);
+    auto wc = w0.contiguous();
+    auto xc = x.contiguous();
+    const float* wp = wc.data_ptr<float>();
+    const float* xp = xc.data_ptr<float>();
+    double out = 0, gstep = 0, gabs = 0;
+    std::vector<float> gw(15);
+    int inside_count = 0, clamped = 0;
+    for (int i = 0; i < 15; ++i) {
+      const double v = static_cast<double>(wp[i] / static_cast<float>(s));  // paper: v = w/s
+      const double level = std::nearbyint(std::min(std::max(v, -qn), qp));
+      out += xp[i] * level * s;  // w_q = round(clamp(v, −Qn, Qp))·s
+      const bool inside = -qn < v && v < qp;
+      inside_count += inside;
+      clamped += !inside;
+      gw[i] = inside ? xp[i] : 0.0f;                                                // ∂w_q/∂w
+      const double dstep = inside ? std::nearbyint(v) - v : (v <= -qn ? -qn : qp);  // ∂w_q/∂s
+      gstep += xp[i] * dstep;
+      gabs += std::abs(xp[i] * dstep);
+    }
+    EXPECT_GT(inside_count, 0);
+    EXPECT_GT(clamped, 0);
+    EXPECT_NEAR(y.item<double>(), out, 1e-5 * std::max(1.0, std::abs(out)));
+    EXPECT_TRUE(Close(model->weight.grad(), torch::from_blob(gw.data(), {3, 5}).clone(), 1e-6));
+    EXPECT_NEAR(q.step("weight").grad().item<double>(), g * gstep, 1e-5 * g * gabs);
+    EXPECT_TRUE(BitEqual(model->weight, w0));  // clean weights after the backward
+  }
+}
+
+TEST(LSQQuantizer, StepGradientMatchesFiniteDifferencesWhereSmooth) {
+  // Every element clamped (|w/s| > Qp): w_q = ±Q·s is linear in s and constant in w, so LSQ's
+  // STE gradients are the true derivatives: dL/ds = Σ x·(−Qn or Qp), scaled by g; dL/dw = 0.
+  torch::manual_seed(3);
+  const int64_t bits = 3;
+  auto w0 = torch::randn({4, 4}, torch::kDouble).sign() * (2 + torch::rand({4, 4}, torch::kDouble));
+  Dot model(w0.clone());
+  LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
+  q.no_optimizer();
+  const double s = 0.1;  // |v| >= 20 > Qp = 3
+  SetStep(q, "weight", s);
+  const auto x = torch::randn({4, 4}, torch::kDouble);
+  q.forward(x).backward();
+  auto loss_at = [&](double step) {
+    SetStep(q, "weight", step);
+    torch::NoGradGuard ng;
+    model->eval();
+    auto l = q.forward(x).item<double>();
+    model->train();
+    return l;
+  };
+  const double h = 1e-4;
+  const double fd = (loss_at(s + h) - loss_at(s - h)) / (2 * h);
+  const double g = 1.0 / std::sqrt(16.0 * 3.0);
+  EXPECT_NEAR(q.step("weight").grad().item<double>(), g * fd, 1e-7);
+  EXPECT_EQ(model->weight.grad().abs().max().item<double>(), 0.0);
+}
+
+TEST(LSQQuantizer, EvalWeightsAreTheLevelsOnTheStepGrid) {
+  torch::manual_seed(4);
+  MLP model;
+  LSQQuantizer<MLP> q(model, LSQOptions().bits(4).min_size_mb(0));
+  const auto w = model->fc1->weight.detach().clone();
+  const double s = q.step("fc1.weight").item<double>();
+  auto st = q.quantized_state();
+  const auto& t = st.quantized[0];
+  ASSERT_EQ(t.name, "fc1.weight");
+  EXPECT_EQ(t.group_size, 0);
+  EXPECT_EQ(t.bits[0].item<int>(), 4);
+  EXPECT_EQ(t.min, -8 * s);
+  EXPECT_EQ(t.max, 7 * s);
+  // Levels by hand: round(clamp(w/s, −8, 7)) + 8.
+  auto wc = w.contiguous();
+  auto lv = t.levels.contiguous();
+  for (int64_t i = 0; i < wc.numel(); ++i) {
+    const float v = wc.data_ptr<float>()[i] / static_cast<float>(s);
+    const double level = std::nearbyint(std::min(std::max<double>(v, -8.0), 7.0)) + 8;
+    ASSERT_EQ(lv.data_ptr<int16_t>()[i], static_cast<int16_t>(level)) << "element " << i;
+  }
+  // Eval weights ≈ (level − Qn)·s.
+  diffq::QuantizedGuard<LSQQuantizer<MLP>> guard(q);
+  auto expected = (t.levels.to(torch::kDouble) - 8).mul(s).view(w.sizes());
+  EXPECT_TRUE(Close(model->fc1->weight, expected, 1e-6));
+}
+
+TEST(LSQQuantizer, TrainExportLoadIsBitExact) {
+  torch::manual_seed(5);
+  MLP model;
+  torch::optim::Adam opt(model->parameters(), 1e-2);
+  LSQQuantizer<MLP> q(model, LSQOptions().bits(3).min_size_mb(0).exclude({"*bias"}));
+  q.setup_optimizer(opt, 1e-2);
+  ASSERT_EQ(opt.param_groups().size(), 2u);
+  EXPECT_EQ(static_cast<torch::optim::AdamOptions&>(opt.param_groups()[1].options()).weight_decay(),
+            0.0);
+  const double s0 = q.step("fc1.weight").item<double>();
+  auto x = torch::randn({16, 10});
+  auto target = torch::randn({16, 3});
+  for (int i = 0; i < 5; ++i) {
+    opt.zero_grad();
+    (q.forward(x) - target).pow(2).mean().backward();
+    opt.step();
+  }
+  EXPECT_NE(q.step("fc1.weight").item<double>(), s0);  // the step is learnt
+  std::vector<uint8_t> bytes;
+  diffq::save_quantized(q, bytes);
+  MLP fresh;
+  diffq::load_quantized(fresh, bytes);
+  model->eval();
+  torch::NoGradGuard ng;
+  auto expected = q.forward(x);
+  EXPECT_TRUE(BitEqual(fresh->forward(x), expected));
+  diffq::QuantizedGuard<LSQQuantizer<MLP>> guard(q);
+  EXPECT_TRUE(BitEqual(fresh->fc1->weight, model->fc1->weight));
+  EXPECT_TRUE(BitEqual(fresh->fc2->weight, model->fc2->weight));
+}
+
+TEST(LSQQuantizer, ModelSizeEqualsFormulaByHand) {
+  MLP model;
+  LSQQuantizer<MLP> q(model, LSQOptions().bits(4).min_size_mb(0).exclude({"*bias"}).float16(true));
+  const double bits = 4.0 * 60 + 64 + 4.0 * 18 + 64 + 16.0 * (6 + 3);  // steps not counted
+  EXPECT_NEAR(q.model_size().item<double>(), bits / (8.0 * 1048576.0), 1e-15);
+  EXPECT_NEAR(q.true_model_size(), bits / (8.0 * 1048576.0), 1e-15);
+  EXPECT_DOUBLE_EQ(q.mean_bits(), 4.0);
+}
+
+TEST(LSQQuantizer, ErrorPaths) {
+  MLP model;
+  ExpectError([&] { LSQQuantizer<MLP> q(model, LSQOptions().bits(1)); },
+              "diffq::LSQQuantizer: bits must be in [2, 15], got 1");
+  ExpectError([&] { LSQQuantizer<MLP> q(model, LSQOptions().bits(16)); },
+              "diffq::LSQQuantizer: bits must be in [2, 15], got 16");
+  ExpectError([&] { LSQQuantizer<MLP> q(model, LSQOptions().min_size_mb(-1)); },
+              "diffq::LSQQuantizer: min_size_mb must be >= 0, got -1");
+  ExpectError([&] { LSQQuantizer<MLP> q(model, LSQOptions().suffix("")); },
+              "diffq::LSQQuantizer: suffix must be non-empty");
+  LSQQuantizer<MLP> q(model, LSQOptions().min_size_mb(0));
+  ExpectError([&] { LSQQuantizer<MLP> again(model, LSQOptions()); },
+              "the model already carries a LSQ step size ('fc1.weight_lsq')");
+  ExpectError(
+      [&] {
+        q.forward(torch::randn({1, 10}));
+      },
+      "diffq::LSQQuantizer::forward: call setup_optimizer(optimizer)");
+  torch::optim::Adam late(model->parameters());
+  ExpectError([&] { q.setup_optimizer(late); },
+              "already holds the step size 'fc1.weight_lsq'; create the optimizer");
+  ExpectError([&] { q.step("nope"); }, "diffq::LSQQuantizer: no quantized parameter named 'nope'");
+  SetStep(q, "fc1.weight", -0.5);
+  model->eval();
+  ExpectError(
+      [&] {
+        q.forward(torch::randn({1, 10}));
+      },
+      "diffq::LSQQuantizer: the step size of 'fc1.weight' must be > 0 and finite, got -0.5");
+}
+
+}  // namespace
