@@ -3,6 +3,8 @@
 #include <diffq/detail/glob.h>
 #include <diffq/detail/pqn_kernels.h>
 
+#include "test_util.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -12,17 +14,11 @@
 
 namespace {
 
-using diffq::Param;
+using diffq_test::BitEqual;
+using diffq_test::Close;
+using diffq_test::ExpectError;
 
-template <typename Fn>
-void ExpectError(Fn fn, const std::string& substring) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing '" << substring << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
-  }
-}
+using diffq::Param;
 
 TEST(Bits, NumGroupsCountsPartialLastGroup) {
   EXPECT_EQ(diffq::num_groups(60, 8), 8);   // 7 full groups + 4 elements

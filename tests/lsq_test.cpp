@@ -4,6 +4,8 @@
 #include <diffq/checkpoint.h>
 #include <diffq/lsq.h>
 
+#include "test_util.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -15,31 +17,13 @@
 
 namespace {
 
+using diffq_test::BitEqual;
+using diffq_test::Close;
+using diffq_test::ExpectError;
+
 namespace F = torch::nn::functional;
 using diffq::LSQOptions;
 using diffq::LSQQuantizer;
-
-::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
-                                 double rtol = 1e-5) {
-  if (actual.sizes() != expected.sizes()) {
-    return ::testing::AssertionFailure()
-           << "shape " << actual.sizes() << " vs " << expected.sizes();
-  }
-  auto a = actual.detach().to(torch::kDouble);
-  auto e = expected.detach().to(torch::kDouble);
-  const double err = (a - e).abs().max().item<double>();
-  const double ref = e.abs().max().item<double>();
-  if (!std::isfinite(err) || err > rtol * ref) {
-    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
-  }
-  return ::testing::AssertionSuccess();
-}
-
-bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
-  auto a = x.detach().cpu().contiguous(), b = y.detach().cpu().contiguous();
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
-}
 
 /// A module whose output is `Σ x ⊙ weight`: the upstream gradient of its weight is `x`.
 struct DotImpl : torch::nn::Module {
@@ -57,16 +41,6 @@ struct MLPImpl : torch::nn::Module {
   torch::nn::Linear fc1, fc2;
 };
 TORCH_MODULE(MLP);
-
-template <typename Fn>
-void ExpectError(Fn fn, const std::string& substring) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing '" << substring << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
-  }
-}
 
 /// Sets the step of `name` to `s`.
 template <typename Q>

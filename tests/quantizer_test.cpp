@@ -3,6 +3,8 @@
 // hand-quantized weights, and the size formula computed by hand.
 #include <diffq/quantizer.h>
 
+#include "test_util.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -14,31 +16,13 @@
 
 namespace {
 
+using diffq_test::BitEqual;
+using diffq_test::Close;
+using diffq_test::ExpectError;
+
 namespace F = torch::nn::functional;
 using diffq::DiffQOptions;
 using diffq::DiffQuantizer;
-
-/// max |a − e| <= rtol · max |e| (and both finite, same shape).
-::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
-                                 double rtol = 1e-5) {
-  if (actual.sizes() != expected.sizes()) {
-    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " vs " << expected.sizes();
-  }
-  auto a = actual.detach().to(torch::kDouble);
-  auto e = expected.detach().to(torch::kDouble);
-  const double err = (a - e).abs().max().item<double>();
-  const double ref = e.abs().max().item<double>();
-  if (!std::isfinite(err) || err > rtol * ref) {
-    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
-  }
-  return ::testing::AssertionSuccess();
-}
-
-bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
-  auto a = x.cpu().contiguous(), b = y.cpu().contiguous();
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
-}
 
 /// Bit widths from logits by the paper's formula (reference `_get_bits`), as explicit tensor ops.
 torch::Tensor RefBits(const torch::Tensor& logit, const DiffQOptions& o) {
@@ -718,16 +702,6 @@ TEST(DiffQuantizer, DetachLeavesTheModelAsItWas) {
   // A new quantizer can wrap the model again.
   DiffQuantizer<MLP> again(model, DiffQOptions().min_size_mb(0));
   EXPECT_EQ(again.quantized_names().size(), 4u);
-}
-
-template <typename Fn>
-void ExpectError(Fn fn, const std::string& substring) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing '" << substring << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
-  }
 }
 
 TEST(DiffQuantizer, ErrorPaths) {

@@ -5,6 +5,8 @@
 #include <diffq/checkpoint.h>
 #include <diffq/uniform.h>
 
+#include "test_util.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -15,31 +17,13 @@
 
 namespace {
 
+using diffq_test::BitEqual;
+using diffq_test::Close;
+using diffq_test::ExpectError;
+
 namespace F = torch::nn::functional;
 using diffq::UniformOptions;
 using diffq::UniformQuantizer;
-
-::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
-                                 double rtol = 1e-5) {
-  if (actual.sizes() != expected.sizes()) {
-    return ::testing::AssertionFailure()
-           << "shape " << actual.sizes() << " vs " << expected.sizes();
-  }
-  auto a = actual.detach().to(torch::kDouble);
-  auto e = expected.detach().to(torch::kDouble);
-  const double err = (a - e).abs().max().item<double>();
-  const double ref = e.abs().max().item<double>();
-  if (!std::isfinite(err) || err > rtol * ref) {
-    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
-  }
-  return ::testing::AssertionSuccess();
-}
-
-bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
-  auto a = x.detach().cpu().contiguous(), b = y.detach().cpu().contiguous();
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
-}
 
 /// Uniform quantization by hand, element by element in double precision (paper Eq. 1).
 torch::Tensor HandQuantize(const torch::Tensor& w, int64_t bits) {
@@ -85,16 +69,6 @@ struct TiedImpl : torch::nn::Module {
   Proj out;
 };
 TORCH_MODULE(Tied);
-
-template <typename Fn>
-void ExpectError(Fn fn, const std::string& substring) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing '" << substring << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
-  }
-}
 
 TEST(UniformQuantizer, EvalForwardUsesHandQuantizedWeights) {
   for (int64_t bits : {1, 3, 8, 15}) {

@@ -151,7 +151,8 @@ inline at::Tensor rounded_bits(const at::Tensor& b, double extra_bits) {
 inline at::Tensor expand_groups(const at::Tensor& per_group, int64_t numel, int64_t group_size) {
   const int64_t gs = effective_group_size(numel, group_size);
   TORCH_INTERNAL_ASSERT(per_group.dim() == 1 && per_group.size(0) == num_groups(numel, group_size));
-  return per_group.repeat_interleave(gs).narrow(0, 0, numel);
+  // A broadcast view copied once (repeat_interleave is an order of magnitude slower).
+  return per_group.unsqueeze(1).expand({per_group.size(0), gs}).reshape(-1).narrow(0, 0, numel);
 }
 
 /// Minimum and maximum of a tensor, as values of its own dtype stored in doubles. Throws, naming

@@ -151,18 +151,40 @@ inline void unpack_bits_t(const uint8_t* in, size_t n, uint16_t* out) {
 /// value). Example: `bits = 3`, values `1 2 3 4 5 6 7 0` give bytes `0xD1 0x58 0x1F`.
 inline void pack_bits(const uint16_t* values, size_t n, int bits, uint8_t* out) {
   switch (bits) {
-#define DIFFQ_PACK_CASE(B) \
-  case B:                  \
-    return detail::pack_bits_t<B>(values, n, out);
-    DIFFQ_PACK_CASE(1)
-    DIFFQ_PACK_CASE(2)
-    DIFFQ_PACK_CASE(3) DIFFQ_PACK_CASE(4) DIFFQ_PACK_CASE(5) DIFFQ_PACK_CASE(6) DIFFQ_PACK_CASE(7)
-        DIFFQ_PACK_CASE(8) DIFFQ_PACK_CASE(9) DIFFQ_PACK_CASE(10) DIFFQ_PACK_CASE(11)
-            DIFFQ_PACK_CASE(12) DIFFQ_PACK_CASE(13) DIFFQ_PACK_CASE(14) DIFFQ_PACK_CASE(15)
-                DIFFQ_PACK_CASE(16)
-#undef DIFFQ_PACK_CASE
-                    default
-        : TORCH_CHECK(false, "diffq::pack_bits: bits must be in [1, 16], got ", bits);
+    case 1:
+      return detail::pack_bits_t<1>(values, n, out);
+    case 2:
+      return detail::pack_bits_t<2>(values, n, out);
+    case 3:
+      return detail::pack_bits_t<3>(values, n, out);
+    case 4:
+      return detail::pack_bits_t<4>(values, n, out);
+    case 5:
+      return detail::pack_bits_t<5>(values, n, out);
+    case 6:
+      return detail::pack_bits_t<6>(values, n, out);
+    case 7:
+      return detail::pack_bits_t<7>(values, n, out);
+    case 8:
+      return detail::pack_bits_t<8>(values, n, out);
+    case 9:
+      return detail::pack_bits_t<9>(values, n, out);
+    case 10:
+      return detail::pack_bits_t<10>(values, n, out);
+    case 11:
+      return detail::pack_bits_t<11>(values, n, out);
+    case 12:
+      return detail::pack_bits_t<12>(values, n, out);
+    case 13:
+      return detail::pack_bits_t<13>(values, n, out);
+    case 14:
+      return detail::pack_bits_t<14>(values, n, out);
+    case 15:
+      return detail::pack_bits_t<15>(values, n, out);
+    case 16:
+      return detail::pack_bits_t<16>(values, n, out);
+    default:
+      TORCH_CHECK(false, "diffq::pack_bits: bits must be in [1, 16], got ", bits);
   }
 }
 
@@ -180,18 +202,40 @@ inline std::vector<uint8_t> pack_bits(const std::vector<uint16_t>& values, int b
 inline void unpack_bits(const uint8_t* in, size_t n_in_bytes, size_t n, int bits, uint16_t* out) {
   (void)n_in_bytes;
   switch (bits) {
-#define DIFFQ_UNPACK_CASE(B) \
-  case B:                    \
-    return detail::unpack_bits_t<B>(in, n, out);
-    DIFFQ_UNPACK_CASE(1)
-    DIFFQ_UNPACK_CASE(2)
-    DIFFQ_UNPACK_CASE(3) DIFFQ_UNPACK_CASE(4) DIFFQ_UNPACK_CASE(5) DIFFQ_UNPACK_CASE(6)
-        DIFFQ_UNPACK_CASE(7) DIFFQ_UNPACK_CASE(8) DIFFQ_UNPACK_CASE(9) DIFFQ_UNPACK_CASE(10)
-            DIFFQ_UNPACK_CASE(11) DIFFQ_UNPACK_CASE(12) DIFFQ_UNPACK_CASE(13) DIFFQ_UNPACK_CASE(14)
-                DIFFQ_UNPACK_CASE(15) DIFFQ_UNPACK_CASE(16)
-#undef DIFFQ_UNPACK_CASE
-                    default
-        : TORCH_CHECK(false, "diffq::unpack_bits: bits must be in [1, 16], got ", bits);
+    case 1:
+      return detail::unpack_bits_t<1>(in, n, out);
+    case 2:
+      return detail::unpack_bits_t<2>(in, n, out);
+    case 3:
+      return detail::unpack_bits_t<3>(in, n, out);
+    case 4:
+      return detail::unpack_bits_t<4>(in, n, out);
+    case 5:
+      return detail::unpack_bits_t<5>(in, n, out);
+    case 6:
+      return detail::unpack_bits_t<6>(in, n, out);
+    case 7:
+      return detail::unpack_bits_t<7>(in, n, out);
+    case 8:
+      return detail::unpack_bits_t<8>(in, n, out);
+    case 9:
+      return detail::unpack_bits_t<9>(in, n, out);
+    case 10:
+      return detail::unpack_bits_t<10>(in, n, out);
+    case 11:
+      return detail::unpack_bits_t<11>(in, n, out);
+    case 12:
+      return detail::unpack_bits_t<12>(in, n, out);
+    case 13:
+      return detail::unpack_bits_t<13>(in, n, out);
+    case 14:
+      return detail::unpack_bits_t<14>(in, n, out);
+    case 15:
+      return detail::unpack_bits_t<15>(in, n, out);
+    case 16:
+      return detail::unpack_bits_t<16>(in, n, out);
+    default:
+      TORCH_CHECK(false, "diffq::unpack_bits: bits must be in [1, 16], got ", bits);
   }
 }
 

@@ -1,0 +1,47 @@
+#pragma once
+// Assertions shared by the diffq tests.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+namespace diffq_test {
+
+/// max |actual − expected| <= rtol · max |expected| (same shape, finite).
+inline ::testing::AssertionResult Close(const torch::Tensor& actual, const torch::Tensor& expected,
+                                        double rtol = 1e-5) {
+  if (actual.sizes() != expected.sizes()) {
+    return ::testing::AssertionFailure()
+           << "shape " << actual.sizes() << " vs " << expected.sizes();
+  }
+  auto a = actual.detach().to(torch::kDouble);
+  auto e = expected.detach().to(torch::kDouble);
+  const double err = (a - e).abs().max().item<double>();
+  const double ref = e.abs().max().item<double>();
+  if (!std::isfinite(err) || err > rtol * ref) {
+    return ::testing::AssertionFailure() << "max error " << err << " > " << rtol << " * " << ref;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+/// Same shape, dtype and bytes.
+inline bool BitEqual(const torch::Tensor& x, const torch::Tensor& y) {
+  auto a = x.detach().cpu().contiguous(), b = y.detach().cpu().contiguous();
+  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+         std::memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0;
+}
+
+/// `fn()` throws a `c10::Error` whose message contains `substring`.
+template <typename Fn>
+void ExpectError(Fn fn, const std::string& substring) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing '" << substring << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace diffq_test
