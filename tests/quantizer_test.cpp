@@ -337,6 +337,52 @@ TEST(DiffQuantizer, GradientsMatchWhenParametersShareAGradientTensor) {
   }
 }
 
+/// The weight's gradient arrives expanded (stride 0): `y = x · Σ w`.
+struct ExpandedGradImpl : torch::nn::Module {
+  ExpandedGradImpl() : w(register_parameter("w", torch::randn({4, 5}))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return x * w.sum(); }
+  torch::Tensor w;
+};
+TORCH_MODULE(ExpandedGrad);
+
+TEST(DiffQuantizer, GradientsMatchForAnExpandedWeightGradient) {
+  for (bool ref : {false, true}) {
+    torch::manual_seed(23);
+    ExpandedGrad model;
+    auto x = torch::randn({3});
+    CheckGradients(model, DiffQOptions().group_size(3).min_size_mb(0), ref, x,
+                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+                     return x * nw["w"].sum();
+                   });
+  }
+}
+
+struct HalfHolderImpl : torch::nn::Module {
+  HalfHolderImpl() : h(register_parameter("h", torch::zeros({100}, torch::kHalf))) {}
+  torch::Tensor h;
+};
+TORCH_MODULE(HalfHolder);
+
+struct MixedImpl : torch::nn::Module {
+  MixedImpl()
+      : fc(register_module("fc", torch::nn::Linear(10, 6))),
+        half(register_module("half", HalfHolder())) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc(x); }
+  torch::nn::Linear fc;
+  HalfHolder half;
+};
+TORCH_MODULE(Mixed);
+
+TEST(DiffQuantizer, FailedConstructionLeavesTheModelAsItWas) {
+  Mixed model;
+  const auto names = model->named_parameters().keys();
+  ExpectError([&] { DiffQuantizer<Mixed> q(model, DiffQOptions().min_size_mb(0)); },
+              "parameter 'half.h' has dtype Half; expected float32 or float64");
+  EXPECT_EQ(model->named_parameters().keys(), names);  // no logit left behind on fc
+  DiffQuantizer<Mixed> q(model, DiffQOptions().min_size_mb(0).exclude({"half.*"}));
+  EXPECT_EQ(q.quantized_names().size(), 2u);
+}
+
 TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
   // Constant-initialised rows create ties at the max and min: the gradient through max − min is
   // spread over them as ATen's max()/min() backward does.

@@ -168,8 +168,8 @@ class BaseQuantizer {
   template <typename... Args>
   decltype(auto) forward(Args&&... args) {
     check_attached("forward");
-    pre_forward();
     try {
+      pre_forward();
       decltype(auto) out = model_->forward(std::forward<Args>(args)...);
       post_forward();
       return out;
@@ -196,7 +196,12 @@ class BaseQuantizer {
   void quantize() {
     check_attached("quantize");
     restore_all();
-    for (auto& q : params_) set_quantized(*q);
+    try {
+      for (auto& q : params_) set_quantized(*q);
+    } catch (...) {
+      restore_all();  // all clean again, as before the call
+      throw;
+    }
     manual_quantized_ = true;
   }
 
@@ -313,6 +318,7 @@ class BaseQuantizer {
 
   void check_attached(const char* what) const {
     TORCH_CHECK(!detached_, traits_.name, "::", what, ": the quantizer was detached");
+    TORCH_CHECK(model_ != nullptr, traits_.name, "::", what, ": the quantizer was moved from");
   }
 
   const Param& find(const std::string& name) const {
@@ -373,8 +379,21 @@ class BaseQuantizer {
     optimizer_ready_ = true;
   }
 
-  /// Discovers the quantized parameters; called by the derived constructor once it is ready.
+  /// Discovers the quantized parameters; called by the derived constructor once it is ready. On
+  /// an error, the auxiliary tensors registered so far are removed: the model is left as it was.
   void build() {
+    try {
+      discover();
+    } catch (...) {
+      for (auto& q : params_) {
+        if (q->aux.defined()) detail::erase_parameter(*q->owner, q->aux_name);
+      }
+      params_.clear();
+      throw;
+    }
+  }
+
+  void discover() {
     const auto& suffix = traits_.suffix;
     // Refuse a model already wrapped: a parameter name ending with the suffix.
     if (!suffix.empty()) {

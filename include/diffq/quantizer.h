@@ -10,6 +10,11 @@
 /// in the graph are done), computes the logit gradient analytically (per group
 /// `Σ g·u·scale·∂unit/∂logit`, plus the term through `max w − min w`), adds it to the logit's
 /// gradient, and gives the parameter back its clean values, bit for bit. Forwards that will see no
+/// backward (grad mode off, or the parameter unused by the forward) restore the clean values right
+/// after the forward. A forward with grad enabled whose graph is never backpropagated leaves the
+/// substituted values in place until the next call of the quantizer (`forward`, `quantize`,
+/// `unquantize`, `detach`): evaluate under `torch::NoGradGuard`, or call `unquantize()` before
+/// `torch::save(model)` in that case.
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -199,22 +204,26 @@ class DiffQuantizer
 
   /// The parameter's gradient is complete: add the logit gradient and correct the weight gradient
   /// for the path through `max w − min w` (the base then restores the clean weights).
-  static at::Tensor training_backward(QParam& q, const at::Tensor& grad) {
+  static at::Tensor training_backward(QParam& q, const at::Tensor& incoming) {
     at::NoGradGuard no_grad;
     auto& lg = q.aux.mutable_grad();
     if (!lg.defined()) lg = at::zeros_like(q.aux);
-    const bool fast = q.fast && grad.device().is_cpu() && grad.is_contiguous() &&
-                      grad.scalar_type() == at::kFloat && lg.is_contiguous() &&
-                      lg.device().is_cpu() && lg.scalar_type() == at::kFloat;
+    // Sparse (Embedding) or strided (expanded, permuted) gradients: a dense contiguous copy.
+    const at::Tensor grad = incoming.is_sparse() ? incoming.to_dense() : incoming;
+    const bool fast = q.fast && grad.device().is_cpu() && grad.scalar_type() == at::kFloat &&
+                      lg.is_contiguous() && lg.device().is_cpu() && lg.scalar_type() == at::kFloat;
     if (fast) {
+      const at::Tensor dense = grad.contiguous();
       const double s = detail::noise_backward_cpu(
-          grad.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel, q.group_size,
+          dense.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel, q.group_size,
           q.unit.data_ptr<float>(), q.dunit.data_ptr<float>(), q.scale, lg.data_ptr<float>(),
           q.partial.data_ptr<double>());
       if (s == 0 || q.scale == 0) return at::Tensor();
       // The path through max w − min w adds ±s, spread over the ties, to a few elements of the
       // weight gradient. Rather than copying the whole gradient, add it to `param.grad` once the
-      // backward pass has accumulated it (an engine callback runs after every node).
+      // backward pass has accumulated it (the engine's final callbacks run once the whole graph
+      // is done). A gradient taken with torch::autograd::grad() instead of backward() has no
+      // `param.grad` to receive it and lacks this term.
       std::weak_ptr<QParam> weak = q.shared_from_this();
       torch::autograd::Engine::get_default_engine().queue_callback([weak, s] {
         auto q = weak.lock();
@@ -243,7 +252,7 @@ class DiffQuantizer
   static void add_extremes_gradient(QParam& q, double s) {
     at::NoGradGuard no_grad;
     auto& grad = q.param.mutable_grad();
-    TORCH_INTERNAL_ASSERT(grad.defined(), "diffq: weight gradient missing after backward");
+    if (!grad.defined()) return;  // autograd::grad(): nothing was accumulated into param.grad
     const double up = s / static_cast<double>(q.extremes.argmax.size());
     const double down = s / static_cast<double>(q.extremes.argmin.size());
     if (grad.is_contiguous() && grad.device().is_cpu() && grad.scalar_type() == at::kFloat) {
@@ -306,6 +315,8 @@ class DiffQuantizer
                   q.name, "' holds non-finite values (min=", lo, ", max=", hi,
                   "); cannot add pseudo quantization noise to NaN or Inf weights");
       q.scale = hi - lo;
+      q.lo = std::get<0>(mm);
+      q.hi = std::get<1>(mm);
       if (!q.partial.defined() || q.partial.numel() != q.groups) {
         const auto cpu = at::TensorOptions().device(at::kCPU);
         q.partial = at::empty({q.groups}, cpu.dtype(at::kDouble));
