@@ -21,13 +21,14 @@ using diffq_test::ExpectError;
 using diffq::Param;
 
 TEST(Bits, NumGroupsCountsPartialLastGroup) {
-  EXPECT_EQ(diffq::num_groups(60, 8), 8);   // 7 full groups + 4 elements
+  EXPECT_EQ(diffq::num_groups(60, 8), 8);  // 7 full groups + 4 elements
   EXPECT_EQ(diffq::num_groups(64, 8), 8);
   EXPECT_EQ(diffq::num_groups(10, 16), 1);  // a bias smaller than one group
   EXPECT_EQ(diffq::num_groups(10, 0), 1);   // 0: one group per tensor
   EXPECT_EQ(diffq::num_groups(0, 8), 0);
   EXPECT_EQ(diffq::effective_group_size(10, 0), 10);
-  ExpectError([] { diffq::num_groups(5, -3); }, "diffq::num_groups: group_size must be >= 0, got -3");
+  ExpectError([] { diffq::num_groups(5, -3); },
+              "diffq::num_groups: group_size must be >= 0, got -3");
   ExpectError([] { diffq::num_groups(-1, 3); }, "numel must be >= 0, got -1");
 }
 
@@ -47,9 +48,11 @@ TEST(Bits, BitsFromLogitFollowsTheFormula) {
   }
   // Extremes of the parametrisation.
   EXPECT_NEAR(diffq::bits_from_logit(torch::tensor({-50.0}, torch::kDouble), 2, 15, Param::kNoise)
-                  .item<double>(), 2.0, 1e-9);
+                  .item<double>(),
+              2.0, 1e-9);
   EXPECT_NEAR(diffq::bits_from_logit(torch::tensor({50.0}, torch::kDouble), 2, 15, Param::kNoise)
-                  .item<double>(), 15.0, 1e-9);
+                  .item<double>(),
+              15.0, 1e-9);
 }
 
 TEST(Bits, LogitForBitsInvertsBitsFromLogit) {
@@ -101,7 +104,8 @@ TEST(Bits, FastUnitKernelMatchesDoubleFormula) {
       const double tol = std::abs(l) <= 12 ? 5e-6 : 2e-5;
       const auto ref = diffq::unit_from_logit(l, 2, 15, param);
       EXPECT_NEAR(unit[i].item<double>(), ref.unit, tol * ref.unit) << i;
-      EXPECT_NEAR(dunit[i].item<double>(), ref.dunit_dlogit, tol * std::abs(ref.dunit_dlogit) + 1e-30)
+      EXPECT_NEAR(dunit[i].item<double>(), ref.dunit_dlogit,
+                  tol * std::abs(ref.dunit_dlogit) + 1e-30)
           << i;
     }
   }
@@ -146,7 +150,8 @@ TEST(Bits, RoundedBitsClampToStoredRange) {
   auto b = torch::tensor({0.2, 1.6, 7.5, 8.5, 14.4, 16.7}, torch::kDouble);
   auto r = diffq::rounded_bits(b, 0.0);
   EXPECT_TRUE(torch::equal(r, torch::tensor({1, 2, 8, 8, 14, 15}, torch::kByte)));  // half to even
-  EXPECT_TRUE(torch::equal(diffq::rounded_bits(b, 1.0), torch::tensor({1, 3, 8, 10, 15, 15}, torch::kByte)));
+  EXPECT_TRUE(torch::equal(diffq::rounded_bits(b, 1.0),
+                           torch::tensor({1, 3, 8, 10, 15, 15}, torch::kByte)));
 }
 
 TEST(Bits, SizeFormulaByHand) {
@@ -158,33 +163,43 @@ TEST(Bits, SizeFormulaByHand) {
   EXPECT_NEAR(diffq::bits_bits(b, 2).item<double>(), 3.0, 0);
   EXPECT_NEAR(diffq::bits_bits(torch::tensor({2.2}, torch::kDouble), 2).item<double>(), 0.0, 0);
   // Whole-tensor group.
-  EXPECT_NEAR(diffq::quantized_size_bits(torch::tensor({6.0}, torch::kDouble), 10, 0, 2).item<double>(),
-              60 + 72 + 3, 1e-9);
+  EXPECT_NEAR(
+      diffq::quantized_size_bits(torch::tensor({6.0}, torch::kDouble), 10, 0, 2).item<double>(),
+      60 + 72 + 3, 1e-9);
 }
 
 TEST(Bits, FiniteMinMaxRejectsNaNInfAndEmpty) {
   EXPECT_EQ(diffq::finite_min_max(torch::tensor({1.0f, -2.0f, 3.0f}), "w"),
             std::make_pair(-2.0, 3.0));
-  ExpectError([] { diffq::finite_min_max(torch::tensor({1.0f, std::nanf("")}), "fc.weight"); },
-              "diffq: tensor 'fc.weight' holds non-finite values");
-  ExpectError([] {
-    diffq::finite_min_max(torch::tensor({1.0f, std::numeric_limits<float>::infinity()}), "w");
-  }, "cannot quantize NaN or Inf weights");
+  ExpectError(
+      [] {
+        diffq::finite_min_max(torch::tensor({1.0f, std::nanf("")}), "fc.weight");
+      },
+      "diffq: tensor 'fc.weight' holds non-finite values");
+  ExpectError(
+      [] {
+        diffq::finite_min_max(torch::tensor({1.0f, std::numeric_limits<float>::infinity()}), "w");
+      },
+      "cannot quantize NaN or Inf weights");
   ExpectError([] { diffq::finite_min_max(torch::empty({0}), "e"); }, "diffq: tensor 'e' is empty");
 }
 
 TEST(Bits, QuantizeShapeChecks) {
-  ExpectError([] { diffq::quantize_levels(torch::zeros({10}), torch::ones({2}, torch::kByte), 4, 0, 1); },
-              "diffq::quantize_levels: expected bits of shape [3], got [2]");
-  ExpectError([] {
-    diffq::dequantize_levels(torch::zeros({10}, torch::kShort), torch::ones({1}, torch::kByte), 4, 0, 1,
-                             torch::kFloat);
-  }, "diffq::dequantize_levels: expected bits of shape [3], got [1]");
+  ExpectError(
+      [] { diffq::quantize_levels(torch::zeros({10}), torch::ones({2}, torch::kByte), 4, 0, 1); },
+      "diffq::quantize_levels: expected bits of shape [3], got [2]");
+  ExpectError(
+      [] {
+        diffq::dequantize_levels(torch::zeros({10}, torch::kShort), torch::ones({1}, torch::kByte),
+                                 4, 0, 1, torch::kFloat);
+      },
+      "diffq::dequantize_levels: expected bits of shape [3], got [1]");
 }
 
 TEST(Bits, CheckOptionsMessages) {
   using diffq::DiffQOptions;
-  ExpectError([] { diffq::check_options(DiffQOptions().extra_bits(NAN)); }, "extra_bits must be finite");
+  ExpectError([] { diffq::check_options(DiffQOptions().extra_bits(NAN)); },
+              "extra_bits must be finite");
   ExpectError([] { diffq::check_options(DiffQOptions().suffix("")); }, "suffix must be non-empty");
   ExpectError([] { diffq::check_options(DiffQOptions().group_size(-1), "where"); },
               "where: group_size must be >= 0, got -1");

@@ -12,12 +12,11 @@ namespace {
 
 struct NetImpl : torch::nn::Module {
   NetImpl()
-      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)))),
+      : conv(register_module("conv",
+                             torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)))),
         bn(register_module("bn", torch::nn::BatchNorm2d(4))),
         fc(register_module("fc", torch::nn::Linear(4 * 6 * 6, 5))) {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc(torch::relu(bn(conv(x))).flatten(1));
-  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::relu(bn(conv(x))).flatten(1)); }
   torch::nn::Conv2d conv;
   torch::nn::BatchNorm2d bn;
   torch::nn::Linear fc;
@@ -28,7 +27,8 @@ TEST(DiffQ, TrainExportLoadGivesTheQuantizerEvalOutputsBitForBit) {
   torch::manual_seed(0);
   Net model;
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
-  diffq::DiffQuantizer<Net> q(model, diffq::DiffQOptions().group_size(7).min_size_mb(0).exclude({"bn.*"}));
+  diffq::DiffQuantizer<Net> q(model,
+                              diffq::DiffQOptions().group_size(7).min_size_mb(0).exclude({"bn.*"}));
   q.setup_optimizer(opt, 0.1);
   auto x = torch::randn({16, 1, 6, 6});
   auto y = torch::randint(0, 5, {16}, torch::kLong);

@@ -22,9 +22,19 @@ TEST(DiffQOptions, DefaultsAreTheReferenceOnes) {
 }
 
 TEST(DiffQOptions, SettersChain) {
-  auto o = diffq::DiffQOptions().group_size(16).min_bits(3).max_bits(12).init_bits(6).extra_bits(
-      0.5).min_size_mb(0.1).float16(true).noise(diffq::Noise::kUniform).param(
-      diffq::Param::kNoise).exclude({"*bias"}).detect_bound(false).suffix("_q");
+  auto o = diffq::DiffQOptions()
+               .group_size(16)
+               .min_bits(3)
+               .max_bits(12)
+               .init_bits(6)
+               .extra_bits(0.5)
+               .min_size_mb(0.1)
+               .float16(true)
+               .noise(diffq::Noise::kUniform)
+               .param(diffq::Param::kNoise)
+               .exclude({"*bias"})
+               .detect_bound(false)
+               .suffix("_q");
   EXPECT_EQ(o.group_size(), 16);
   EXPECT_EQ(o.min_bits(), 3);
   EXPECT_EQ(o.max_bits(), 12);

@@ -45,8 +45,9 @@ torch::Tensor RefNoisy(const torch::Tensor& w, const torch::Tensor& logit, const
 }
 
 struct MLPImpl : torch::nn::Module {
-  MLPImpl() : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
-              fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
+  MLPImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
+        fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
   torch::nn::Linear fc1, fc2;
 };
@@ -54,11 +55,10 @@ TORCH_MODULE(MLP);
 
 struct ConvNetImpl : torch::nn::Module {
   ConvNetImpl()
-      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)))),
+      : conv(register_module("conv",
+                             torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)))),
         fc(register_module("fc", torch::nn::Linear(3 * 4 * 4, 5))) {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc(torch::relu(conv(x)).flatten(1));
-  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::relu(conv(x)).flatten(1)); }
   torch::nn::Conv2d conv;
   torch::nn::Linear fc;
 };
@@ -83,9 +83,13 @@ struct TiedImpl : torch::nn::Module {
 };
 TORCH_MODULE(Tied);
 
-torch::Tensor FirstTensor(const torch::Tensor& t) { return t; }
+torch::Tensor FirstTensor(const torch::Tensor& t) {
+  return t;
+}
 template <typename A, typename B>
-torch::Tensor FirstTensor(const std::tuple<A, B>& t) { return std::get<0>(t); }
+torch::Tensor FirstTensor(const std::tuple<A, B>& t) {
+  return std::get<0>(t);
+}
 
 struct Case {
   int64_t group_size;
@@ -160,11 +164,12 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationLinear) {
     MLP model;
     auto x = torch::randn({4, 10});
     auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0);
-    CheckGradients(model, options, c.reference_kernels, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
-                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
-                   });
+    CheckGradients(
+        model, options, c.reference_kernels, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+          return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+        });
   }
 }
 
@@ -176,13 +181,13 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationConv2d) {
     auto x = torch::randn({2, 2, 4, 4});
     // Biases excluded: they stay fp32 and receive the plain gradient.
     auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0).exclude({"*bias"});
-    CheckGradients(model, options, c.reference_kernels, x,
-                   [&](std::map<std::string, torch::Tensor>& nw,
-                       std::map<std::string, torch::Tensor>& clean) {
-                     auto h = torch::relu(F::conv2d(
-                         x, nw["conv.weight"], F::Conv2dFuncOptions().bias(clean["conv.bias"]).padding(1)));
-                     return F::linear(h.flatten(1), nw["fc.weight"], clean["fc.bias"]);
-                   });
+    CheckGradients(
+        model, options, c.reference_kernels, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>& clean) {
+          auto h = torch::relu(F::conv2d(
+              x, nw["conv.weight"], F::Conv2dFuncOptions().bias(clean["conv.bias"]).padding(1)));
+          return F::linear(h.flatten(1), nw["fc.weight"], clean["fc.bias"]);
+        });
   }
 }
 
@@ -235,14 +240,15 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationGRU) {
     auto x = torch::randn({5, 2, 3});
     auto h0 = torch::randn({1, 2, 4});
     auto options = DiffQOptions().group_size(5).min_size_mb(0);
-    CheckGradients(gru, options, ref, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     return std::get<0>(torch::gru(
-                         x, h0, {nw["weight_ih_l0"], nw["weight_hh_l0"], nw["bias_ih_l0"], nw["bias_hh_l0"]},
-                         /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/true,
-                         /*bidirectional=*/false, /*batch_first=*/false));
-                   },
-                   h0);
+    CheckGradients(
+        gru, options, ref, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          return std::get<0>(torch::gru(
+              x, h0, {nw["weight_ih_l0"], nw["weight_hh_l0"], nw["bias_ih_l0"], nw["bias_hh_l0"]},
+              /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/true,
+              /*bidirectional=*/false, /*batch_first=*/false));
+        },
+        h0);
   }
 }
 
@@ -259,11 +265,12 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationTiedWeights) {
       ASSERT_EQ(probe.quantized_names(), std::vector<std::string>{"emb.weight"});
       probe.detach();
     }
-    CheckGradients(model, options, c.reference_kernels, idx,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     auto h = torch::tanh(F::embedding(idx, nw["emb.weight"]));
-                     return F::linear(h, nw["emb.weight"]);
-                   });
+    CheckGradients(
+        model, options, c.reference_kernels, idx,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          auto h = torch::tanh(F::embedding(idx, nw["emb.weight"]));
+          return F::linear(h, nw["emb.weight"]);
+        });
   }
 }
 
@@ -275,12 +282,12 @@ TEST(DiffQuantizer, GradientsMatchForNoiseParamAndUniformNoise) {
         MLP model;
         auto x = torch::randn({4, 10});
         auto options = DiffQOptions().group_size(8).min_size_mb(0).param(param).noise(noise);
-        CheckGradients(model, options, ref, x,
-                       [&](std::map<std::string, torch::Tensor>& nw,
-                           std::map<std::string, torch::Tensor>&) {
-                         auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
-                         return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
-                       });
+        CheckGradients(
+            model, options, ref, x,
+            [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+              auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+              return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+            });
       }
     }
   }
@@ -294,11 +301,12 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputation_CUDA) {
     MLP model;
     model->to(torch::kCUDA);
     auto x = torch::randn({4, 10}, torch::kCUDA);
-    CheckGradients(model, DiffQOptions().group_size(gs).min_size_mb(0), false, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
-                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
-                   });
+    CheckGradients(
+        model, DiffQOptions().group_size(gs).min_size_mb(0), false, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+          return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+        });
   }
 }
 
@@ -308,11 +316,12 @@ TEST(DiffQuantizer, GradientsMatchInFloat64) {
   model->to(torch::kDouble);
   auto x = torch::randn({4, 10}, torch::kDouble);
   auto options = DiffQOptions().group_size(7).min_size_mb(0);
-  CheckGradients(model, options, false, x,
-                 [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                   auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
-                   return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
-                 });
+  CheckGradients(
+      model, options, false, x,
+      [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+        auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+        return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+      });
 }
 
 /// Two parameters summed: autograd hands both the same gradient tensor.
@@ -330,10 +339,11 @@ TEST(DiffQuantizer, GradientsMatchWhenParametersShareAGradientTensor) {
     torch::manual_seed(20);
     Sum model;
     auto x = torch::randn({3, 6});
-    CheckGradients(model, DiffQOptions().group_size(4).min_size_mb(0), ref, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     return torch::mm(x, nw["a"] + nw["b"]);
-                   });
+    CheckGradients(
+        model, DiffQOptions().group_size(4).min_size_mb(0), ref, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          return torch::mm(x, nw["a"] + nw["b"]);
+        });
   }
 }
 
@@ -351,9 +361,8 @@ TEST(DiffQuantizer, GradientsMatchForAnExpandedWeightGradient) {
     ExpandedGrad model;
     auto x = torch::randn({3});
     CheckGradients(model, DiffQOptions().group_size(3).min_size_mb(0), ref, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     return x * nw["w"].sum();
-                   });
+                   [&](std::map<std::string, torch::Tensor>& nw,
+                       std::map<std::string, torch::Tensor>&) { return x * nw["w"].sum(); });
   }
 }
 
@@ -395,11 +404,12 @@ TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
       model->fc1->weight.narrow(0, 4, 2).fill_(-0.7);
     }
     auto x = torch::randn({4, 10});
-    CheckGradients(model, DiffQOptions().group_size(8).min_size_mb(0), ref, x,
-                   [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-                     auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
-                     return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
-                   });
+    CheckGradients(
+        model, DiffQOptions().group_size(8).min_size_mb(0), ref, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+          return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+        });
   }
 }
 
@@ -420,7 +430,8 @@ TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
   auto noise1 = q.noise("fc1.weight").clone(), noise2 = q.noise("fc2.weight").clone();
   loss.backward();
   auto params = model->named_parameters();
-  std::map<std::string, torch::Tensor> u_all{{"fc1.weight", noise1}, {"fc2.weight", noise2},
+  std::map<std::string, torch::Tensor> u_all{{"fc1.weight", noise1},
+                                             {"fc2.weight", noise2},
                                              {"fc1.bias", q.noise("fc1.bias").clone()},
                                              {"fc2.bias", q.noise("fc2.bias").clone()}};
   std::map<std::string, torch::Tensor> w, l, nw;
@@ -462,18 +473,20 @@ TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
     nw[n] = RefNoisy(before[n], model->named_parameters()[n + "_diffq"].detach(), q.noise(n),
                      q.options());
   }
-  auto ref = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
-                       nw["fc2.bias"]);
+  auto ref = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])),
+                       nw["fc2.weight"], nw["fc2.bias"]);
   EXPECT_TRUE(Close(y, ref));
   // ...and left the clean ones.
   for (const auto& p : model->named_parameters()) {
-    if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+    if (before.count(p.key()))
+      EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
   }
 }
 
 struct PartlyUsedImpl : torch::nn::Module {
-  PartlyUsedImpl() : a(register_module("a", torch::nn::Linear(4, 4))),
-                     b(register_module("b", torch::nn::Linear(4, 4))) {}
+  PartlyUsedImpl()
+      : a(register_module("a", torch::nn::Linear(4, 4))),
+        b(register_module("b", torch::nn::Linear(4, 4))) {}
   torch::Tensor forward(const torch::Tensor& x) { return a(x); }  // b is unused
   torch::nn::Linear a, b;
 };
@@ -505,7 +518,8 @@ torch::Tensor HandQuantize(const torch::Tensor& w, const torch::Tensor& bits, in
   const double lo = flat.min().item<double>(), hi = flat.max().item<double>();
   auto out = torch::empty({n}, torch::kDouble);
   for (int64_t i = 0; i < n; ++i) {
-    const double bi = std::min(15.0, std::max(1.0, std::nearbyint(b[i / gs].item<double>() + extra_bits)));
+    const double bi =
+        std::min(15.0, std::max(1.0, std::nearbyint(b[i / gs].item<double>() + extra_bits)));
     const double L = std::pow(2.0, bi) - 1;
     const double level = std::nearbyint((flat[i].item<double>() - lo) / (hi - lo) * L);
     out[i] = lo + level * (hi - lo) / L;
@@ -537,10 +551,11 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
     torch::NoGradGuard ng;
     auto x = torch::randn({5, 10});
     auto y = q.forward(x);
-    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])), wq["fc2.weight"],
-                         wq["fc2.bias"]);
+    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
+                         wq["fc2.weight"], wq["fc2.bias"]);
     EXPECT_TRUE(Close(y, ref, 1e-6));
-    // The quantized weights are exactly representable: the eval weights equal them to float rounding.
+    // The quantized weights are exactly representable: the eval weights equal them to float
+    // rounding.
     {
       diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
       for (const auto& n : q.quantized_names()) {
@@ -548,14 +563,16 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
       }
     }
     for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+      if (before.count(p.key()))
+        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
     }
     // Back in training, the exact clean weights are used.
     model->train();
     q.no_optimizer();
     auto yt = q.forward(x);
     for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key())) EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+      if (before.count(p.key()))
+        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
     }
   }
 }
@@ -599,8 +616,9 @@ double HandSizeMB(torch::nn::Module& model, const DiffQuantizer<MLP>& q, const D
       bits += count * bg;
       maxb = std::max(maxb, bg);
     }
-    bits += 64 + 8 + std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(maxb) - o.min_bits()))) *
-                         b.numel();
+    bits +=
+        64 + 8 +
+        std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(maxb) - o.min_bits()))) * b.numel();
   }
   return bits / (8.0 * 1048576.0);
 }
@@ -667,16 +685,18 @@ TEST(DiffQuantizer, PenaltyCountsTiedParametersOnce) {
   DiffQuantizer<Tied> q(model, o);
   // emb.weight (35 elements, 7 groups at 8 bits) once; no other parameters.
   const double bits = 35 * 8.0 + 72 + std::ceil(std::log2(1 + 8 - 2)) * 7;
-  EXPECT_NEAR(q.penalty().item<double>(), bits / (8.0 * 1048576.0), 1e-6 * bits / (8.0 * 1048576.0));
+  EXPECT_NEAR(q.penalty().item<double>(), bits / (8.0 * 1048576.0),
+              1e-6 * bits / (8.0 * 1048576.0));
 }
 
 TEST(DiffQuantizer, LogitsInitialisedAtInitBitsAndRegisteredOnOwner) {
   for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
     MLP model;
-    DiffQuantizer<MLP> q(model, DiffQOptions().init_bits(5).min_size_mb(0).param(param).group_size(4));
+    DiffQuantizer<MLP> q(model,
+                         DiffQOptions().init_bits(5).min_size_mb(0).param(param).group_size(4));
     auto fc1 = model->fc1->named_parameters(false);
     ASSERT_TRUE(fc1.contains("weight_diffq"));
-    EXPECT_EQ(fc1["weight_diffq"].sizes(), torch::IntArrayRef({15}));  // ceil(60 / 4)
+    EXPECT_EQ(fc1["weight_diffq"].sizes(), torch::IntArrayRef({15}));         // ceil(60 / 4)
     EXPECT_EQ(model->fc1->named_parameters(false)["bias_diffq"].numel(), 2);  // ceil(6 / 4)
     EXPECT_TRUE(Close(q.bits("fc1.weight"), torch::full({15}, 5.0), 1e-6));
     // The logits are model parameters: in parameters() and in the saved state.
@@ -731,7 +751,8 @@ TEST(DiffQuantizer, SetupOptimizerAddsLogitGroupWithoutWeightDecay) {
   torch::optim::SGD sgd(model2->parameters(), torch::optim::SGDOptions(0.1).weight_decay(0.5));
   DiffQuantizer<MLP> q2(model2, DiffQOptions().min_size_mb(0));
   q2.setup_optimizer(sgd);
-  EXPECT_DOUBLE_EQ(static_cast<torch::optim::SGDOptions&>(sgd.param_groups()[1].options()).weight_decay(), 0.0);
+  EXPECT_DOUBLE_EQ(
+      static_cast<torch::optim::SGDOptions&>(sgd.param_groups()[1].options()).weight_decay(), 0.0);
 }
 
 TEST(DiffQuantizer, DetachLeavesTheModelAsItWas) {
@@ -770,8 +791,11 @@ TEST(DiffQuantizer, ErrorPaths) {
     DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
     ExpectError([&] { DiffQuantizer<MLP> again(model, DiffQOptions()); },
                 "the model already carries a DiffQ logit ('fc1.weight_diffq')");
-    ExpectError([&] { q.forward(torch::randn({1, 10})); },
-                "call setup_optimizer(optimizer) (or no_optimizer()) before a training forward");
+    ExpectError(
+        [&] {
+          q.forward(torch::randn({1, 10}));
+        },
+        "call setup_optimizer(optimizer) (or no_optimizer()) before a training forward");
     torch::optim::Adam late(model->parameters());
     ExpectError([&] { q.setup_optimizer(late); },
                 "already holds the logit 'fc1.weight_diffq'; create the optimizer");
@@ -782,23 +806,31 @@ TEST(DiffQuantizer, ErrorPaths) {
       model->fc2->weight[0][0] = std::nan("");
     }
     model->eval();
-    ExpectError([&] { q.forward(torch::randn({1, 10})); },
-                "diffq: tensor 'fc2.weight' holds non-finite values");
+    ExpectError(
+        [&] {
+          q.forward(torch::randn({1, 10}));
+        },
+        "diffq: tensor 'fc2.weight' holds non-finite values");
     model->train();
     q.no_optimizer();
-    ExpectError([&] { q.forward(torch::randn({1, 10})); },
-                "parameter 'fc2.weight' holds non-finite values");
+    ExpectError(
+        [&] {
+          q.forward(torch::randn({1, 10}));
+        },
+        "parameter 'fc2.weight' holds non-finite values");
     {
       torch::NoGradGuard ng;
       model->fc2->weight[0][0] = std::numeric_limits<float>::infinity();
     }
     ExpectError([&] { q.quantized_state(); }, "holds non-finite values (min=");
     q.detach();
-    ExpectError([&] { q.quantize(); }, "diffq::DiffQuantizer::quantize: the quantizer was detached");
+    ExpectError([&] { q.quantize(); },
+                "diffq::DiffQuantizer::quantize: the quantizer was detached");
   }
   Tied tied;
-  ExpectError([&] { DiffQuantizer<Tied> q(tied, DiffQOptions().detect_bound(false).min_size_mb(0)); },
-              "parameter 'out.weight' is tied to 'emb.weight'; tied parameters need detect_bound(true)");
+  ExpectError(
+      [&] { DiffQuantizer<Tied> q(tied, DiffQOptions().detect_bound(false).min_size_mb(0)); },
+      "parameter 'out.weight' is tied to 'emb.weight'; tied parameters need detect_bound(true)");
 }
 
 TEST(DiffQuantizer, QuantizedStateDescribesTheEvalWeights) {
@@ -817,7 +849,8 @@ TEST(DiffQuantizer, QuantizedStateDescribesTheEvalWeights) {
   EXPECT_EQ(st.tied[0].target, "emb.weight");
   EXPECT_EQ(st.logits.size(), 1u);
   // Dequantized levels equal the eval-mode weights bit for bit.
-  auto w = diffq::dequantize_levels(t.levels, t.bits, t.group_size, t.min, t.max, t.dtype).view(t.shape);
+  auto w =
+      diffq::dequantize_levels(t.levels, t.bits, t.group_size, t.min, t.max, t.dtype).view(t.shape);
   model->eval();
   diffq::QuantizedGuard<DiffQuantizer<Tied>> guard(q);
   EXPECT_TRUE(BitEqual(model->emb->weight.detach(), w));

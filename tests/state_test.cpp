@@ -14,13 +14,13 @@ TEST(QuantizedState, DefaultsAndDocumentedMeaning) {
   EXPECT_EQ(t.group_size, 0);
   t.name = "w";
   t.shape = {2, 3};
-  t.group_size = 4;                                     // groups: 4 + 2 elements
+  t.group_size = 4;  // groups: 4 + 2 elements
   t.bits = torch::tensor({1, 2}, torch::kByte);
   t.min = -1;
   t.max = 2;
   t.levels = torch::tensor({0, 1, 1, 0, 3, 2}, torch::kShort);
-  auto w = diffq::dequantize_levels(t.levels, t.bits, t.group_size, t.min, t.max, t.dtype)
-               .view(t.shape);
+  auto w =
+      diffq::dequantize_levels(t.levels, t.bits, t.group_size, t.min, t.max, t.dtype).view(t.shape);
   // Group 0 at 1 bit: step 3; group 1 at 2 bits: step 1.
   auto expected = torch::tensor({{-1.0f, 2.0f, 2.0f}, {-1.0f, 2.0f, 1.0f}});
   EXPECT_TRUE(torch::equal(w, expected));

@@ -20,7 +20,8 @@ int main() {
   // 1. The optimizer first, on the model's own parameters.
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-3));
   // 2. The quantizer: one learnable bit width per group of 16 weights; tiny tensors stay fp32.
-  diffq::DiffQuantizer<Net> quantizer(model, diffq::DiffQOptions().group_size(16).min_size_mb(0.01));
+  diffq::DiffQuantizer<Net> quantizer(model,
+                                      diffq::DiffQOptions().group_size(16).min_size_mb(0.01));
   // 3. The bit-width logits get their own param group.
   quantizer.setup_optimizer(optimizer, /*lr=*/1e-2);
 

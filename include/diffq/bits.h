@@ -40,16 +40,19 @@ inline int64_t effective_group_size(int64_t numel, int64_t group_size) {
 
 /// Checks the option values shared by every quantizer; throws `c10::Error` naming the option,
 /// e.g. `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
-inline void check_options(const DiffQOptions& o, const std::string& where = "diffq::DiffQuantizer") {
+inline void check_options(const DiffQOptions& o,
+                          const std::string& where = "diffq::DiffQuantizer") {
   TORCH_CHECK(o.group_size() >= 0, where, ": group_size must be >= 0, got ", o.group_size());
   TORCH_CHECK(std::isfinite(o.min_bits()) && o.min_bits() >= 1, where,
               ": min_bits must be >= 1, got ", o.min_bits());
   TORCH_CHECK(std::isfinite(o.max_bits()) && o.max_bits() <= kMaxStoredBits, where,
               ": max_bits must be <= ", kMaxStoredBits, ", got ", o.max_bits());
-  TORCH_CHECK(o.min_bits() < o.init_bits(), where, ": min_bits must be < init_bits, got min_bits=",
-              o.min_bits(), " and init_bits=", o.init_bits());
-  TORCH_CHECK(o.init_bits() < o.max_bits(), where, ": init_bits must be < max_bits, got init_bits=",
-              o.init_bits(), " and max_bits=", o.max_bits());
+  TORCH_CHECK(o.min_bits() < o.init_bits(), where,
+              ": min_bits must be < init_bits, got min_bits=", o.min_bits(),
+              " and init_bits=", o.init_bits());
+  TORCH_CHECK(o.init_bits() < o.max_bits(), where,
+              ": init_bits must be < max_bits, got init_bits=", o.init_bits(),
+              " and max_bits=", o.max_bits());
   TORCH_CHECK(std::isfinite(o.extra_bits()), where, ": extra_bits must be finite, got ",
               o.extra_bits());
   TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
@@ -60,8 +63,12 @@ inline void check_options(const DiffQOptions& o, const std::string& where = "dif
 
 /// Smallest (`min_noise`) and largest (`max_noise`) relative noise scales of `Param::kNoise`:
 /// `1/(2^max_bits − 1)` and `1/(2^min_bits − 1)`.
-inline double min_noise_scale(double max_bits) { return 1.0 / (std::exp2(max_bits) - 1.0); }
-inline double max_noise_scale(double min_bits) { return 1.0 / (std::exp2(min_bits) - 1.0); }
+inline double min_noise_scale(double max_bits) {
+  return 1.0 / (std::exp2(max_bits) - 1.0);
+}
+inline double max_noise_scale(double min_bits) {
+  return 1.0 / (std::exp2(min_bits) - 1.0);
+}
 
 /// Bit widths `b` from logits, differentiable (ATen ops), same shape as `logit` (`[num_groups]`).
 /// - `Param::kBits`: `b = min_bits + (max_bits − min_bits)·sigmoid(logit)`;
@@ -98,12 +105,13 @@ inline double logit_for_bits(double bits, double min_bits, double max_bits, Para
 /// The quantization unit `1/(2^b − 1)` of one group (the noise scale relative to `max − min`) and
 /// its derivative with respect to the group's logit, in double precision.
 struct UnitAndGrad {
-  double unit;           ///< `1/(2^b − 1)`
-  double dunit_dlogit;   ///< `d unit / d logit`
+  double unit;          ///< `1/(2^b − 1)`
+  double dunit_dlogit;  ///< `d unit / d logit`
 };
 
 /// `unit = 1/(2^b − 1)` with `b = bits_from_logit(logit)`, and its exact derivative:
-/// - `Param::kBits`: `d unit/d b = −2^b·ln 2/(2^b − 1)²`, `d b/d logit = (max_bits − min_bits)·t(1−t)`;
+/// - `Param::kBits`: `d unit/d b = −2^b·ln 2/(2^b − 1)²`, `d b/d logit = (max_bits −
+/// min_bits)·t(1−t)`;
 /// - `Param::kNoise`: `unit = s` and `d s/d logit = s·(log min_noise − log max_noise)·t(1−t)`.
 inline UnitAndGrad unit_from_logit(double logit, double min_bits, double max_bits, Param param) {
   const double t = 1.0 / (1.0 + std::exp(-logit));
@@ -120,10 +128,10 @@ inline UnitAndGrad unit_from_logit(double logit, double min_bits, double max_bit
   return {s, s * (log_min - log_max) * dt};
 }
 
-/// Tensor form of `unit_from_logit`: `{unit, d unit/d logit}`, each `[num_groups]` with the dtype and
-/// device of `logit`, computed with ATen ops (no autograd, no host synchronisation).
+/// Tensor form of `unit_from_logit`: `{unit, d unit/d logit}`, each `[num_groups]` with the dtype
+/// and device of `logit`, computed with ATen ops (no autograd, no host synchronisation).
 inline std::pair<at::Tensor, at::Tensor> unit_from_logit(const at::Tensor& logit, double min_bits,
-                                                        double max_bits, Param param) {
+                                                         double max_bits, Param param) {
   auto l = logit.detach();
   auto t = at::sigmoid(l);
   auto dt = t * (1 - t);
@@ -187,8 +195,9 @@ inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, i
 }
 
 /// Weights from levels: `w = min + levels · (max − min)/(2^b − 1)`, `[numel]` of `dtype`.
-/// Inverse of `quantize_levels` up to rounding; bit-exact given the same inputs, which is what makes
-/// a loaded checkpoint equal the quantizer's eval-mode weights. A constant tensor gives `min`.
+/// Inverse of `quantize_levels` up to rounding; bit-exact given the same inputs, which is what
+/// makes a loaded checkpoint equal the quantizer's eval-mode weights. A constant tensor gives
+/// `min`.
 inline at::Tensor dequantize_levels(const at::Tensor& levels, const at::Tensor& bits,
                                     int64_t group_size, double min, double max,
                                     at::ScalarType dtype) {
@@ -236,7 +245,9 @@ inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_
 }
 
 /// Bits per element of a non-quantized tensor: 16 when stored as fp16, else 32.
-inline int64_t float_bits(bool float16) { return float16 ? 16 : 32; }
+inline int64_t float_bits(bool float16) {
+  return float16 ? 16 : 32;
+}
 
 /// Bits per MB (MB = 2^20 bytes).
 constexpr double kBitsPerMB = 8.0 * 1048576.0;

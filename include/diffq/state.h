@@ -15,22 +15,22 @@ namespace diffq {
 
 /// One quantized tensor: `w = min + levels·(max − min)/(2^bits − 1)` per group (paper, Eq. 1).
 struct QuantizedTensor {
-  std::string name;             ///< full dotted parameter name, e.g. `"fc1.weight"`
-  std::vector<int64_t> shape;   ///< shape of the parameter
+  std::string name;                   ///< full dotted parameter name, e.g. `"fc1.weight"`
+  std::vector<int64_t> shape;         ///< shape of the parameter
   at::ScalarType dtype = at::kFloat;  ///< dtype of the parameter (kFloat or kDouble)
-  int64_t group_size = 0;       ///< elements per group; 0 = one group for the whole tensor
-  at::Tensor bits;              ///< uint8 `[num_groups]`, each in [1, 15]
-  double min = 0;               ///< minimum of the tensor (a value of `dtype`)
-  double max = 0;               ///< maximum of the tensor (a value of `dtype`)
-  at::Tensor levels;            ///< int16 `[numel]`, level `i` in `[0, 2^bits(group(i)) − 1]`
+  int64_t group_size = 0;             ///< elements per group; 0 = one group for the whole tensor
+  at::Tensor bits;                    ///< uint8 `[num_groups]`, each in [1, 15]
+  double min = 0;                     ///< minimum of the tensor (a value of `dtype`)
+  double max = 0;                     ///< maximum of the tensor (a value of `dtype`)
+  at::Tensor levels;  ///< int16 `[numel]`, level `i` in `[0, 2^bits(group(i)) − 1]`
 };
 
 /// A tensor stored in floating point: a non-quantized parameter (fp32, or fp16 when `float16`)
 /// or a module buffer (stored in its own dtype, e.g. BatchNorm's running statistics).
 struct FloatTensor {
-  std::string name;     ///< full dotted name
-  at::Tensor value;     ///< on the CPU, contiguous
-  bool float16 = false; ///< store as fp16 (lossy) instead of the value's own dtype
+  std::string name;        ///< full dotted name
+  at::Tensor value;        ///< on the CPU, contiguous
+  bool float16 = false;    ///< store as fp16 (lossy) instead of the value's own dtype
   bool is_buffer = false;  ///< a buffer rather than a parameter
 };
 

@@ -20,8 +20,8 @@ namespace {
 struct MLPImpl : torch::nn::Module {
   explicit MLPImpl(const std::vector<int64_t>& sizes) {
     for (size_t i = 0; i + 1 < sizes.size(); ++i) {
-      layers.push_back(register_module("fc" + std::to_string(i + 1),
-                                       torch::nn::Linear(sizes[i], sizes[i + 1])));
+      layers.push_back(
+          register_module("fc" + std::to_string(i + 1), torch::nn::Linear(sizes[i], sizes[i + 1])));
     }
   }
   torch::Tensor forward(torch::Tensor x) {
@@ -38,8 +38,10 @@ TORCH_MODULE(MLP);
 
 struct CNNImpl : torch::nn::Module {
   CNNImpl()
-      : conv1(register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
-        conv2(register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
+      : conv1(register_module("conv1",
+                              torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
+        conv2(register_module("conv2",
+                              torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
         fc1(register_module("fc1", torch::nn::Linear(3136, 128))),
         fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
   torch::Tensor forward(torch::Tensor x) {
@@ -119,31 +121,49 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (!std::strcmp(argv[i], "--steps")) steps = std::atoi(next());
-    else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoi(next());
-    else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(next());
-    else if (!std::strcmp(argv[i], "--model")) which = next();
+    if (!std::strcmp(argv[i], "--steps"))
+      steps = std::atoi(next());
+    else if (!std::strcmp(argv[i], "--warmup"))
+      warmup = std::atoi(next());
+    else if (!std::strcmp(argv[i], "--threads"))
+      threads = std::atoi(next());
+    else if (!std::strcmp(argv[i], "--model"))
+      which = next();
     else {
-      std::fprintf(stderr, "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all]\n", argv[0]);
+      std::fprintf(
+          stderr, "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all]\n",
+          argv[0]);
       return 2;
     }
   }
   torch::set_num_threads(threads);
-  std::printf("diffq overhead bench: Adam, batch 128, threads=%d, group_size=16, min_size_mb=0.01, "
-              "median of %d interleaved steps\n", threads, steps);
+  std::printf(
+      "diffq overhead bench: Adam, batch 128, threads=%d, group_size=16, min_size_mb=0.01, "
+      "median of %d interleaved steps\n",
+      threads, steps);
   torch::manual_seed(0);
   auto x_flat = torch::randn({128, 784});
   auto x_img = torch::randn({128, 1, 28, 28});
   auto y = torch::randint(0, 10, {128}, torch::kLong);
   if (which == "all" || which == "mlp") {
-    bench<MLP>("mlp", [] { return MLP(std::vector<int64_t>{784, 512, 512, 10}); }, x_flat, y, steps, warmup);
+    bench<MLP>(
+        "mlp",
+        [] {
+          return MLP(std::vector<int64_t>{784, 512, 512, 10});
+        },
+        x_flat, y, steps, warmup);
   }
   if (which == "all" || which == "cnn") {
-    bench<CNN>("cnn", [] { return CNN(); }, x_img, y, steps, warmup);
+    bench<CNN>(
+        "cnn", [] { return CNN(); }, x_img, y, steps, warmup);
   }
   if (which == "all" || which == "mlp10m") {
-    bench<MLP>("mlp10m", [] { return MLP(std::vector<int64_t>{784, 2048, 2048, 2048, 10}); }, x_flat,
-               y, std::max(5, steps / 3), std::min(warmup, 2));
+    bench<MLP>(
+        "mlp10m",
+        [] {
+          return MLP(std::vector<int64_t>{784, 2048, 2048, 2048, 10});
+        },
+        x_flat, y, std::max(5, steps / 3), std::min(warmup, 2));
   }
   return 0;
 }

@@ -48,7 +48,8 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   const float g = (x - static_cast<float>(xi)) - 0.5f;        // in [-1/2, 1/2)
   const float a = g * 0.69314718f;
   const float poly =
-      1.0f + a * (1.0f + a * (0.5f + a * (1.0f / 6 + a * (1.0f / 24 + a * (1.0f / 120 + a * (1.0f / 720))))));
+      1.0f + a * (1.0f + a * (0.5f + a * (1.0f / 6 +
+                                          a * (1.0f / 24 + a * (1.0f / 120 + a * (1.0f / 720))))));
   const int32_t bits = (xi + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -57,8 +58,9 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
 
 /// Per group, the quantization unit `1/(2^b − 1)` and its derivative with respect to the logit
 /// (`diffq::unit_from_logit`, bits.h), in float: `unit`, `dunit` are `[groups]`.
-DIFFQ_VECTORIZE_CLAMPS inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t groups,
-                      double min_bits, double max_bits, Param param) {
+DIFFQ_VECTORIZE_CLAMPS inline void units_cpu(const float* logit, float* unit, float* dunit,
+                                             int64_t groups, double min_bits, double max_bits,
+                                             Param param) {
   const float range = static_cast<float>(max_bits - min_bits);
   const float lo_bits = static_cast<float>(min_bits);
   const float log2e = 1.44269504f;
@@ -136,11 +138,20 @@ inline void apply_noise_cpu(const float* w, float* noisy, float* u, int64_t nume
       } else {
         scalar(start, g_first * gs);
         switch (gs) {
-          case 8: hits += apply_groups<8>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi); break;
-          case 16: hits += apply_groups<16>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi); break;
-          case 32: hits += apply_groups<32>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi); break;
-          case 64: hits += apply_groups<64>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi); break;
-          default: hits += apply_groups<0>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
+          case 8:
+            hits += apply_groups<8>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
+            break;
+          case 16:
+            hits += apply_groups<16>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
+            break;
+          case 32:
+            hits += apply_groups<32>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
+            break;
+          case 64:
+            hits += apply_groups<64>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
+            break;
+          default:
+            hits += apply_groups<0>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
         }
         scalar(g_last * gs, end);
       }
@@ -176,13 +187,15 @@ inline double dot_lanes(const float* __restrict grad, const float* __restrict u,
 /// `Σ grad·u` over `n` elements: float lanes over blocks of 256, blocks summed in double.
 inline double dot_blocks(const float* grad, const float* u, int64_t n) {
   double acc = 0;
-  for (int64_t b = 0; b < n; b += 256) acc += dot_lanes<0>(grad + b, u + b, std::min<int64_t>(256, n - b));
+  for (int64_t b = 0; b < n; b += 256)
+    acc += dot_lanes<0>(grad + b, u + b, std::min<int64_t>(256, n - b));
   return acc;
 }
 
-/// Backward of `noisy = w + scale·unit_g·u` to the logits: for each group `G_g = Σ_{i∈g} grad_i·u_i`,
-/// `logit_grad_g += G_g·scale·dunit_g`. Returns `Σ_g G_g·unit_g`, the gradient with respect to
-/// `max w` (and minus the one with respect to `min w`). `partial`: scratch of `num_groups`.
+/// Backward of `noisy = w + scale·unit_g·u` to the logits: for each group `G_g = Σ_{i∈g}
+/// grad_i·u_i`, `logit_grad_g += G_g·scale·dunit_g`. Returns `Σ_g G_g·unit_g`, the gradient with
+/// respect to `max w` (and minus the one with respect to `min w`). `partial`: scratch of
+/// `num_groups`.
 inline double noise_backward_cpu(const float* grad, const float* u, int64_t numel, int64_t gs,
                                  const float* unit, const float* dunit, double scale,
                                  float* logit_grad, double* partial) {
