@@ -139,6 +139,54 @@ TEST(Bits, QuantizeLevelsByHand) {
   }
 }
 
+TEST(Bits, FusedLevelKernelEqualsTheExplicitExpression) {
+  // The CPU kernel behind quantize_levels (float/double, uint8 bits) against the formula written
+  // out with ATen ops, element for element, for every width, several group sizes (partial last
+  // groups, one group, more than one kernel block) and both dtypes.
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (int64_t gs : {0, 1, 7, 16, 3000}) {
+      const int64_t n = 5003;
+      auto w = (torch::randn({n}, dtype) * 0.02).contiguous();
+      const double lo = w.min().item<double>(), hi = w.max().item<double>();
+      const int64_t groups = diffq::num_groups(n, gs);
+      for (int b = 0; b <= 15; ++b) {
+        // b = 0: random widths in [1, 15] per group; else all groups at b.
+        auto bits = b == 0 ? torch::randint(1, 16, {groups}, torch::kLong).to(torch::kByte)
+                           : torch::full({groups}, b, torch::kByte);
+        const int64_t egs = gs == 0 ? n : gs;
+        auto lm = (torch::pow(2.0, bits.to(dtype)) - 1)
+                      .repeat_interleave(egs)
+                      .narrow(0, 0, n);
+        auto expected = ((w - lo) / (hi - lo) * lm).round().to(torch::kShort);
+        auto got = diffq::quantize_levels(w, bits, gs, lo, hi);
+        ASSERT_TRUE(torch::equal(got, expected)) << "dtype " << dtype << " group size " << gs
+                                                 << " bits " << b;
+      }
+    }
+  }
+  // A non-contiguous input gives the same levels as its contiguous copy.
+  auto m = torch::randn({64, 32});
+  auto t = m.t();
+  auto bits = torch::full({diffq::num_groups(t.numel(), 8)}, 5, torch::kByte);
+  const double lo = m.min().item<double>(), hi = m.max().item<double>();
+  EXPECT_TRUE(torch::equal(diffq::quantize_levels(t, bits, 8, lo, hi),
+                           diffq::quantize_levels(t.contiguous(), bits, 8, lo, hi)));
+  // Widths outside [1, 15] are refused, not turned into out-of-range levels.
+  ExpectError(
+      [] {
+        diffq::quantize_levels(torch::randn({10}), torch::tensor({3, 16}, torch::kByte), 8, -3.0,
+                               3.0);
+      },
+      "diffq::quantize_levels: bit widths must be in [1, 15], got 16 for group 1");
+  ExpectError(
+      [] {
+        diffq::quantize_levels(torch::randn({10}), torch::tensor({0, 4}, torch::kByte), 8, -3.0,
+                               3.0);
+      },
+      "got 0 for group 0");
+}
+
 TEST(Bits, ConstantTensorGivesItsValueNeverNaN) {
   auto w = torch::full({5}, 0.3f);
   auto bits = torch::full({1}, 4, torch::kByte);

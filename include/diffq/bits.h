@@ -5,6 +5,7 @@
 /// model-size formula. Sources: Défossez, Adi, Synnaeve, arXiv 2104.09987 (Sections 3.1–3.3), and
 /// the reference implementation (facebookresearch/diffq, `diffq/diffq.py`).
 
+#include <diffq/detail/level_kernels.h>
 #include <diffq/options.h>
 
 #include <ATen/ATen.h>
@@ -188,6 +189,31 @@ inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, i
               "diffq::quantize_levels: expected bits of shape [", num_groups(numel, group_size),
               "], got ", bits.sizes());
   if (max == min) return at::zeros({numel}, flat.options().dtype(at::kShort));
+  const at::ScalarType dt = flat.scalar_type();
+  if (flat.device().is_cpu() && (dt == at::kFloat || dt == at::kDouble) &&
+      bits.device().is_cpu() && bits.scalar_type() == at::kByte && numel > 0) {
+    // Fused one-pass kernel: the same operations in the same precision as the ATen expression
+    // below, so the same levels bit for bit (checked in tests/bits_test.cpp).
+    auto b = bits.contiguous();
+    const uint8_t* bp = b.data_ptr<uint8_t>();
+    const int64_t groups = b.size(0);
+    for (int64_t g = 0; g < groups; ++g) {
+      TORCH_CHECK(bp[g] >= 1 && bp[g] <= kMaxStoredBits,
+                  "diffq::quantize_levels: bit widths must be in [1, ", kMaxStoredBits,
+                  "], got ", static_cast<int>(bp[g]), " for group ", g);
+    }
+    auto src = flat.contiguous();
+    auto out = at::empty({numel}, flat.options().dtype(at::kShort));
+    const int64_t gs = effective_group_size(numel, group_size);
+    if (dt == at::kFloat) {
+      detail::quantize_levels_cpu<float>(src.data_ptr<float>(), bp, numel, gs, min, max,
+                                         out.data_ptr<int16_t>());
+    } else {
+      detail::quantize_levels_cpu<double>(src.data_ptr<double>(), bp, numel, gs, min, max,
+                                          out.data_ptr<int16_t>());
+    }
+    return out;
+  }
   auto levels_max = (at::pow(2.0, bits.to(flat.scalar_type())) - 1);
   // 0 <= (w − min)/(max − min) <= 1 holds in floating point too, so levels lie in [0, 2^b − 1].
   auto scaled = (flat - min) / (max - min) * expand_groups(levels_max, numel, group_size);

@@ -1,0 +1,119 @@
+#pragma once
+/// \file diffq/detail/level_kernels.h
+/// Fused CPU kernel of `diffq::quantize_levels` (bits.h) for contiguous float and double tensors:
+/// `levels = round((w − min)/(max − min)·(2^b − 1))` in one pass, with no temporaries. It performs
+/// the very operations of the ATen expression, in the same order and precision (each exactly
+/// rounded: a subtraction, a division, a multiplication, a round half to even), so it gives the
+/// same levels bit for bit; tests/bits_test.cpp checks that against the ATen expression for every
+/// bit width.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// The same dispatch as the noise generator: an AVX2 clone (no FMA, so no contraction of the
+// multiply-then-round into one rounding) chosen at run time on x86 builds that are not AVX2 already.
+#if !defined(DIFFQ_NOISE_NO_DISPATCH) && !defined(__AVX2__) && \
+    (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define DIFFQ_LEVELS_AVX2_DISPATCH 1
+#else
+#define DIFFQ_LEVELS_AVX2_DISPATCH 0
+#endif
+
+namespace diffq {
+namespace detail {
+
+/// Elements per inner block of the level kernel (the per-element level maxima live on the stack).
+constexpr int64_t kLevelBlock = 1024;
+
+/// `2^(digits)`: adding then subtracting it rounds a value in [0, 2^digits) to the nearest
+/// integer, ties to even (the default rounding mode), exactly like `std::nearbyint`, in a form that
+/// vectorizes without SSE4.1.
+template <class T>
+constexpr T round_magic() {
+  return sizeof(T) == 4 ? static_cast<T>(8388608.0) : static_cast<T>(4503599627370496.0);
+}
+
+/// Levels of elements `[begin, end)`: `out[i] = round(((w[i] − lo)/range)·(2^bits[g(i)] − 1))`,
+/// `g(i) = i / gs`. `range = (T)(max − min)` > 0, `lo = (T)min`; bits in [1, 15].
+template <class T>
+inline __attribute__((always_inline)) void quantize_levels_range(
+    const T* __restrict w, const uint8_t* __restrict bits, int64_t gs, T lo, T range,
+    int16_t* __restrict out, int64_t begin, int64_t end) {
+  T level_max[kLevelBlock];
+  const T magic = round_magic<T>();
+  for (int64_t b0 = begin; b0 < end; b0 += kLevelBlock) {
+    const int64_t n = std::min(kLevelBlock, end - b0);
+    // Per-element 2^b − 1 of this block (exact: b <= 15).
+    int64_t i = 0;
+    int64_t g = b0 / gs;
+    int64_t in_group = b0 - g * gs;
+    while (i < n) {
+      const int64_t len = std::min(gs - in_group, n - i);
+      const T lm = static_cast<T>((int32_t{1} << bits[g]) - 1);
+      for (int64_t k = 0; k < len; ++k) level_max[i + k] = lm;
+      i += len;
+      ++g;
+      in_group = 0;
+    }
+    const T* __restrict x = w + b0;
+    int16_t* __restrict o = out + b0;
+    for (int64_t k = 0; k < n; ++k) {
+      T y = ((x[k] - lo) / range) * level_max[k];
+      // Separate statements: no contraction of the product into the addition (no FMA target).
+      y = y + magic;
+      y = y - magic;
+      o[k] = static_cast<int16_t>(static_cast<int32_t>(y));
+    }
+  }
+}
+
+template <class T>
+inline void quantize_levels_baseline(const T* w, const uint8_t* bits, int64_t gs, T lo, T range,
+                                     int16_t* out, int64_t begin, int64_t end) {
+  quantize_levels_range<T>(w, bits, gs, lo, range, out, begin, end);
+}
+
+#if DIFFQ_LEVELS_AVX2_DISPATCH
+/// AVX2 clone (no FMA: bit-identical to the baseline). Call only if the CPU has AVX2.
+template <class T>
+__attribute__((target("avx2"))) inline void quantize_levels_avx2(const T* w, const uint8_t* bits,
+                                                                 int64_t gs, T lo, T range,
+                                                                 int16_t* out, int64_t begin,
+                                                                 int64_t end) {
+  quantize_levels_range<T>(w, bits, gs, lo, range, out, begin, end);
+}
+
+inline bool levels_cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+}
+#endif
+
+/// Levels of a contiguous `[numel]` buffer with per-group bit widths `bits` (`[ceil(numel/gs)]`,
+/// values in [1, 15]), `min < max` finite. In parallel over blocks of whole groups; the result
+/// does not depend on the split. No argument checks (bits.h checks).
+template <class T>
+inline void quantize_levels_cpu(const T* w, const uint8_t* bits, int64_t numel, int64_t gs,
+                                double min, double max, int16_t* out) {
+  // As ATen converts the double scalars of `(w − min) / (max − min)` to the tensor's dtype.
+  const T lo = static_cast<T>(min);
+  const T range = static_cast<T>(max - min);
+  const int64_t groups = (numel + gs - 1) / gs;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / gs);
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t begin = g0 * gs;
+    const int64_t end = std::min(numel, g1 * gs);
+#if DIFFQ_LEVELS_AVX2_DISPATCH
+    if (levels_cpu_has_avx2()) {
+      quantize_levels_avx2<T>(w, bits, gs, lo, range, out, begin, end);
+      return;
+    }
+#endif
+    quantize_levels_baseline<T>(w, bits, gs, lo, range, out, begin, end);
+  });
+}
+
+}  // namespace detail
+}  // namespace diffq
