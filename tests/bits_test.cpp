@@ -155,13 +155,11 @@ TEST(Bits, FusedLevelKernelEqualsTheExplicitExpression) {
         auto bits = b == 0 ? torch::randint(1, 16, {groups}, torch::kLong).to(torch::kByte)
                            : torch::full({groups}, b, torch::kByte);
         const int64_t egs = gs == 0 ? n : gs;
-        auto lm = (torch::pow(2.0, bits.to(dtype)) - 1)
-                      .repeat_interleave(egs)
-                      .narrow(0, 0, n);
+        auto lm = (torch::pow(2.0, bits.to(dtype)) - 1).repeat_interleave(egs).narrow(0, 0, n);
         auto expected = ((w - lo) / (hi - lo) * lm).round().to(torch::kShort);
         auto got = diffq::quantize_levels(w, bits, gs, lo, hi);
-        ASSERT_TRUE(torch::equal(got, expected)) << "dtype " << dtype << " group size " << gs
-                                                 << " bits " << b;
+        ASSERT_TRUE(torch::equal(got, expected))
+            << "dtype " << dtype << " group size " << gs << " bits " << b;
       }
     }
   }

@@ -560,6 +560,44 @@ TEST(Checkpoint, LoadFillsAFreshPlainModel) {
   EXPECT_EQ(dst->bn->num_batches_tracked.item<int64_t>(), 1);
 }
 
+TEST(Checkpoint, LoadReachesEveryHandleViewAndOptimizerOfAParameter) {
+  // Loading may hand a parameter the decoded storage instead of copying into it; every way of
+  // reaching the parameter must see the loaded values, and a view must stay a view.
+  torch::manual_seed(17);
+  Net src;
+  const auto s = state_of(*src);
+  const Bytes bytes = encode(s);
+  Net dst;
+  auto handle = dst->fc->weight;           // another handle to the same tensor
+  auto view = dst->conv->weight.view(-1);  // shares the storage of conv.weight
+  const void* conv_data = dst->conv->weight.data_ptr();
+  torch::optim::SGD opt(dst->parameters(), torch::optim::SGDOptions(0.1));
+  diffq::load_quantized(dst, bytes);
+  auto params = dst->named_parameters();
+  for (const auto& q : s.quantized) {
+    auto expected = diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype)
+                        .view(q.shape);
+    EXPECT_TRUE(torch::equal(params[q.name], expected)) << q.name;
+  }
+  EXPECT_TRUE(torch::equal(handle, params["fc.weight"]));
+  EXPECT_EQ(handle.data_ptr(), dst->fc->weight.data_ptr());
+  // conv.weight has a view: it was filled in place.
+  EXPECT_EQ(dst->conv->weight.data_ptr(), conv_data);
+  EXPECT_TRUE(torch::equal(view, params["conv.weight"].view(-1)));
+  // The optimizer steps the loaded values.
+  for (const auto& p : opt.param_groups()[0].params()) {
+    bool found = false;
+    for (const auto& kv : params) found = found || kv.value().is_same(p);
+    EXPECT_TRUE(found);
+  }
+  const auto before = dst->fc->weight.detach().clone();
+  dst->zero_grad();
+  dst->forward(torch::randn({2, 3, 8, 8})).sum().backward();
+  opt.step();
+  EXPECT_FALSE(torch::equal(dst->fc->weight, before));
+  EXPECT_TRUE(torch::equal(handle, dst->fc->weight));
+}
+
 TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
   torch::manual_seed(8);
   auto src = torch::nn::Linear(40, 30);

@@ -413,6 +413,29 @@ TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
   }
 }
 
+TEST(DiffQuantizer, GradientsMatchAcrossNoiseChunks) {
+  // A weight of 75,000 elements spans two noise chunks (kNoiseChunk = 65,536); group size 7 puts
+  // a group across the chunk boundary, and ties at the max and min sit in both chunks.
+  static_assert(diffq::kNoiseChunk < 300 * 250, "the weight must span two chunks");
+  for (bool ref : {false, true}) {
+    torch::manual_seed(11);
+    auto fc = torch::nn::Linear(300, 250);
+    {
+      torch::NoGradGuard ng;
+      auto w = fc->weight.view(-1);
+      w.mul_(0.5);
+      for (int64_t i : {int64_t{5}, int64_t{70000}}) w[i] = 0.9f;       // max, in chunks 0 and 1
+      for (int64_t i : {int64_t{65535}, int64_t{74999}}) w[i] = -0.9f;  // min, in both chunks
+    }
+    auto x = torch::randn({3, 300});
+    CheckGradients(
+        fc, DiffQOptions().group_size(7).min_size_mb(0), ref, x,
+        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+          return F::linear(x, nw["weight"], nw["bias"]);
+        });
+  }
+}
+
 TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
   torch::manual_seed(8);
   MLP model;
@@ -624,26 +647,69 @@ double HandSizeMB(torch::nn::Module& model, const DiffQuantizer<MLP>& q, const D
 }
 
 TEST(DiffQuantizer, PenaltyEqualsFormulaByHand) {
+  // Float32 logits: the fused CPU penalty and (use_reference_kernels) the ATen-op one.
   for (int64_t gs : {0, 1, 8, 7}) {
     for (double extra : {0.0, 0.6}) {
-      SCOPED_TRACE(std::to_string(gs) + " extra " + std::to_string(extra));
-      torch::manual_seed(13);
-      MLP model;
-      // fc2.bias (3 elements) stays fp32: min_size between 3 and 6 elements of fp32.
-      auto o = DiffQOptions().group_size(gs).min_size_mb(4.0 * 4 / 1048576.0).extra_bits(extra);
-      DiffQuantizer<MLP> q(model, o);
-      EXPECT_EQ(q.quantized_names().size(), 3u);
-      {
-        torch::NoGradGuard ng;
-        for (const auto& n : q.quantized_names()) {
-          auto l = q.logit(n);
-          l.copy_(torch::randn(l.sizes()) * 2);
+      for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+        for (bool ref : {false, true}) {
+          SCOPED_TRACE(std::to_string(gs) + " extra " + std::to_string(extra) +
+                       (param == diffq::Param::kBits ? " bits" : " noise") + (ref ? " ATen" : ""));
+          torch::manual_seed(13);
+          MLP model;
+          // fc2.bias (3 elements) stays fp32: min_size between 3 and 6 elements of fp32.
+          auto o = DiffQOptions()
+                       .group_size(gs)
+                       .min_size_mb(4.0 * 4 / 1048576.0)
+                       .extra_bits(extra)
+                       .param(param);
+          DiffQuantizer<MLP> q(model, o);
+          q.use_reference_kernels(ref);
+          EXPECT_EQ(q.quantized_names().size(), 3u);
+          {
+            torch::NoGradGuard ng;
+            for (const auto& n : q.quantized_names()) {
+              auto l = q.logit(n);
+              l.copy_(torch::randn(l.sizes()) * 2);
+            }
+          }
+          EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
+                      1e-6 * HandSizeMB(*model, q, o, false));
+          EXPECT_NEAR(q.true_model_size(), HandSizeMB(*model, q, o, true),
+                      1e-9 + 1e-7 * HandSizeMB(*model, q, o, true));
         }
       }
-      EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
-                  1e-6 * HandSizeMB(*model, q, o, false));
-      EXPECT_NEAR(q.true_model_size(), HandSizeMB(*model, q, o, true),
-                  1e-9 + 1e-7 * HandSizeMB(*model, q, o, true));
+    }
+  }
+}
+
+TEST(DiffQuantizer, FusedPenaltyGradientMatchesExplicitAutograd) {
+  // The fused CPU penalty's logit gradients against autograd through the formula written out in
+  // double precision: d/dl Σ_g n_g·b_g(l_g) / (8·2^20).
+  for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+    for (int64_t gs : {0, 7}) {
+      torch::manual_seed(16);
+      MLP model;
+      auto o = DiffQOptions().group_size(gs).min_size_mb(0).param(param).extra_bits(0.3);
+      DiffQuantizer<MLP> q(model, o);
+      {
+        torch::NoGradGuard ng;
+        for (const auto& n : q.quantized_names())
+          q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
+      }
+      (3.0 * q.penalty()).backward();
+      auto params = model->named_parameters();
+      for (const auto& n : q.quantized_names()) {
+        auto l = q.logit(n).detach().to(torch::kDouble).requires_grad_(true);
+        const int64_t numel = params[n].numel();
+        const int64_t g = l.numel();
+        const int64_t egs = gs == 0 ? numel : gs;
+        auto counts = torch::full({g}, static_cast<double>(egs), torch::kDouble);
+        counts[g - 1] = static_cast<double>(numel - (g - 1) * egs);
+        auto size = 3.0 * ((RefBits(l, o) + o.extra_bits()) * counts).sum() / (8.0 * 1048576.0);
+        size.backward();
+        EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), l.grad(), 1e-5))
+            << n << (param == diffq::Param::kBits ? " bits" : " noise") << " gs " << gs;
+      }
     }
   }
 }
@@ -813,6 +879,17 @@ TEST(DiffQuantizer, ErrorPaths) {
         "diffq: tensor 'fc2.weight' holds non-finite values");
     model->train();
     q.no_optimizer();
+    ExpectError(
+        [&] {
+          q.forward(torch::randn({1, 10}));
+        },
+        "parameter 'fc2.weight' holds non-finite values");
+    {
+      // A NaN past the first element (min/max comparisons alone would skip it).
+      torch::NoGradGuard ng;
+      model->fc2->weight[0][0] = 0.5f;
+      model->fc2->weight.view(-1)[model->fc2->weight.numel() - 3] = std::nan("");
+    }
     ExpectError(
         [&] {
           q.forward(torch::randn({1, 10}));

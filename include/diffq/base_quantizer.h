@@ -519,14 +519,10 @@ class BaseQuantizer {
     substitute(q, cached_quantized(q), state);
   }
 
-  at::Tensor size_mb(bool exact) const {
+  /// Bits of the parameters that are not quantized (32 or 16 per element), each tensor once.
+  double unquantized_bits() const {
     std::unordered_map<const void*, bool> counted;
-    at::Tensor total;
-    for (const auto& q : params_) {
-      counted[q->param.unsafeGetTensorImpl()] = true;
-      auto t = derived().size_bits(*q, exact);
-      total = total.defined() ? total + t : t;
-    }
+    for (const auto& q : params_) counted[q->param.unsafeGetTensorImpl()] = true;
     double other_bits = 0;
     for (const auto& p : model_->parameters(/*recurse=*/true)) {
       const void* impl = p.unsafeGetTensorImpl();
@@ -534,6 +530,16 @@ class BaseQuantizer {
       counted[impl] = true;
       other_bits += static_cast<double>(p.numel() * float_bits(options_.float16()));
     }
+    return other_bits;
+  }
+
+  at::Tensor size_mb(bool exact) const {
+    at::Tensor total;
+    for (const auto& q : params_) {
+      auto t = derived().size_bits(*q, exact);
+      total = total.defined() ? total + t : t;
+    }
+    const double other_bits = unquantized_bits();
     if (!total.defined()) {
       return at::scalar_tensor(other_bits / kBitsPerMB, at::TensorOptions().dtype(at::kDouble));
     }

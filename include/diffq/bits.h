@@ -190,8 +190,8 @@ inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, i
               "], got ", bits.sizes());
   if (max == min) return at::zeros({numel}, flat.options().dtype(at::kShort));
   const at::ScalarType dt = flat.scalar_type();
-  if (flat.device().is_cpu() && (dt == at::kFloat || dt == at::kDouble) &&
-      bits.device().is_cpu() && bits.scalar_type() == at::kByte && numel > 0) {
+  if (flat.device().is_cpu() && (dt == at::kFloat || dt == at::kDouble) && bits.device().is_cpu() &&
+      bits.scalar_type() == at::kByte && numel > 0) {
     // Fused one-pass kernel: the same operations in the same precision as the ATen expression
     // below, so the same levels bit for bit (checked in tests/bits_test.cpp).
     auto b = bits.contiguous();
@@ -199,8 +199,8 @@ inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, i
     const int64_t groups = b.size(0);
     for (int64_t g = 0; g < groups; ++g) {
       TORCH_CHECK(bp[g] >= 1 && bp[g] <= kMaxStoredBits,
-                  "diffq::quantize_levels: bit widths must be in [1, ", kMaxStoredBits,
-                  "], got ", static_cast<int>(bp[g]), " for group ", g);
+                  "diffq::quantize_levels: bit widths must be in [1, ", kMaxStoredBits, "], got ",
+                  static_cast<int>(bp[g]), " for group ", g);
     }
     auto src = flat.contiguous();
     auto out = at::empty({numel}, flat.options().dtype(at::kShort));

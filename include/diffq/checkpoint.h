@@ -408,6 +408,27 @@ inline std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
+/// Gives `target` the storage of the freshly decoded `value` instead of copying into it, when
+/// nothing can tell the difference: `target` is a dense CPU tensor that alone owns its storage
+/// (no view, no flat-weight buffer, no other tensor shares it), `value` has the same dtype, shape
+/// and layout and fills exactly one target. Every handle to `target` (the module's member, the
+/// optimizer's parameter list) sees the new values, as `set_data` changes the tensor in place.
+inline bool adopt_storage(at::Tensor& target, const at::Tensor& value, int uses) {
+  if (uses != 1 || !target.device().is_cpu() || !value.device().is_cpu()) return false;
+  if (target.layout() != at::kStrided || !target.is_contiguous() || !value.is_contiguous() ||
+      target.storage_offset() != 0 || value.storage_offset() != 0) {
+    return false;
+  }
+  if (target.scalar_type() != value.scalar_type() || target.sizes() != value.sizes()) return false;
+  const auto& st = target.storage();
+  if (!st || st.use_count() != 1 || !value.storage() || value.storage().use_count() != 1) {
+    return false;
+  }
+  if (st.nbytes() != static_cast<size_t>(target.numel()) * target.element_size()) return false;
+  target.set_data(value);
+  return true;
+}
+
 inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   const std::string where = "diffq::load_quantized";
   ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, where, src.name);
@@ -472,10 +493,18 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     }
   }
   at::NoGradGuard no_grad;
+  // How many targets each decoded tensor fills (tied names share one record).
+  std::vector<int> uses(pc.records.size(), 0);
+  for (auto& t : targets) {
+    const size_t r = record_of.at(t.first);
+    const RecordView& rv = pc.records[r];
+    ++uses[rv.kind == kKindAlias ? record_of.at(rv.target) : r];
+  }
   for (auto& t : targets) {
     const size_t r = record_of.at(t.first);
     const RecordView& rv = pc.records[r];
     const size_t s = rv.kind == kKindAlias ? record_of.at(rv.target) : r;
+    if (adopt_storage(t.second, values[s], uses[s])) continue;
     t.second.copy_(values[s]);
   }
 }

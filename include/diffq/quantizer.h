@@ -30,8 +30,10 @@
 #include <torch/nn/pimpl.h>
 #include <torch/optim.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -50,20 +52,173 @@ inline uint64_t draw_seed() {
   return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
 }
 
+/// What the fused penalty needs besides the logits: per quantized tensor its element count and
+/// effective group size, and the options of the bit parametrisation.
+struct PenaltyLayout {
+  std::vector<int64_t> numel;
+  std::vector<int64_t> group_size;
+  double min_bits = 2, max_bits = 15, extra_bits = 0;
+  bool noise_param = false;
+  double other_bits = 0;  ///< bits of the non-quantized parameters
+};
+
+/// `DiffQuantizer::penalty()` on CPU float32 logits as one autograd node: the model size in MB,
+/// `(Σ_tensors [Σ_g n_g·(b_g + extra_bits) + 72 + bits_bits·groups] + other_bits) / (8·2^20)`
+/// (`diffq::quantized_size_bits`), summed in double; backward: `d size / d l_g = n_g·db_g/dl_g /
+/// (8·2^20)` with `db/dl = (max_bits − min_bits)·t(1 − t)` (`Param::kBits`) or `−span·t(1 −
+/// t)/(ln 2·(1 + s))` (`Param::kNoise`, `s` the noise scale, `span = log(min_noise/max_noise)`),
+/// `t = sigmoid(l)`; `bits_bits` is not differentiated (as in the reference).
+struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
+  /// `b` and `db/dl` of one logit, in double.
+  static void bits_and_slope(double l, const PenaltyLayout& p, double& b, double& db) {
+    const double e = std::exp(-l);
+    const double t = 1.0 / (1.0 + e);
+    const double dt = e * t * t;  // t(1 − t) without cancellation
+    if (!p.noise_param) {
+      b = p.min_bits + (p.max_bits - p.min_bits) * t;
+      db = (p.max_bits - p.min_bits) * dt;
+      return;
+    }
+    const double log_min = std::log(min_noise_scale(p.max_bits));
+    const double log_max = std::log(max_noise_scale(p.min_bits));
+    const double span = log_min - log_max;
+    const double s = std::exp(t * log_min + (1 - t) * log_max);
+    b = std::log2(1 + 1 / s);
+    db = -span * dt / (std::log(2.0) * (1 + s));
+  }
+
+  static constexpr int64_t kPenaltyBlock = 512;
+
+  /// `b[i] = min_bits + (max_bits − min_bits)·sigmoid(l[i])` in float (`Param::kBits`),
+  /// vectorizable (`exp2_approx`, relative error below 2e-7).
+  DIFFQ_VECTORIZE_CLAMPS static void bits_block(const float* __restrict l, int64_t n,
+                                                const PenaltyLayout& p, float* __restrict b) {
+    const float lo = static_cast<float>(p.min_bits);
+    const float range = static_cast<float>(p.max_bits - p.min_bits);
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = exp2_approx(-l[i] * 1.44269504f);
+      b[i] = lo + range / (1.0f + e);
+    }
+  }
+
+  /// `d[i] = scale·(max_bits − min_bits)·t(1 − t)`, `t = sigmoid(l[i])`, in float
+  /// (`Param::kBits`), vectorizable.
+  DIFFQ_VECTORIZE_CLAMPS static void slope_block(const float* __restrict l, int64_t n,
+                                                 const PenaltyLayout& p, float scale,
+                                                 float* __restrict d) {
+    const float k = scale * static_cast<float>(p.max_bits - p.min_bits);
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = exp2_approx(-l[i] * 1.44269504f);
+      const float t = 1.0f / (1.0f + e);
+      d[i] = k * (e * t * t);
+    }
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList logits,
+                            const PenaltyLayout& layout) {
+    double total = layout.other_bits;
+    for (size_t k = 0; k < logits.size(); ++k) {
+      const float* l = logits[k].data_ptr<float>();
+      const int64_t groups = logits[k].numel();
+      const int64_t gs = layout.group_size[k];
+      const int64_t last = layout.numel[k] - (groups - 1) * gs;
+      double sum = 0, max_b = -std::numeric_limits<double>::infinity();
+      if (!layout.noise_param) {
+        // b = min + range·sigmoid(l) in float, vectorized, over blocks summed in double.
+        float b[kPenaltyBlock];
+        for (int64_t g0 = 0; g0 < groups; g0 += kPenaltyBlock) {
+          const int64_t n = std::min<int64_t>(kPenaltyBlock, groups - g0);
+          bits_block(l + g0, n, layout, b);
+          float block_sum = 0, block_max = b[0];
+          for (int64_t i = 0; i < n; ++i) {
+            block_sum += b[i];
+            block_max = b[i] > block_max ? b[i] : block_max;
+          }
+          sum += block_sum;
+          max_b = std::max(max_b, static_cast<double>(block_max));
+        }
+        sum *= static_cast<double>(gs);
+        // The last group may be partial: it counts `last` elements, not `gs`.
+        double b_last, db_last;
+        bits_and_slope(l[groups - 1], layout, b_last, db_last);
+        sum -= b_last * static_cast<double>(gs - last);
+        sum += layout.extra_bits * static_cast<double>(layout.numel[k]);
+        max_b += layout.extra_bits;
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          double b, db;
+          bits_and_slope(l[g], layout, b, db);
+          b += layout.extra_bits;
+          sum += b * static_cast<double>(g + 1 == groups ? last : gs);
+          max_b = std::max(max_b, b);
+        }
+      }
+      const double bits_bits =
+          std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(max_b) - layout.min_bits)));
+      total += sum + (64 + 8) + bits_bits * static_cast<double>(groups);
+    }
+    ctx->save_for_backward(logits.vec());
+    ctx->saved_data["numel"] = layout.numel;
+    ctx->saved_data["group_size"] = layout.group_size;
+    ctx->saved_data["bits"] = std::vector<double>{layout.min_bits, layout.max_bits};
+    ctx->saved_data["noise_param"] = layout.noise_param;
+    return at::scalar_tensor(total / kBitsPerMB, logits[0].options());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const auto logits = ctx->get_saved_variables();
+    PenaltyLayout layout;
+    const auto bits = ctx->saved_data["bits"].toDoubleVector();
+    layout.min_bits = bits[0];
+    layout.max_bits = bits[1];
+    layout.noise_param = ctx->saved_data["noise_param"].toBool();
+    const auto numel = ctx->saved_data["numel"].toIntVector();
+    const auto group_size = ctx->saved_data["group_size"].toIntVector();
+    const double g_out = grad_out[0].defined() ? grad_out[0].item<double>() / kBitsPerMB : 0.0;
+    torch::autograd::variable_list grads(logits.size() + 1);
+    for (size_t k = 0; k < logits.size(); ++k) {
+      const int64_t groups = logits[k].numel();
+      const int64_t gs = group_size[k];
+      const int64_t last = numel[k] - (groups - 1) * gs;
+      at::Tensor grad = at::empty({groups}, logits[k].options());
+      const float* l = logits[k].data_ptr<float>();
+      float* d = grad.data_ptr<float>();
+      if (!layout.noise_param) {
+        slope_block(l, groups, layout, static_cast<float>(g_out * static_cast<double>(gs)), d);
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          double b, db;
+          bits_and_slope(l[g], layout, b, db);
+          d[g] = static_cast<float>(g_out * db * static_cast<double>(gs));
+        }
+      }
+      {
+        double b, db;  // the last group counts `last` elements
+        bits_and_slope(l[groups - 1], layout, b, db);
+        d[groups - 1] = static_cast<float>(g_out * db * static_cast<double>(last));
+      }
+      grads[k] = grad;
+    }
+    return grads;  // the last entry (the layout) gets no gradient
+  }
+};
+
 /// Per-parameter state of the DiffQ quantizer (`aux` is the logit `[num_groups]`); shared with the
 /// gradient hook.
 struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
   int64_t group_size = 0;  ///< effective group size (> 0)
   int64_t groups = 0;
   // Pseudo quantization noise of the current sample.
-  bool fast = false;   ///< CPU kernels (else ATen ops)
-  at::Tensor noisy;    ///< `[numel]` buffer reused across steps
-  at::Tensor noise;    ///< `u`, `[numel]` (float for the CPU kernels)
-  at::Tensor unit;     ///< `[num_groups]`
-  at::Tensor dunit;    ///< `[num_groups]`
-  at::Tensor partial;  ///< `[num_groups]` double scratch (CPU kernels)
-  double scale = 0;    ///< `max w − min w` (CPU kernels)
-  at::Tensor lo, hi;   ///< 0-dim min and max (ATen path)
+  bool fast = false;        ///< CPU kernels (else ATen ops)
+  at::Tensor noisy;         ///< `[numel]` buffer reused across steps
+  at::Tensor noise;         ///< `u`, `[numel]` (float for the CPU kernels)
+  at::Tensor unit;          ///< `[num_groups]`
+  at::Tensor dunit;         ///< `[num_groups]`
+  at::Tensor partial;       ///< `[num_groups]` double scratch (CPU kernels)
+  double scale = 0;         ///< `max w − min w` (CPU kernels)
+  at::Tensor lo, hi;        ///< 0-dim min and max
+  at::Tensor chunk_minmax;  ///< `[2, chunks]` per-chunk min and max of the weights (CPU kernels)
   Extremes extremes;
 };
 
@@ -118,9 +273,28 @@ class DiffQuantizer
   /// `quantized_size_bits`), plus 32 bits (16 with `float16`) per element of the other parameters,
   /// divided by `8·2^20`. Tied parameters count once. Makes no host synchronisation. Source:
   /// paper Eq. 7, reference `DiffQuantizer.model_size`.
-  at::Tensor penalty() const { return this->size_mb(false); }
+  /// On the CPU with float32 logits one fused autograd node computes it (forward and backward in
+  /// one pass over the logits each), equal to the ATen-op formula up to rounding (it sums in
+  /// double precision).
+  at::Tensor penalty() const {
+    if (!fused_penalty_ok()) return this->size_mb(false);
+    std::vector<at::Tensor> logits;
+    detail::PenaltyLayout layout;
+    const auto& o = this->options_;
+    layout.min_bits = o.min_bits();
+    layout.max_bits = o.max_bits();
+    layout.extra_bits = o.extra_bits();
+    layout.noise_param = o.param() == Param::kNoise;
+    layout.other_bits = this->unquantized_bits();
+    for (const auto& q : this->params_) {
+      logits.push_back(q->aux);
+      layout.numel.push_back(q->numel);
+      layout.group_size.push_back(q->group_size);
+    }
+    return detail::SizePenaltyFunction::apply(at::TensorList(logits), layout);
+  }
   /// Alias of `penalty()`.
-  at::Tensor model_size() const { return this->size_mb(false); }
+  at::Tensor model_size() const { return penalty(); }
 
   /// Model size in MB with the bit widths of true quantization, `clamp(round(b + extra_bits), 1,
   /// 15)`: the size of the bit-packed quantized model.
@@ -154,11 +328,24 @@ class DiffQuantizer
   /// `rounded`, the true quantization's `clamp(round(b + extra_bits), 1, 15)`. 0 if none.
   double mean_bits(bool rounded = false) const { return Base::mean_bits(rounded); }
 
-  /// For tests: use the ATen-op implementation of the pseudo quantization noise on the CPU too
-  /// (it is always used on other devices and dtypes).
+  /// For tests: use the ATen-op implementation of the pseudo quantization noise and of the penalty
+  /// on the CPU too (it is always used on other devices and dtypes).
   void use_reference_kernels(bool value) { reference_kernels_ = value; }
 
  private:
+  /// Whether `penalty()` may use the fused CPU node: every logit a contiguous CPU float32 tensor.
+  bool fused_penalty_ok() const {
+    if (reference_kernels_ || this->params_.empty()) return false;
+    for (const auto& q : this->params_) {
+      const auto& l = q->aux;
+      if (!l.defined() || !l.device().is_cpu() || l.scalar_type() != at::kFloat ||
+          !l.is_contiguous()) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   using QParam = detail::QParam;
   using WeightState = detail::WeightState;
 
@@ -308,28 +495,33 @@ class DiffQuantizer
       q.noise = at::empty({q.numel}, w.options().dtype(noise_dtype));
     }
     if (q.fast) {
-      auto mm = at::aminmax(w);
-      const double lo = std::get<0>(mm).template item<double>();
-      const double hi = std::get<1>(mm).template item<double>();
-      TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "diffq::DiffQuantizer: parameter '",
-                  q.name, "' holds non-finite values (min=", lo, ", max=", hi,
-                  "); cannot add pseudo quantization noise to NaN or Inf weights");
-      q.scale = hi - lo;
-      q.lo = std::get<0>(mm);
-      q.hi = std::get<1>(mm);
+      const int64_t chunks = (q.numel + kNoiseChunk - 1) / kNoiseChunk;
       if (!q.partial.defined() || q.partial.numel() != q.groups) {
         const auto cpu = at::TensorOptions().device(at::kCPU);
         q.partial = at::empty({q.groups}, cpu.dtype(at::kDouble));
         q.unit = at::empty({q.groups}, cpu.dtype(at::kFloat));
         q.dunit = at::empty({q.groups}, cpu.dtype(at::kFloat));
+        q.chunk_minmax = at::empty({2, chunks}, cpu.dtype(at::kFloat));
       }
+      float* chunk_lo = q.chunk_minmax.data_ptr<float>();
+      float* chunk_hi = chunk_lo + chunks;
+      const detail::MinMax mm =
+          detail::minmax_cpu(w.data_ptr<float>(), q.numel, chunk_lo, chunk_hi);
+      const double lo = mm.lo, hi = mm.hi;
+      TORCH_CHECK(!mm.nan && std::isfinite(lo) && std::isfinite(hi),
+                  "diffq::DiffQuantizer: parameter '", q.name,
+                  "' holds non-finite values (min=", lo, ", max=", hi, mm.nan ? ", and NaN" : "",
+                  "); cannot add pseudo quantization noise to NaN or Inf weights");
+      q.scale = hi - lo;
+      q.lo = at::scalar_tensor(mm.lo, w.options());
+      q.hi = at::scalar_tensor(mm.hi, w.options());
       detail::units_cpu(q.aux.data_ptr<float>(), q.unit.data_ptr<float>(),
                         q.dunit.data_ptr<float>(), q.groups, this->options_.min_bits(),
                         this->options_.max_bits(), this->options_.param());
-      detail::apply_noise_cpu(
-          w.data_ptr<float>(), q.noisy.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel,
-          q.group_size, q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),
-          this->options_.noise(), static_cast<float>(lo), static_cast<float>(hi), q.extremes);
+      detail::apply_noise_cpu(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
+                              q.noise.data_ptr<float>(), q.numel, q.group_size,
+                              q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),
+                              this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
     } else {
       auto flat = w.reshape(-1);
       auto mm = at::aminmax(flat);

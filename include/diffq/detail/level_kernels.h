@@ -13,7 +13,8 @@
 #include <cstdint>
 
 // The same dispatch as the noise generator: an AVX2 clone (no FMA, so no contraction of the
-// multiply-then-round into one rounding) chosen at run time on x86 builds that are not AVX2 already.
+// multiply-then-round into one rounding) chosen at run time on x86 builds that are not AVX2
+// already.
 #if !defined(DIFFQ_NOISE_NO_DISPATCH) && !defined(__AVX2__) && \
     (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define DIFFQ_LEVELS_AVX2_DISPATCH 1
@@ -38,9 +39,11 @@ constexpr T round_magic() {
 /// Levels of elements `[begin, end)`: `out[i] = round(((w[i] − lo)/range)·(2^bits[g(i)] − 1))`,
 /// `g(i) = i / gs`. `range = (T)(max − min)` > 0, `lo = (T)min`; bits in [1, 15].
 template <class T>
-inline __attribute__((always_inline)) void quantize_levels_range(
-    const T* __restrict w, const uint8_t* __restrict bits, int64_t gs, T lo, T range,
-    int16_t* __restrict out, int64_t begin, int64_t end) {
+inline __attribute__((always_inline)) void quantize_levels_range(const T* __restrict w,
+                                                                 const uint8_t* __restrict bits,
+                                                                 int64_t gs, T lo, T range,
+                                                                 int16_t* __restrict out,
+                                                                 int64_t begin, int64_t end) {
   T level_max[kLevelBlock];
   const T magic = round_magic<T>();
   for (int64_t b0 = begin; b0 < end; b0 += kLevelBlock) {

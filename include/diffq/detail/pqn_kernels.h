@@ -10,6 +10,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,11 +60,10 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   return scale * (poly * 1.41421356f);
 }
 
-/// Per group, the quantization unit `1/(2^b − 1)` and its derivative with respect to the logit
-/// (`diffq::unit_from_logit`, bits.h), in float: `unit`, `dunit` are `[groups]`.
-DIFFQ_VECTORIZE_CLAMPS inline void units_cpu(const float* logit, float* unit, float* dunit,
-                                             int64_t groups, double min_bits, double max_bits,
-                                             Param param) {
+/// Body of `units_cpu` (below).
+DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void units_impl(
+    const float* __restrict logit, float* __restrict unit, float* __restrict dunit, int64_t groups,
+    double min_bits, double max_bits, Param param) {
   const float range = static_cast<float>(max_bits - min_bits);
   const float lo_bits = static_cast<float>(min_bits);
   const float log2e = 1.44269504f;
@@ -88,90 +91,288 @@ DIFFQ_VECTORIZE_CLAMPS inline void units_cpu(const float* logit, float* unit, fl
   }
 }
 
-/// `noisy[i] = w[i] + delta_g·u[i]` over the full groups `[g0, g1)` of compile-time size `GS`
-/// (or runtime `gs` when `GS == 0`); returns how many elements equal `lo` or `hi`.
+/// `units_impl` compiled for the baseline and, where available, as an AVX2 clone (no FMA: the same
+/// results), chosen at run time.
+DIFFQ_VECTORIZE_CLAMPS inline void units_base(const float* logit, float* unit, float* dunit,
+                                              int64_t groups, double min_bits, double max_bits,
+                                              Param param) {
+  units_impl(logit, unit, dunit, groups, min_bits, max_bits, param);
+}
+#if DIFFQ_NOISE_AVX2_DISPATCH
+DIFFQ_VECTORIZE_CLAMPS __attribute__((target("avx2"))) inline void units_avx2(
+    const float* logit, float* unit, float* dunit, int64_t groups, double min_bits, double max_bits,
+    Param param) {
+  units_impl(logit, unit, dunit, groups, min_bits, max_bits, param);
+}
+#endif
+
+/// Per group, the quantization unit `1/(2^b − 1)` and its derivative with respect to the logit
+/// (`diffq::unit_from_logit`, bits.h), in float: `unit`, `dunit` are `[groups]`.
+inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t groups,
+                      double min_bits, double max_bits, Param param) {
+#if DIFFQ_NOISE_AVX2_DISPATCH
+  if (noise_cpu_has_avx2()) {
+    units_avx2(logit, unit, dunit, groups, min_bits, max_bits, param);
+    return;
+  }
+#endif
+  units_base(logit, unit, dunit, groups, min_bits, max_bits, param);
+}
+
+// The element loops below exist twice: compiled for the translation unit's baseline and, on x86
+// builds that are not AVX2 already, as AVX2 clones chosen at run time (as the noise generator,
+// noise_kernel.h). The clones enable no FMA, so both give the same results bit for bit.
+#define DIFFQ_KERNEL_INLINE inline __attribute__((always_inline))
+#if DIFFQ_NOISE_AVX2_DISPATCH
+#define DIFFQ_KERNEL_AVX2 __attribute__((target("avx2")))
+inline bool kernels_cpu_has_avx2() {
+  return noise_cpu_has_avx2();
+}
+#endif
+
+/// Minimum and maximum of `w[begin, end)` and whether it holds a NaN (NaN compares false, so it
+/// would otherwise be skipped silently).
+struct MinMax {
+  float lo;
+  float hi;
+  bool nan;
+};
+
+/// Scalar `minmax_range`: `begin < end`.
+inline MinMax minmax_range_scalar(const float* w, int64_t begin, int64_t end) {
+  MinMax r{w[begin], w[begin], false};
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = w[i];
+    r.lo = x < r.lo ? x : r.lo;
+    r.hi = x > r.hi ? x : r.hi;
+    r.nan = r.nan || x != x;
+  }
+  return r;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+/// SSE2 (x86-64 baseline) `minmax_range`. Compilers do not vectorize the float min/max
+/// reductions by themselves (their NaN semantics differ from `minps`); for finite values the
+/// results are the same, and NaN is reported separately.
+inline MinMax minmax_range_base(const float* w, int64_t begin, int64_t end) {
+  if (end - begin < 8) return minmax_range_scalar(w, begin, end);
+  __m128 lo = _mm_loadu_ps(w + begin), hi = lo;
+  __m128 nan = _mm_cmpunord_ps(lo, lo);
+  int64_t i = begin + 4;
+  for (; i + 4 <= end; i += 4) {
+    const __m128 x = _mm_loadu_ps(w + i);
+    lo = _mm_min_ps(lo, x);
+    hi = _mm_max_ps(hi, x);
+    nan = _mm_or_ps(nan, _mm_cmpunord_ps(x, x));
+  }
+  float l[4], h[4];
+  _mm_storeu_ps(l, lo);
+  _mm_storeu_ps(h, hi);
+  MinMax r{l[0], h[0], _mm_movemask_ps(nan) != 0};
+  for (int k = 1; k < 4; ++k) {
+    r.lo = l[k] < r.lo ? l[k] : r.lo;
+    r.hi = h[k] > r.hi ? h[k] : r.hi;
+  }
+  if (i < end) {
+    const MinMax t = minmax_range_scalar(w, i, end);
+    r.lo = t.lo < r.lo ? t.lo : r.lo;
+    r.hi = t.hi > r.hi ? t.hi : r.hi;
+    r.nan = r.nan || t.nan;
+  }
+  return r;
+}
+#else
+inline MinMax minmax_range_base(const float* w, int64_t begin, int64_t end) {
+  return minmax_range_scalar(w, begin, end);
+}
+#endif
+
+#if DIFFQ_NOISE_AVX2_DISPATCH
+/// AVX2 `minmax_range`.
+DIFFQ_KERNEL_AVX2 inline MinMax minmax_range_avx2(const float* w, int64_t begin, int64_t end) {
+  if (end - begin < 32) return minmax_range_scalar(w, begin, end);
+  __m256 lo0 = _mm256_loadu_ps(w + begin), hi0 = lo0;
+  __m256 lo1 = lo0, hi1 = lo0;
+  __m256 nan = _mm256_cmp_ps(lo0, lo0, _CMP_UNORD_Q);
+  int64_t i = begin + 8;
+  for (; i + 16 <= end; i += 16) {
+    const __m256 x = _mm256_loadu_ps(w + i);
+    const __m256 y = _mm256_loadu_ps(w + i + 8);
+    lo0 = _mm256_min_ps(lo0, x);
+    hi0 = _mm256_max_ps(hi0, x);
+    lo1 = _mm256_min_ps(lo1, y);
+    hi1 = _mm256_max_ps(hi1, y);
+    nan = _mm256_or_ps(
+        nan, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), _mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+  }
+  float l[8], h[8];
+  _mm256_storeu_ps(l, _mm256_min_ps(lo0, lo1));
+  _mm256_storeu_ps(h, _mm256_max_ps(hi0, hi1));
+  MinMax r{l[0], h[0], _mm256_movemask_ps(nan) != 0};
+  for (int k = 1; k < 8; ++k) {
+    r.lo = l[k] < r.lo ? l[k] : r.lo;
+    r.hi = h[k] > r.hi ? h[k] : r.hi;
+  }
+  if (i < end) {
+    const MinMax t = minmax_range_scalar(w, i, end);
+    r.lo = t.lo < r.lo ? t.lo : r.lo;
+    r.hi = t.hi > r.hi ? t.hi : r.hi;
+    r.nan = r.nan || t.nan;
+  }
+  return r;
+}
+#endif
+
+/// Minimum and maximum of `w[0, numel)` (`numel` > 0), and per chunk of `kNoiseChunk` elements in
+/// `chunk_lo`/`chunk_hi` (`[ceil(numel / kNoiseChunk)]`), which `apply_noise_cpu` uses to find
+/// the positions of the extremes without another pass. In parallel over chunks.
+inline MinMax minmax_cpu(const float* w, int64_t numel, float* chunk_lo, float* chunk_hi) {
+  const int64_t chunks = (numel + kNoiseChunk - 1) / kNoiseChunk;
+  std::vector<uint8_t> nan(static_cast<size_t>(chunks), 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t start = c * kNoiseChunk;
+      const int64_t end = std::min(numel, start + kNoiseChunk);
+      MinMax m;
+#if DIFFQ_NOISE_AVX2_DISPATCH
+      if (kernels_cpu_has_avx2()) {
+        m = minmax_range_avx2(w, start, end);
+      } else {
+        m = minmax_range_base(w, start, end);
+      }
+#else
+      m = minmax_range_base(w, start, end);
+#endif
+      chunk_lo[c] = m.lo;
+      chunk_hi[c] = m.hi;
+      nan[static_cast<size_t>(c)] = m.nan ? 1 : 0;
+    }
+  });
+  MinMax r{chunk_lo[0], chunk_hi[0], false};
+  for (int64_t c = 0; c < chunks; ++c) {
+    r.lo = std::min(r.lo, chunk_lo[c]);
+    r.hi = std::max(r.hi, chunk_hi[c]);
+    r.nan = r.nan || nan[static_cast<size_t>(c)] != 0;
+  }
+  return r;
+}
+
+/// `noisy[i] = w[i] + scale·unit[g(i)]·u[i]` over `[start, end)`, group size `GS` (compile time)
+/// or `gs` (`GS == 0`).
 template <int GS>
-inline int64_t apply_groups(const float* __restrict w, float* __restrict noisy,
-                            const float* __restrict u, const float* __restrict unit, float scale,
-                            int64_t gs, int64_t g0, int64_t g1, float lo, float hi) {
+DIFFQ_KERNEL_INLINE void apply_range(const float* __restrict w, float* __restrict noisy,
+                                     const float* __restrict u, const float* __restrict unit,
+                                     float scale, int64_t gs, int64_t start, int64_t end) {
   const int64_t size = GS > 0 ? GS : gs;
-  int32_t hits = 0;
-  for (int64_t g = g0; g < g1; ++g) {
+  // Partial groups at the range's edges element by element, whole groups in between.
+  const int64_t g_first = (start + size - 1) / size;
+  const int64_t g_last = end / size;
+  auto scalar = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) noisy[i] = w[i] + (scale * unit[i / size]) * u[i];
+  };
+  if (g_first >= g_last) {
+    scalar(start, end);
+    return;
+  }
+  scalar(start, g_first * size);
+  for (int64_t g = g_first; g < g_last; ++g) {
     const float d = scale * unit[g];
     const int64_t s = g * size;
-    for (int64_t k = 0; k < size; ++k) {
-      const float x = w[s + k];
-      noisy[s + k] = x + d * u[s + k];
-      hits += static_cast<int32_t>(x == lo) + static_cast<int32_t>(x == hi);
-    }
+    for (int64_t k = 0; k < size; ++k) noisy[s + k] = w[s + k] + d * u[s + k];
   }
-  return hits;
+  scalar(g_last * size, end);
 }
+
+DIFFQ_KERNEL_INLINE void apply_dispatch_gs(const float* w, float* noisy, const float* u,
+                                           const float* unit, float scale, int64_t gs,
+                                           int64_t start, int64_t end) {
+  switch (gs) {
+    case 8:
+      return apply_range<8>(w, noisy, u, unit, scale, gs, start, end);
+    case 16:
+      return apply_range<16>(w, noisy, u, unit, scale, gs, start, end);
+    case 32:
+      return apply_range<32>(w, noisy, u, unit, scale, gs, start, end);
+    default:
+      return apply_range<0>(w, noisy, u, unit, scale, gs, start, end);
+  }
+}
+
+/// Noise of chunk `c` (elements `[start, end)`, stream `c`) and the noisy weights of that range,
+/// block by block while the samples are in the L1 cache.
+DIFFQ_KERNEL_INLINE void noise_apply_chunk(const float* w, float* noisy, float* u,
+                                           const float* unit, float scale, int64_t gs,
+                                           int64_t start, int64_t end, uint64_t seed, uint64_t c,
+                                           bool gaussian) {
+  // Inlined into the caller, so that the AVX2 clone's copy is AVX2 code too.
+  auto post = [&](int64_t a, int64_t b) __attribute__((always_inline)) {
+    apply_dispatch_gs(w, noisy, u, unit, scale, gs, start + a, start + b);
+  };
+  if (gaussian) {
+    fill_noise_then<true>(u + start, end - start, seed, c, post);
+  } else {
+    fill_noise_then<false>(u + start, end - start, seed, c, post);
+  }
+}
+
+inline void noise_apply_chunk_base(const float* w, float* noisy, float* u, const float* unit,
+                                   float scale, int64_t gs, int64_t start, int64_t end,
+                                   uint64_t seed, uint64_t c, bool gaussian) {
+  noise_apply_chunk(w, noisy, u, unit, scale, gs, start, end, seed, c, gaussian);
+}
+#if DIFFQ_NOISE_AVX2_DISPATCH
+DIFFQ_KERNEL_AVX2 inline void noise_apply_chunk_avx2(const float* w, float* noisy, float* u,
+                                                     const float* unit, float scale, int64_t gs,
+                                                     int64_t start, int64_t end, uint64_t seed,
+                                                     uint64_t c, bool gaussian) {
+  noise_apply_chunk(w, noisy, u, unit, scale, gs, start, end, seed, c, gaussian);
+}
+#endif
 
 /// Draws `u` (`[numel]`, stream `c` for chunk `c` of `kNoiseChunk` elements) and writes
 /// `noisy = w + scale·unit_g·u`. `unit`: `[num_groups]`; `gs`: effective group size (> 0).
-/// Collects the positions of `lo` and `hi` (the tensor's min and max) in `extremes`.
+/// Collects the positions of `lo` and `hi` (the tensor's min and max, from `minmax_cpu`, whose
+/// per-chunk extremes `chunk_lo`/`chunk_hi` say which chunks hold them) in `extremes`, sorted.
 inline void apply_noise_cpu(const float* w, float* noisy, float* u, int64_t numel, int64_t gs,
                             const float* unit, double scale, uint64_t seed, Noise kind, float lo,
-                            float hi, Extremes& extremes) {
+                            float hi, const float* chunk_lo, const float* chunk_hi,
+                            Extremes& extremes) {
   extremes.clear();
-  std::mutex mutex;
   const float fscale = static_cast<float>(scale);
   const int64_t chunks = (numel + kNoiseChunk - 1) / kNoiseChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t start = c * kNoiseChunk;
       const int64_t end = std::min(numel, start + kNoiseChunk);
-      fill_noise(u + start, end - start, seed, static_cast<uint64_t>(c), kind);
-      // Partial groups at the chunk's edges element by element, full groups in between.
-      const int64_t g_first = (start + gs - 1) / gs;  // first group starting inside the chunk
-      const int64_t g_last = end / gs;                // groups [g_first, g_last) are whole
-      int64_t hits = 0;
-      auto scalar = [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          noisy[i] = w[i] + fscale * unit[i / gs] * u[i];
-          hits += (w[i] == lo) + (w[i] == hi);
-        }
-      };
-      if (g_first >= g_last) {
-        scalar(start, end);
-      } else {
-        scalar(start, g_first * gs);
-        switch (gs) {
-          case 8:
-            hits += apply_groups<8>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
-            break;
-          case 16:
-            hits += apply_groups<16>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
-            break;
-          case 32:
-            hits += apply_groups<32>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
-            break;
-          case 64:
-            hits += apply_groups<64>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
-            break;
-          default:
-            hits += apply_groups<0>(w, noisy, u, unit, fscale, gs, g_first, g_last, lo, hi);
-        }
-        scalar(g_last * gs, end);
+      const bool gaussian = kind == Noise::kGaussian;
+#if DIFFQ_NOISE_AVX2_DISPATCH
+      if (kernels_cpu_has_avx2()) {
+        noise_apply_chunk_avx2(w, noisy, u, unit, fscale, gs, start, end, seed,
+                               static_cast<uint64_t>(c), gaussian);
+        continue;
       }
-      if (hits != 0) {
-        std::lock_guard<std::mutex> lock(mutex);
-        for (int64_t i = start; i < end; ++i) {
-          if (w[i] == hi) extremes.argmax.push_back(i);
-          if (w[i] == lo) extremes.argmin.push_back(i);
-        }
-      }
+#endif
+      noise_apply_chunk_base(w, noisy, u, unit, fscale, gs, start, end, seed,
+                             static_cast<uint64_t>(c), gaussian);
     }
   });
-  // Chunks may finish in any order: keep the positions sorted for a deterministic gradient.
-  std::sort(extremes.argmax.begin(), extremes.argmax.end());
-  std::sort(extremes.argmin.begin(), extremes.argmin.end());
+  // Positions of the extremes, chunk by chunk in order (sorted, deterministic): only the chunks
+  // whose own minimum or maximum is the tensor's are scanned.
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (chunk_hi[c] != hi && chunk_lo[c] != lo) continue;
+    const int64_t start = c * kNoiseChunk;
+    const int64_t end = std::min(numel, start + kNoiseChunk);
+    for (int64_t i = start; i < end; ++i) {
+      if (w[i] == hi) extremes.argmax.push_back(i);
+      if (w[i] == lo) extremes.argmin.push_back(i);
+    }
+  }
 }
 
 /// `Σ_{k<size} grad[k]·u[k]` with eight float lanes (vectorizable), lanes summed in double.
 template <int GS>
-inline double dot_lanes(const float* __restrict grad, const float* __restrict u, int64_t n) {
+DIFFQ_KERNEL_INLINE double dot_lanes(const float* __restrict grad, const float* __restrict u,
+                                     int64_t n) {
   const int64_t size = GS > 0 ? GS : n;
   float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -185,12 +386,48 @@ inline double dot_lanes(const float* __restrict grad, const float* __restrict u,
 }
 
 /// `Σ grad·u` over `n` elements: float lanes over blocks of 256, blocks summed in double.
-inline double dot_blocks(const float* grad, const float* u, int64_t n) {
+DIFFQ_KERNEL_INLINE double dot_blocks(const float* grad, const float* u, int64_t n) {
   double acc = 0;
   for (int64_t b = 0; b < n; b += 256)
     acc += dot_lanes<0>(grad + b, u + b, std::min<int64_t>(256, n - b));
   return acc;
 }
+
+/// Groups `[g0, g1)` of `noise_backward_cpu`.
+DIFFQ_KERNEL_INLINE void backward_groups(const float* grad, const float* u, int64_t numel,
+                                         int64_t gs, const float* unit, const float* dunit,
+                                         double scale, float* logit_grad, double* partial,
+                                         int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t s = g * gs;
+    const int64_t n = std::min(numel, s + gs) - s;
+    double acc;
+    if (n == 16) {
+      acc = dot_lanes<16>(grad + s, u + s, 16);
+    } else if (n == 8) {
+      acc = dot_lanes<8>(grad + s, u + s, 8);
+    } else {
+      acc = dot_blocks(grad + s, u + s, n);
+    }
+    logit_grad[g] += static_cast<float>(acc * scale * dunit[g]);
+    partial[g] = acc * unit[g];
+  }
+}
+
+inline void backward_groups_base(const float* grad, const float* u, int64_t numel, int64_t gs,
+                                 const float* unit, const float* dunit, double scale,
+                                 float* logit_grad, double* partial, int64_t g0, int64_t g1) {
+  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
+}
+#if DIFFQ_NOISE_AVX2_DISPATCH
+DIFFQ_KERNEL_AVX2 inline void backward_groups_avx2(const float* grad, const float* u, int64_t numel,
+                                                   int64_t gs, const float* unit,
+                                                   const float* dunit, double scale,
+                                                   float* logit_grad, double* partial, int64_t g0,
+                                                   int64_t g1) {
+  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
+}
+#endif
 
 /// Backward of `noisy = w + scale·unit_g·u` to the logits: for each group `G_g = Σ_{i∈g}
 /// grad_i·u_i`, `logit_grad_g += G_g·scale·dunit_g`. Returns `Σ_g G_g·unit_g`, the gradient with
@@ -202,20 +439,13 @@ inline double noise_backward_cpu(const float* grad, const float* u, int64_t nume
   const int64_t groups = (numel + gs - 1) / gs;
   const int64_t grain = std::max<int64_t>(1, kNoiseChunk / gs);
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t s = g * gs;
-      const int64_t n = std::min(numel, s + gs) - s;
-      double acc;
-      if (n == 16) {
-        acc = dot_lanes<16>(grad + s, u + s, 16);
-      } else if (n == 8) {
-        acc = dot_lanes<8>(grad + s, u + s, 8);
-      } else {
-        acc = dot_blocks(grad + s, u + s, n);
-      }
-      logit_grad[g] += static_cast<float>(acc * scale * dunit[g]);
-      partial[g] = acc * unit[g];
+#if DIFFQ_NOISE_AVX2_DISPATCH
+    if (kernels_cpu_has_avx2()) {
+      backward_groups_avx2(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
+      return;
     }
+#endif
+    backward_groups_base(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
   });
   double total = 0;
   for (int64_t g = 0; g < groups; ++g) total += partial[g];
