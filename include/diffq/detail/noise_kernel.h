@@ -249,30 +249,19 @@ DIFFQ_NOISE_INLINE void gaussian_block(NoiseLanes& st, float* DIFFQ_NOISE_RESTRI
   }
 }
 
-/// Blocks between two calls of the `post` callback of `fill_noise_then` (4 KiB of samples, still
-/// in the L1 cache when `post` reads them).
-constexpr int64_t kNoiseBlocksPerPost = 16;
-
 /// Fills `out[0..n)`: whole blocks in place, then the first `n mod kNoiseBlock` samples of one
-/// more block through a stack buffer, so that every sample comes from the same block code. After
-/// every `kNoiseBlocksPerPost` blocks, and once at the end, calls `post(begin, end)` on the range
-/// of samples written since the previous call (so a consumer can read them while they are hot).
-template <bool kGaussian, class Post>
-DIFFQ_NOISE_INLINE void fill_noise_then(float* DIFFQ_NOISE_RESTRICT out, int64_t n, uint64_t seed,
-                                        uint64_t stream, Post&& post) {
+/// more block through a stack buffer, so that every sample comes from the same block code.
+template <bool kGaussian>
+DIFFQ_NOISE_INLINE void fill_noise_impl(float* DIFFQ_NOISE_RESTRICT out, int64_t n, uint64_t seed,
+                                        uint64_t stream) {
   NoiseLanes st;
   seed_noise_lanes(st, seed, stream);
   const int64_t full = n / kNoiseBlock;
-  int64_t posted = 0;
   for (int64_t i = 0; i < full; ++i) {
     if (kGaussian) {
       gaussian_block(st, out + i * kNoiseBlock);
     } else {
       uniform_block(st, out + i * kNoiseBlock);
-    }
-    if ((i + 1) % kNoiseBlocksPerPost == 0) {
-      post(posted, (i + 1) * kNoiseBlock);
-      posted = (i + 1) * kNoiseBlock;
     }
   }
   const int64_t rest = n - full * kNoiseBlock;
@@ -285,13 +274,6 @@ DIFFQ_NOISE_INLINE void fill_noise_then(float* DIFFQ_NOISE_RESTRICT out, int64_t
     }
     std::memcpy(out + full * kNoiseBlock, buf, static_cast<size_t>(rest) * sizeof(float));
   }
-  if (posted < n) post(posted, n);
-}
-
-template <bool kGaussian>
-DIFFQ_NOISE_INLINE void fill_noise_impl(float* DIFFQ_NOISE_RESTRICT out, int64_t n, uint64_t seed,
-                                        uint64_t stream) {
-  fill_noise_then<kGaussian>(out, n, seed, stream, [](int64_t, int64_t) {});
 }
 
 /// Baseline path (whatever the translation unit is compiled for).

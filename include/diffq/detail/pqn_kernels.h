@@ -5,6 +5,7 @@
 /// logits. They work on raw contiguous buffers, in chunks of `diffq::kNoiseChunk` elements, one
 /// noise stream per chunk (chunk `c` is stream `c`), so results do not depend on the thread count.
 
+#include <diffq/bits.h>
 #include <diffq/noise.h>
 #include <diffq/options.h>
 
@@ -257,77 +258,75 @@ inline MinMax minmax_cpu(const float* w, int64_t numel, float* chunk_lo, float* 
   return r;
 }
 
-/// `noisy[i] = w[i] + scale·unit[g(i)]·u[i]` over `[start, end)`, group size `GS` (compile time)
-/// or `gs` (`GS == 0`).
-template <int GS>
-DIFFQ_KERNEL_INLINE void apply_range(const float* __restrict w, float* __restrict noisy,
-                                     const float* __restrict u, const float* __restrict unit,
-                                     float scale, int64_t gs, int64_t start, int64_t end) {
-  const int64_t size = GS > 0 ? GS : gs;
-  // Partial groups at the range's edges element by element, whole groups in between.
-  const int64_t g_first = (start + size - 1) / size;
-  const int64_t g_last = end / size;
-  auto scalar = [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) noisy[i] = w[i] + (scale * unit[i / size]) * u[i];
-  };
-  if (g_first >= g_last) {
-    scalar(start, end);
+/// `noisy[i] = w[i] + (scale·unit[i / gs])·u[i]` over `[i0, i1)`, element by element.
+DIFFQ_KERNEL_INLINE void apply_scalar(const float* w, float* noisy, const float* u,
+                                      const float* unit, float scale, int64_t gs, int64_t i0,
+                                      int64_t i1) {
+  if (gs == 1) {
+    for (int64_t i = i0; i < i1; ++i) noisy[i] = w[i] + (scale * unit[i]) * u[i];
     return;
   }
-  scalar(start, g_first * size);
+  for (int64_t i = i0; i < i1; ++i) noisy[i] = w[i] + (scale * unit[i / gs]) * u[i];
+}
+
+// `noisy = w + Δ_g·u` over `[start, end)` with explicit vectors for group sizes that are multiples
+// of the vector width (compilers vectorize the per-group loops poorly), element by element
+// otherwise and at partial groups. A multiplication then an addition, as `apply_scalar`: the
+// same results bit for bit.
+#if defined(__x86_64__) || defined(_M_X64)
+inline void apply_range_base(const float* w, float* noisy, const float* u, const float* unit,
+                             float scale, int64_t gs, int64_t start, int64_t end) {
+  const int64_t g_first = (start + gs - 1) / gs;
+  const int64_t g_last = end / gs;
+  if (gs % 4 != 0 || g_first >= g_last)
+    return apply_scalar(w, noisy, u, unit, scale, gs, start, end);
+  apply_scalar(w, noisy, u, unit, scale, gs, start, g_first * gs);
   for (int64_t g = g_first; g < g_last; ++g) {
-    const float d = scale * unit[g];
-    const int64_t s = g * size;
-    for (int64_t k = 0; k < size; ++k) noisy[s + k] = w[s + k] + d * u[s + k];
+    const __m128 d = _mm_set1_ps(scale * unit[g]);
+    for (int64_t i = g * gs, e = i + gs; i < e; i += 4) {
+      _mm_storeu_ps(noisy + i, _mm_add_ps(_mm_loadu_ps(w + i), _mm_mul_ps(d, _mm_loadu_ps(u + i))));
+    }
   }
-  scalar(g_last * size, end);
+  apply_scalar(w, noisy, u, unit, scale, gs, g_last * gs, end);
 }
-
-DIFFQ_KERNEL_INLINE void apply_dispatch_gs(const float* w, float* noisy, const float* u,
-                                           const float* unit, float scale, int64_t gs,
-                                           int64_t start, int64_t end) {
-  switch (gs) {
-    case 8:
-      return apply_range<8>(w, noisy, u, unit, scale, gs, start, end);
-    case 16:
-      return apply_range<16>(w, noisy, u, unit, scale, gs, start, end);
-    case 32:
-      return apply_range<32>(w, noisy, u, unit, scale, gs, start, end);
-    default:
-      return apply_range<0>(w, noisy, u, unit, scale, gs, start, end);
-  }
-}
-
-/// Noise of chunk `c` (elements `[start, end)`, stream `c`) and the noisy weights of that range,
-/// block by block while the samples are in the L1 cache.
-DIFFQ_KERNEL_INLINE void noise_apply_chunk(const float* w, float* noisy, float* u,
-                                           const float* unit, float scale, int64_t gs,
-                                           int64_t start, int64_t end, uint64_t seed, uint64_t c,
-                                           bool gaussian) {
-  // Inlined into the caller, so that the AVX2 clone's copy is AVX2 code too.
-  auto post = [&](int64_t a, int64_t b) __attribute__((always_inline)) {
-    apply_dispatch_gs(w, noisy, u, unit, scale, gs, start + a, start + b);
-  };
-  if (gaussian) {
-    fill_noise_then<true>(u + start, end - start, seed, c, post);
-  } else {
-    fill_noise_then<false>(u + start, end - start, seed, c, post);
-  }
-}
-
-inline void noise_apply_chunk_base(const float* w, float* noisy, float* u, const float* unit,
-                                   float scale, int64_t gs, int64_t start, int64_t end,
-                                   uint64_t seed, uint64_t c, bool gaussian) {
-  noise_apply_chunk(w, noisy, u, unit, scale, gs, start, end, seed, c, gaussian);
-}
-#if DIFFQ_NOISE_AVX2_DISPATCH
-DIFFQ_KERNEL_AVX2 inline void noise_apply_chunk_avx2(const float* w, float* noisy, float* u,
-                                                     const float* unit, float scale, int64_t gs,
-                                                     int64_t start, int64_t end, uint64_t seed,
-                                                     uint64_t c, bool gaussian) {
-  noise_apply_chunk(w, noisy, u, unit, scale, gs, start, end, seed, c, gaussian);
+#else
+inline void apply_range_base(const float* w, float* noisy, const float* u, const float* unit,
+                             float scale, int64_t gs, int64_t start, int64_t end) {
+  apply_scalar(w, noisy, u, unit, scale, gs, start, end);
 }
 #endif
+
+#if DIFFQ_NOISE_AVX2_DISPATCH
+DIFFQ_KERNEL_AVX2 inline void apply_range_avx2(const float* w, float* noisy, const float* u,
+                                               const float* unit, float scale, int64_t gs,
+                                               int64_t start, int64_t end) {
+  const int64_t g_first = (start + gs - 1) / gs;
+  const int64_t g_last = end / gs;
+  if (gs % 8 != 0 || g_first >= g_last)
+    return apply_scalar(w, noisy, u, unit, scale, gs, start, end);
+  apply_scalar(w, noisy, u, unit, scale, gs, start, g_first * gs);
+  for (int64_t g = g_first; g < g_last; ++g) {
+    const __m256 d = _mm256_set1_ps(scale * unit[g]);
+    for (int64_t i = g * gs, e = i + gs; i < e; i += 8) {
+      _mm256_storeu_ps(noisy + i, _mm256_add_ps(_mm256_loadu_ps(w + i),
+                                                _mm256_mul_ps(d, _mm256_loadu_ps(u + i))));
+    }
+  }
+  apply_scalar(w, noisy, u, unit, scale, gs, g_last * gs, end);
+}
+#endif
+
+/// Noise of chunk `c` (elements `[start, end)`, stream `c`), then the noisy weights of that range
+/// (the 256 KiB of samples are still in the L2 cache).
+inline void noise_apply_chunk(const float* w, float* noisy, float* u, const float* unit,
+                              float scale, int64_t gs, int64_t start, int64_t end, uint64_t seed,
+                              uint64_t c, bool gaussian) {
+  fill_noise_unchecked(u + start, end - start, seed, c, gaussian);
+#if DIFFQ_NOISE_AVX2_DISPATCH
+  if (kernels_cpu_has_avx2()) return apply_range_avx2(w, noisy, u, unit, scale, gs, start, end);
+#endif
+  apply_range_base(w, noisy, u, unit, scale, gs, start, end);
+}
 
 /// Draws `u` (`[numel]`, stream `c` for chunk `c` of `kNoiseChunk` elements) and writes
 /// `noisy = w + scale·unit_g·u`. `unit`: `[num_groups]`; `gs`: effective group size (> 0).
@@ -344,16 +343,8 @@ inline void apply_noise_cpu(const float* w, float* noisy, float* u, int64_t nume
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t start = c * kNoiseChunk;
       const int64_t end = std::min(numel, start + kNoiseChunk);
-      const bool gaussian = kind == Noise::kGaussian;
-#if DIFFQ_NOISE_AVX2_DISPATCH
-      if (kernels_cpu_has_avx2()) {
-        noise_apply_chunk_avx2(w, noisy, u, unit, fscale, gs, start, end, seed,
-                               static_cast<uint64_t>(c), gaussian);
-        continue;
-      }
-#endif
-      noise_apply_chunk_base(w, noisy, u, unit, fscale, gs, start, end, seed,
-                             static_cast<uint64_t>(c), gaussian);
+      noise_apply_chunk(w, noisy, u, unit, fscale, gs, start, end, seed, static_cast<uint64_t>(c),
+                        kind == Noise::kGaussian);
     }
   });
   // Positions of the extremes, chunk by chunk in order (sorted, deterministic): only the chunks
@@ -362,7 +353,20 @@ inline void apply_noise_cpu(const float* w, float* noisy, float* u, int64_t nume
     if (chunk_hi[c] != hi && chunk_lo[c] != lo) continue;
     const int64_t start = c * kNoiseChunk;
     const int64_t end = std::min(numel, start + kNoiseChunk);
-    for (int64_t i = start; i < end; ++i) {
+    int64_t i = start;
+#if defined(__x86_64__) || defined(_M_X64)
+    // Four at a time; the (rare) blocks holding an extreme element by element.
+    const __m128 vhi = _mm_set1_ps(hi), vlo = _mm_set1_ps(lo);
+    for (; i + 4 <= end; i += 4) {
+      const __m128 x = _mm_loadu_ps(w + i);
+      if (_mm_movemask_ps(_mm_or_ps(_mm_cmpeq_ps(x, vhi), _mm_cmpeq_ps(x, vlo))) == 0) continue;
+      for (int64_t k = i; k < i + 4; ++k) {
+        if (w[k] == hi) extremes.argmax.push_back(k);
+        if (w[k] == lo) extremes.argmin.push_back(k);
+      }
+    }
+#endif
+    for (; i < end; ++i) {
       if (w[i] == hi) extremes.argmax.push_back(i);
       if (w[i] == lo) extremes.argmin.push_back(i);
     }
@@ -394,18 +398,20 @@ DIFFQ_KERNEL_INLINE double dot_blocks(const float* grad, const float* u, int64_t
 }
 
 /// Groups `[g0, g1)` of `noise_backward_cpu`.
+/// Groups `[g0, g1)` of `noise_backward_cpu`; `Dot16`/`Dot8` compute `dot_lanes<16>`/`<8>`.
+template <class Dot16, class Dot8>
 DIFFQ_KERNEL_INLINE void backward_groups(const float* grad, const float* u, int64_t numel,
                                          int64_t gs, const float* unit, const float* dunit,
                                          double scale, float* logit_grad, double* partial,
-                                         int64_t g0, int64_t g1) {
+                                         int64_t g0, int64_t g1, Dot16 dot16, Dot8 dot8) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t s = g * gs;
     const int64_t n = std::min(numel, s + gs) - s;
     double acc;
     if (n == 16) {
-      acc = dot_lanes<16>(grad + s, u + s, 16);
+      acc = dot16(grad + s, u + s);
     } else if (n == 8) {
-      acc = dot_lanes<8>(grad + s, u + s, 8);
+      acc = dot8(grad + s, u + s);
     } else {
       acc = dot_blocks(grad + s, u + s, n);
     }
@@ -414,18 +420,70 @@ DIFFQ_KERNEL_INLINE void backward_groups(const float* grad, const float* u, int6
   }
 }
 
+/// The final reduction of `dot_lanes` from `t[k] = lane[k] + lane[k + 4]`.
+DIFFQ_KERNEL_INLINE double reduce_lane_pairs(const float t[4]) {
+  return static_cast<double>(t[0] + t[1]) + static_cast<double>(t[2] + t[3]);
+}
+
+// `dot_lanes<16>` and `<8>` with explicit vectors: lane k of the eight is an xmm/ymm lane, the
+// same additions in the same order, so the same results bit for bit.
+#if defined(__x86_64__) || defined(_M_X64)
 inline void backward_groups_base(const float* grad, const float* u, int64_t numel, int64_t gs,
                                  const float* unit, const float* dunit, double scale,
                                  float* logit_grad, double* partial, int64_t g0, int64_t g1) {
-  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
+  auto dot16 = [](const float* a, const float* b) {
+    const __m128 lo = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(a), _mm_loadu_ps(b)),
+                                 _mm_mul_ps(_mm_loadu_ps(a + 8), _mm_loadu_ps(b + 8)));
+    const __m128 hi = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(a + 4), _mm_loadu_ps(b + 4)),
+                                 _mm_mul_ps(_mm_loadu_ps(a + 12), _mm_loadu_ps(b + 12)));
+    float t[4];
+    _mm_storeu_ps(t, _mm_add_ps(lo, hi));
+    return reduce_lane_pairs(t);
+  };
+  auto dot8 = [](const float* a, const float* b) {
+    float t[4];
+    _mm_storeu_ps(t, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(a), _mm_loadu_ps(b)),
+                                _mm_mul_ps(_mm_loadu_ps(a + 4), _mm_loadu_ps(b + 4))));
+    return reduce_lane_pairs(t);
+  };
+  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1, dot16, dot8);
 }
+#else
+inline void backward_groups_base(const float* grad, const float* u, int64_t numel, int64_t gs,
+                                 const float* unit, const float* dunit, double scale,
+                                 float* logit_grad, double* partial, int64_t g0, int64_t g1) {
+  backward_groups(
+      grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1,
+      [](const float* a, const float* b) { return dot_lanes<16>(a, b, 16); },
+      [](const float* a, const float* b) { return dot_lanes<8>(a, b, 8); });
+}
+#endif
 #if DIFFQ_NOISE_AVX2_DISPATCH
+// Functors rather than lambdas: a lambda does not inherit its enclosing function's target.
+struct Dot16Avx2 {
+  DIFFQ_KERNEL_AVX2 inline double operator()(const float* a, const float* b) const {
+    const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b)),
+                                   _mm256_mul_ps(_mm256_loadu_ps(a + 8), _mm256_loadu_ps(b + 8)));
+    float t[4];
+    _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    return reduce_lane_pairs(t);
+  }
+};
+struct Dot8Avx2 {
+  DIFFQ_KERNEL_AVX2 inline double operator()(const float* a, const float* b) const {
+    const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    float t[4];
+    _mm_storeu_ps(t, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    return reduce_lane_pairs(t);
+  }
+};
 DIFFQ_KERNEL_AVX2 inline void backward_groups_avx2(const float* grad, const float* u, int64_t numel,
                                                    int64_t gs, const float* unit,
                                                    const float* dunit, double scale,
                                                    float* logit_grad, double* partial, int64_t g0,
                                                    int64_t g1) {
-  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
+  backward_groups(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1, Dot16Avx2{},
+                  Dot8Avx2{});
 }
 #endif
 
