@@ -415,6 +415,14 @@ inline ChunkOut encode_segment(const QuantizedInput& q, uint64_t numel, uint64_t
     });
   }
   ChunkOut out;
+  // Room for every chunk at its bit-packed size (the upper bound encode_levels writes within),
+  // so the buffer is never moved while growing.
+  uint64_t reserve = 0;
+  for (int b = 1; b < 16; ++b) {
+    const uint64_t cnt = counts[static_cast<size_t>(b)];
+    if (cnt != 0) reserve += sizeof(ChunkFixed) + packed_bytes(cnt, b) + 8;
+  }
+  out.bytes.reserve(static_cast<size_t>(reserve));
   for (int b = 1; b < 16; ++b) {
     const uint64_t cnt = counts[static_cast<size_t>(b)];
     if (cnt == 0) continue;
