@@ -185,6 +185,98 @@ TEST(Bits, FusedLevelKernelEqualsTheExplicitExpression) {
       "got 0 for group 0");
 }
 
+TEST(Bits, CpuNoiseKernelsMatchTheirScalarDefinitions) {
+  // The vector paths of the pseudo-quantization-noise kernels against their element-by-element
+  // definitions, bit for bit: noisy = w + (scale·unit_g)·u, and per group the eight-lane sum of
+  // grad·u (lane k sums elements k and k + 8, lanes reduced as (l0+l4)+(l1+l5), (l2+l6)+(l3+l7)).
+  torch::manual_seed(21);
+  const int64_t n = 1000;
+  auto w = torch::randn({n});
+  auto u = torch::randn({n});
+  for (int64_t gs : {1, 7, 8, 16, 24}) {
+    const int64_t groups = (n + gs - 1) / gs;
+    auto unit = torch::rand({groups}) * 0.1;
+    const float scale = 0.37f;
+    for (auto range :
+         {std::make_pair<int64_t, int64_t>(0, 1000), std::make_pair<int64_t, int64_t>(5, 997),
+          std::make_pair<int64_t, int64_t>(3, 9)}) {
+      auto noisy = torch::zeros({n});
+      auto expected = torch::zeros({n});
+      const float* wp = w.data_ptr<float>();
+      const float* up = u.data_ptr<float>();
+      const float* unp = unit.data_ptr<float>();
+      float* e = expected.data_ptr<float>();
+      for (int64_t i = range.first; i < range.second; ++i) {
+        e[i] = wp[i] + (scale * unp[i / gs]) * up[i];
+      }
+      diffq::detail::apply_range_base(wp, noisy.data_ptr<float>(), up, unp, scale, gs, range.first,
+                                      range.second);
+      EXPECT_TRUE(BitEqual(noisy, expected)) << "base, group size " << gs;
+#if DIFFQ_NOISE_AVX2_DISPATCH
+      if (diffq::detail::kernels_cpu_has_avx2()) {
+        noisy.zero_();
+        diffq::detail::apply_range_avx2(wp, noisy.data_ptr<float>(), up, unp, scale, gs,
+                                        range.first, range.second);
+        EXPECT_TRUE(BitEqual(noisy, expected)) << "AVX2, group size " << gs;
+      }
+#endif
+    }
+    // Backward: logit_grad_g += (G_g·scale)·dunit_g and the sum of G_g·unit_g.
+    auto dunit = torch::rand({groups});
+    auto lg = torch::zeros({groups});
+    auto partial = torch::zeros({groups}, torch::kDouble);
+    const double total = diffq::detail::noise_backward_cpu(
+        w.data_ptr<float>(), u.data_ptr<float>(), n, gs, unit.data_ptr<float>(),
+        dunit.data_ptr<float>(), 0.5, lg.data_ptr<float>(), partial.data_ptr<double>());
+    double expected_total = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t s = g * gs, m = std::min(n, s + gs) - s;
+      const float* a = w.data_ptr<float>() + s;
+      const float* b = u.data_ptr<float>() + s;
+      double acc;
+      if (m == 8 || m == 16) {
+        float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < m; ++i) lane[i % 8] += a[i] * b[i];
+        acc = static_cast<double>((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+              static_cast<double>((lane[2] + lane[6]) + (lane[3] + lane[7]));
+      } else {
+        acc = diffq::detail::dot_blocks(a, b, m);
+      }
+      EXPECT_EQ(lg[g].item<float>(), static_cast<float>(acc * 0.5 * dunit[g].item<float>()))
+          << "group size " << gs << " group " << g;
+      expected_total += acc * unit[g].item<float>();
+    }
+    EXPECT_DOUBLE_EQ(total, expected_total) << "group size " << gs;
+  }
+}
+
+TEST(Bits, CpuMinMaxFindsExtremesAndNaNAnywhere) {
+  // Sizes below, at and above the vector paths' thresholds, and across noise chunks.
+  for (int64_t n : {int64_t{1}, int64_t{5}, int64_t{31}, int64_t{32}, int64_t{33}, int64_t{1000},
+                    diffq::kNoiseChunk + 77}) {
+    torch::manual_seed(22);
+    auto w = torch::randn({n});
+    const int64_t chunks = (n + diffq::kNoiseChunk - 1) / diffq::kNoiseChunk;
+    std::vector<float> lo(static_cast<size_t>(chunks)), hi(static_cast<size_t>(chunks));
+    auto mm = diffq::detail::minmax_cpu(w.data_ptr<float>(), n, lo.data(), hi.data());
+    EXPECT_EQ(mm.lo, w.min().item<float>()) << n;
+    EXPECT_EQ(mm.hi, w.max().item<float>()) << n;
+    EXPECT_FALSE(mm.nan);
+    for (int64_t c = 0; c < chunks; ++c) {
+      auto part = w.narrow(0, c * diffq::kNoiseChunk,
+                           std::min(diffq::kNoiseChunk, n - c * diffq::kNoiseChunk));
+      EXPECT_EQ(lo[static_cast<size_t>(c)], part.min().item<float>());
+      EXPECT_EQ(hi[static_cast<size_t>(c)], part.max().item<float>());
+    }
+    for (int64_t at : {int64_t{0}, n / 2, n - 1}) {
+      auto v = w.clone();
+      v[at] = std::nanf("");
+      EXPECT_TRUE(diffq::detail::minmax_cpu(v.data_ptr<float>(), n, lo.data(), hi.data()).nan)
+          << "NaN at " << at << " of " << n;
+    }
+  }
+}
+
 TEST(Bits, ConstantTensorGivesItsValueNeverNaN) {
   auto w = torch::full({5}, 0.3f);
   auto bits = torch::full({1}, 4, torch::kByte);

@@ -571,8 +571,14 @@ TEST(Checkpoint, LoadReachesEveryHandleViewAndOptimizerOfAParameter) {
   auto handle = dst->fc->weight;           // another handle to the same tensor
   auto view = dst->conv->weight.view(-1);  // shares the storage of conv.weight
   const void* conv_data = dst->conv->weight.data_ptr();
+  const void* fc_data = dst->fc->weight.data_ptr();
+  const auto fc_version = dst->fc->weight._version();
   torch::optim::SGD opt(dst->parameters(), torch::optim::SGDOptions(0.1));
   diffq::load_quantized(dst, bytes);
+  // fc.weight had no other owner: it took the decoded storage, and its version moved on as after
+  // an in-place copy.
+  EXPECT_NE(dst->fc->weight.data_ptr(), fc_data);
+  EXPECT_GT(dst->fc->weight._version(), fc_version);
   auto params = dst->named_parameters();
   for (const auto& q : s.quantized) {
     auto expected = diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype)

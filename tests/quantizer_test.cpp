@@ -415,24 +415,27 @@ TEST(DiffQuantizer, TiesAtMaxAndMinShareTheirGradientEvenly) {
 
 TEST(DiffQuantizer, GradientsMatchAcrossNoiseChunks) {
   // A weight of 75,000 elements spans two noise chunks (kNoiseChunk = 65,536); group size 7 puts
-  // a group across the chunk boundary, and ties at the max and min sit in both chunks.
+  // a group across the chunk boundary (element-wise path), group size 16 takes the vector path;
+  // ties at the max and min sit in both chunks.
   static_assert(diffq::kNoiseChunk < 300 * 250, "the weight must span two chunks");
   for (bool ref : {false, true}) {
-    torch::manual_seed(11);
-    auto fc = torch::nn::Linear(300, 250);
-    {
-      torch::NoGradGuard ng;
-      auto w = fc->weight.view(-1);
-      w.mul_(0.5);
-      for (int64_t i : {int64_t{5}, int64_t{70000}}) w[i] = 0.9f;       // max, in chunks 0 and 1
-      for (int64_t i : {int64_t{65535}, int64_t{74999}}) w[i] = -0.9f;  // min, in both chunks
+    for (int64_t gs : {7, 16}) {
+      torch::manual_seed(11);
+      auto fc = torch::nn::Linear(300, 250);
+      {
+        torch::NoGradGuard ng;
+        auto w = fc->weight.view(-1);
+        w.mul_(0.5);
+        for (int64_t i : {int64_t{5}, int64_t{70000}}) w[i] = 0.9f;       // max, in both chunks
+        for (int64_t i : {int64_t{65535}, int64_t{74999}}) w[i] = -0.9f;  // min, in both chunks
+      }
+      auto x = torch::randn({3, 300});
+      CheckGradients(
+          fc, DiffQOptions().group_size(gs).min_size_mb(0), ref, x,
+          [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+            return F::linear(x, nw["weight"], nw["bias"]);
+          });
     }
-    auto x = torch::randn({3, 300});
-    CheckGradients(
-        fc, DiffQOptions().group_size(7).min_size_mb(0), ref, x,
-        [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
-          return F::linear(x, nw["weight"], nw["bias"]);
-        });
   }
 }
 

@@ -179,8 +179,11 @@ inline std::pair<double, double> finite_min_max(const at::Tensor& w, const std::
 
 /// Integer levels of uniform quantization with per-tensor `min`/`max` and per-group bit widths:
 /// `levels = round((w − min)/(max − min)·(2^b − 1))`, int16 `[numel]` in `[0, 2^b − 1]`.
-/// `w`: any shape (flattened), float or double; `bits`: integer `[num_groups]` in [1, 15].
-/// A constant tensor (`max == min`) gives all-zero levels. Source: paper Section 3.1 (Eq. 1).
+/// `w`: any shape (flattened), float or double, its values in `[min, max]` (pass its own finite
+/// min and max, e.g. from `finite_min_max`); `bits`: integer `[num_groups]` in [1, 15].
+/// A constant tensor (`max == min`) gives all-zero levels. Throws if `bits` has the wrong shape,
+/// or (uint8 `bits` of a CPU tensor, the fused kernel) a width outside [1, 15]. Source: paper
+/// Section 3.1 (Eq. 1).
 inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, int64_t group_size,
                                   double min, double max) {
   auto flat = w.detach().reshape(-1);

@@ -367,7 +367,9 @@ inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
     const RecordView& rv = pc.records[r];
     if (rv.kind != kKindQuantized) continue;
     const at::ScalarType dt = scalar_type_of(rv.dtype);
-    values[r] = at::empty({static_cast<int64_t>(rv.numel)}, at::TensorOptions().dtype(dt));
+    // Allocated in the record's shape (contiguous: the same memory as `[numel]`), not viewed
+    // into it later, so that the storage has a single owner (see `adopt_storage`).
+    values[r] = at::empty(rv.shape, at::TensorOptions().dtype(dt));
     steps[r] = dequantize_steps(bits_tensor(rv), rv.min, rv.max, dt);
   }
   for_each_segment(pc, [&](size_t r, size_t s) {
@@ -389,7 +391,6 @@ inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
     if (rv.kind != kKindQuantized) continue;
     // dequantize_levels: at::full({numel}, min) for a constant tensor (keeps the sign of -0.0).
     if (rv.max == rv.min) values[r].fill_(rv.min);
-    values[r] = values[r].view(rv.shape);
   }
   return values;
 }
@@ -409,12 +410,16 @@ inline std::string shape_str(at::IntArrayRef s) {
 }
 
 /// Gives `target` the storage of the freshly decoded `value` instead of copying into it, when
-/// nothing can tell the difference: `target` is a dense CPU tensor that alone owns its storage
-/// (no view, no flat-weight buffer, no other tensor shares it), `value` has the same dtype, shape
-/// and layout and fills exactly one target. Every handle to `target` (the module's member, the
-/// optimizer's parameter list) sees the new values, as `set_data` changes the tensor in place.
+/// `target` is a dense, unpinned CPU tensor that alone owns its storage (no view, no flat-weight
+/// buffer, no other tensor shares it) and `value` has the same dtype, shape and layout and fills
+/// exactly one target. Every handle to `target` (the module's member, the optimizer's parameter
+/// list) sees the new values, as `set_data` changes the tensor in place, and its version counter
+/// is bumped as an in-place copy would (autograd graphs that saved it refuse to use the new
+/// values; caches keyed on the version see the change). What differs from a copy: the data
+/// pointer (a raw pointer taken before loading points to the old buffer).
 inline bool adopt_storage(at::Tensor& target, const at::Tensor& value, int uses) {
   if (uses != 1 || !target.device().is_cpu() || !value.device().is_cpu()) return false;
+  if (target.is_pinned()) return false;
   if (target.layout() != at::kStrided || !target.is_contiguous() || !value.is_contiguous() ||
       target.storage_offset() != 0 || value.storage_offset() != 0) {
     return false;
@@ -426,6 +431,7 @@ inline bool adopt_storage(at::Tensor& target, const at::Tensor& value, int uses)
   }
   if (st.nbytes() != static_cast<size_t>(target.numel()) * target.element_size()) return false;
   target.set_data(value);
+  target.unsafeGetTensorImpl()->bump_version();
   return true;
 }
 

@@ -4,12 +4,13 @@
 /// `levels = round((w − min)/(max − min)·(2^b − 1))` in one pass, with no temporaries. It performs
 /// the very operations of the ATen expression, in the same order and precision (each exactly
 /// rounded: a subtraction, a division, a multiplication, a round half to even), so it gives the
-/// same levels bit for bit; tests/bits_test.cpp checks that against the ATen expression for every
-/// bit width.
+/// same levels bit for bit for values in `[min, max]`; tests/bits_test.cpp checks that against the
+/// ATen expression for every bit width.
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 // The same dispatch as the noise generator: an AVX2 clone (no FMA, so no contraction of the
@@ -28,16 +29,9 @@ namespace detail {
 /// Elements per inner block of the level kernel (the per-element level maxima live on the stack).
 constexpr int64_t kLevelBlock = 1024;
 
-/// `2^(digits)`: adding then subtracting it rounds a value in [0, 2^digits) to the nearest
-/// integer, ties to even (the default rounding mode), exactly like `std::nearbyint`, in a form that
-/// vectorizes without SSE4.1.
-template <class T>
-constexpr T round_magic() {
-  return sizeof(T) == 4 ? static_cast<T>(8388608.0) : static_cast<T>(4503599627370496.0);
-}
-
 /// Levels of elements `[begin, end)`: `out[i] = round(((w[i] − lo)/range)·(2^bits[g(i)] − 1))`,
-/// `g(i) = i / gs`. `range = (T)(max − min)` > 0, `lo = (T)min`; bits in [1, 15].
+/// `g(i) = i / gs`. `range = (T)(max − min)` > 0, `lo = (T)min`; bits in [1, 15]; every `w[i]`
+/// in `[min, max]` (so the levels fit an int16).
 template <class T>
 inline __attribute__((always_inline)) void quantize_levels_range(const T* __restrict w,
                                                                  const uint8_t* __restrict bits,
@@ -45,7 +39,6 @@ inline __attribute__((always_inline)) void quantize_levels_range(const T* __rest
                                                                  int16_t* __restrict out,
                                                                  int64_t begin, int64_t end) {
   T level_max[kLevelBlock];
-  const T magic = round_magic<T>();
   for (int64_t b0 = begin; b0 < end; b0 += kLevelBlock) {
     const int64_t n = std::min(kLevelBlock, end - b0);
     // Per-element 2^b − 1 of this block (exact: b <= 15).
@@ -63,11 +56,10 @@ inline __attribute__((always_inline)) void quantize_levels_range(const T* __rest
     const T* __restrict x = w + b0;
     int16_t* __restrict o = out + b0;
     for (int64_t k = 0; k < n; ++k) {
-      T y = ((x[k] - lo) / range) * level_max[k];
-      // Separate statements: no contraction of the product into the addition (no FMA target).
-      y = y + magic;
-      y = y - magic;
-      o[k] = static_cast<int16_t>(static_cast<int32_t>(y));
+      // Rounded by nearbyint (half to even, like ATen's round): no addition follows the
+      // product, so no compiler can contract it into an FMA, whatever the target.
+      const T y = ((x[k] - lo) / range) * level_max[k];
+      o[k] = static_cast<int16_t>(static_cast<int32_t>(std::nearbyint(y)));
     }
   }
 }
@@ -95,19 +87,16 @@ inline bool levels_cpu_has_avx2() {
 #endif
 
 /// Levels of a contiguous `[numel]` buffer with per-group bit widths `bits` (`[ceil(numel/gs)]`,
-/// values in [1, 15]), `min < max` finite. In parallel over blocks of whole groups; the result
-/// does not depend on the split. No argument checks (bits.h checks).
+/// values in [1, 15]), `min < max` finite, every value in `[min, max]`. In parallel over element
+/// ranges (any group size, including one group for the whole tensor); the result does not depend
+/// on the split. No argument checks (bits.h checks).
 template <class T>
 inline void quantize_levels_cpu(const T* w, const uint8_t* bits, int64_t numel, int64_t gs,
                                 double min, double max, int16_t* out) {
   // As ATen converts the double scalars of `(w − min) / (max − min)` to the tensor's dtype.
   const T lo = static_cast<T>(min);
   const T range = static_cast<T>(max - min);
-  const int64_t groups = (numel + gs - 1) / gs;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / gs);
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    const int64_t begin = g0 * gs;
-    const int64_t end = std::min(numel, g1 * gs);
+  at::parallel_for(0, numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
 #if DIFFQ_LEVELS_AVX2_DISPATCH
     if (levels_cpu_has_avx2()) {
       quantize_levels_avx2<T>(w, bits, gs, lo, range, out, begin, end);

@@ -11,7 +11,7 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__) || defined(_M_X64) || DIFFQ_NOISE_AVX2_DISPATCH
 #include <immintrin.h>
 #endif
 
@@ -122,7 +122,8 @@ inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t gro
 
 // The element loops below exist twice: compiled for the translation unit's baseline and, on x86
 // builds that are not AVX2 already, as AVX2 clones chosen at run time (as the noise generator,
-// noise_kernel.h). The clones enable no FMA, so both give the same results bit for bit.
+// noise_kernel.h). The clones enable no FMA, so both give the same results bit for bit (a build
+// with FMA enabled, e.g. -march=native, has the one path only).
 #define DIFFQ_KERNEL_INLINE inline __attribute__((always_inline))
 #if DIFFQ_NOISE_AVX2_DISPATCH
 #define DIFFQ_KERNEL_AVX2 __attribute__((target("avx2")))
@@ -397,7 +398,6 @@ DIFFQ_KERNEL_INLINE double dot_blocks(const float* grad, const float* u, int64_t
   return acc;
 }
 
-/// Groups `[g0, g1)` of `noise_backward_cpu`.
 /// Groups `[g0, g1)` of `noise_backward_cpu`; `Dot16`/`Dot8` compute `dot_lanes<16>`/`<8>`.
 template <class Dot16, class Dot8>
 DIFFQ_KERNEL_INLINE void backward_groups(const float* grad, const float* u, int64_t numel,
