@@ -367,9 +367,7 @@ inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
     const RecordView& rv = pc.records[r];
     if (rv.kind != kKindQuantized) continue;
     const at::ScalarType dt = scalar_type_of(rv.dtype);
-    // Allocated in the record's shape (contiguous: the same memory as `[numel]`), not viewed
-    // into it later, so that the storage has a single owner (see `adopt_storage`).
-    values[r] = at::empty(rv.shape, at::TensorOptions().dtype(dt));
+    values[r] = at::empty({static_cast<int64_t>(rv.numel)}, at::TensorOptions().dtype(dt));
     steps[r] = dequantize_steps(bits_tensor(rv), rv.min, rv.max, dt);
   }
   for_each_segment(pc, [&](size_t r, size_t s) {
@@ -391,6 +389,7 @@ inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
     if (rv.kind != kKindQuantized) continue;
     // dequantize_levels: at::full({numel}, min) for a constant tensor (keeps the sign of -0.0).
     if (rv.max == rv.min) values[r].fill_(rv.min);
+    values[r] = values[r].view(rv.shape);
   }
   return values;
 }
@@ -407,32 +406,6 @@ inline std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << s;
   return os.str();
-}
-
-/// Gives `target` the storage of the freshly decoded `value` instead of copying into it, when
-/// `target` is a dense, unpinned CPU tensor that alone owns its storage (no view, no flat-weight
-/// buffer, no other tensor shares it) and `value` has the same dtype, shape and layout and fills
-/// exactly one target. Every handle to `target` (the module's member, the optimizer's parameter
-/// list) sees the new values, as `set_data` changes the tensor in place, and its version counter
-/// is bumped as an in-place copy would (autograd graphs that saved it refuse to use the new
-/// values; caches keyed on the version see the change). What differs from a copy: the data
-/// pointer (a raw pointer taken before loading points to the old buffer).
-inline bool adopt_storage(at::Tensor& target, const at::Tensor& value, int uses) {
-  if (uses != 1 || !target.device().is_cpu() || !value.device().is_cpu()) return false;
-  if (target.is_pinned()) return false;
-  if (target.layout() != at::kStrided || !target.is_contiguous() || !value.is_contiguous() ||
-      target.storage_offset() != 0 || value.storage_offset() != 0) {
-    return false;
-  }
-  if (target.scalar_type() != value.scalar_type() || target.sizes() != value.sizes()) return false;
-  const auto& st = target.storage();
-  if (!st || st.use_count() != 1 || !value.storage() || value.storage().use_count() != 1) {
-    return false;
-  }
-  if (st.nbytes() != static_cast<size_t>(target.numel()) * target.element_size()) return false;
-  target.set_data(value);
-  target.unsafeGetTensorImpl()->bump_version();
-  return true;
 }
 
 inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
@@ -499,18 +472,10 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     }
   }
   at::NoGradGuard no_grad;
-  // How many targets each decoded tensor fills (tied names share one record).
-  std::vector<int> uses(pc.records.size(), 0);
-  for (auto& t : targets) {
-    const size_t r = record_of.at(t.first);
-    const RecordView& rv = pc.records[r];
-    ++uses[rv.kind == kKindAlias ? record_of.at(rv.target) : r];
-  }
   for (auto& t : targets) {
     const size_t r = record_of.at(t.first);
     const RecordView& rv = pc.records[r];
     const size_t s = rv.kind == kKindAlias ? record_of.at(rv.target) : r;
-    if (adopt_storage(t.second, values[s], uses[s])) continue;
     t.second.copy_(values[s]);
   }
 }
