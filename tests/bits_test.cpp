@@ -213,7 +213,7 @@ TEST(Bits, CpuNoiseKernelsMatchTheirScalarDefinitions) {
                                       range.second);
       EXPECT_TRUE(BitEqual(noisy, expected)) << "base, group size " << gs;
 #if DIFFQ_NOISE_AVX2_DISPATCH
-      if (diffq::detail::kernels_cpu_has_avx2()) {
+      if (diffq::detail::noise_cpu_has_avx2()) {
         noisy.zero_();
         diffq::detail::apply_range_avx2(wp, noisy.data_ptr<float>(), up, unp, scale, gs,
                                         range.first, range.second);

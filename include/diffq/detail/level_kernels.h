@@ -7,21 +7,16 @@
 /// same levels bit for bit for values in `[min, max]`; tests/bits_test.cpp checks that against the
 /// ATen expression for every bit width.
 
+#include <diffq/detail/noise_kernel.h>
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-// The same dispatch as the noise generator: an AVX2 clone (no FMA, so no contraction of the
-// multiply-then-round into one rounding) chosen at run time on x86 builds that are not AVX2
-// already.
-#if !defined(DIFFQ_NOISE_NO_DISPATCH) && !defined(__AVX2__) && \
-    (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define DIFFQ_LEVELS_AVX2_DISPATCH 1
-#else
-#define DIFFQ_LEVELS_AVX2_DISPATCH 0
-#endif
+// The same run-time dispatch as the noise generator (`DIFFQ_NOISE_AVX2_DISPATCH`,
+// `noise_cpu_has_avx2`): an AVX2 clone on x86 builds that are not AVX2 already.
 
 namespace diffq {
 namespace detail {
@@ -70,7 +65,7 @@ inline void quantize_levels_baseline(const T* w, const uint8_t* bits, int64_t gs
   quantize_levels_range<T>(w, bits, gs, lo, range, out, begin, end);
 }
 
-#if DIFFQ_LEVELS_AVX2_DISPATCH
+#if DIFFQ_NOISE_AVX2_DISPATCH
 /// AVX2 clone (no FMA: bit-identical to the baseline). Call only if the CPU has AVX2.
 template <class T>
 __attribute__((target("avx2"))) inline void quantize_levels_avx2(const T* w, const uint8_t* bits,
@@ -80,10 +75,6 @@ __attribute__((target("avx2"))) inline void quantize_levels_avx2(const T* w, con
   quantize_levels_range<T>(w, bits, gs, lo, range, out, begin, end);
 }
 
-inline bool levels_cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2");
-}
 #endif
 
 /// Levels of a contiguous `[numel]` buffer with per-group bit widths `bits` (`[ceil(numel/gs)]`,
@@ -97,8 +88,8 @@ inline void quantize_levels_cpu(const T* w, const uint8_t* bits, int64_t numel, 
   const T lo = static_cast<T>(min);
   const T range = static_cast<T>(max - min);
   at::parallel_for(0, numel, int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-#if DIFFQ_LEVELS_AVX2_DISPATCH
-    if (levels_cpu_has_avx2()) {
+#if DIFFQ_NOISE_AVX2_DISPATCH
+    if (noise_cpu_has_avx2()) {
       quantize_levels_avx2<T>(w, bits, gs, lo, range, out, begin, end);
       return;
     }

@@ -127,9 +127,6 @@ inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t gro
 #define DIFFQ_KERNEL_INLINE inline __attribute__((always_inline))
 #if DIFFQ_NOISE_AVX2_DISPATCH
 #define DIFFQ_KERNEL_AVX2 __attribute__((target("avx2")))
-inline bool kernels_cpu_has_avx2() {
-  return noise_cpu_has_avx2();
-}
 #endif
 
 /// Minimum and maximum of `w[begin, end)` and whether it holds a NaN (NaN compares false, so it
@@ -237,7 +234,7 @@ inline MinMax minmax_cpu(const float* w, int64_t numel, float* chunk_lo, float* 
       const int64_t end = std::min(numel, start + kNoiseChunk);
       MinMax m;
 #if DIFFQ_NOISE_AVX2_DISPATCH
-      if (kernels_cpu_has_avx2()) {
+      if (noise_cpu_has_avx2()) {
         m = minmax_range_avx2(w, start, end);
       } else {
         m = minmax_range_base(w, start, end);
@@ -324,7 +321,7 @@ inline void noise_apply_chunk(const float* w, float* noisy, float* u, const floa
                               uint64_t c, bool gaussian) {
   fill_noise_unchecked(u + start, end - start, seed, c, gaussian);
 #if DIFFQ_NOISE_AVX2_DISPATCH
-  if (kernels_cpu_has_avx2()) return apply_range_avx2(w, noisy, u, unit, scale, gs, start, end);
+  if (noise_cpu_has_avx2()) return apply_range_avx2(w, noisy, u, unit, scale, gs, start, end);
 #endif
   apply_range_base(w, noisy, u, unit, scale, gs, start, end);
 }
@@ -498,7 +495,7 @@ inline double noise_backward_cpu(const float* grad, const float* u, int64_t nume
   const int64_t grain = std::max<int64_t>(1, kNoiseChunk / gs);
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
 #if DIFFQ_NOISE_AVX2_DISPATCH
-    if (kernels_cpu_has_avx2()) {
+    if (noise_cpu_has_avx2()) {
       backward_groups_avx2(grad, u, numel, gs, unit, dunit, scale, logit_grad, partial, g0, g1);
       return;
     }
