@@ -44,6 +44,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -317,11 +318,31 @@ inline at::Tensor bits_tensor(const RecordView& rv) {
       .clone();
 }
 
-/// Per-group steps of `diffq::dequantize_levels`, by the very same ATen expression:
-/// `(max − min) / (2^bits − 1)` in `dtype`, `[num_groups]`.
-inline at::Tensor dequantize_steps(const at::Tensor& bits, double min, double max,
-                                   at::ScalarType dtype) {
-  return ((max - min) / (at::pow(2.0, bits.to(dtype)) - 1)).contiguous();
+/// Steps of `diffq::dequantize_levels` by bit width, by the very same ATen expression evaluated on
+/// the widths 0..15: `(max − min) / (2^b − 1)` in `dtype`, `[16]` (entry 0 unused).
+inline at::Tensor steps_by_width(double min, double max, at::ScalarType dtype) {
+  std::array<uint8_t, 16> widths{};
+  for (int b = 0; b < 16; ++b) widths[static_cast<size_t>(b)] = static_cast<uint8_t>(b);
+  const at::Tensor w = at::from_blob(widths.data(), {16}, at::kByte).clone();
+  return ((max - min) / (at::pow(2.0, w.to(dtype)) - 1)).contiguous();
+}
+
+/// Writes the dequantized weights of quantized record `rv` from its decoded `levels` (`[numel]`
+/// int16) into `out` (`numel` elements of `T`, the record's dtype), in parallel over blocks; equal
+/// bit for bit to `dequantize_levels(levels, bits, group_size, min, max, dtype)`, a constant
+/// tensor (max == min) included (all `min`, sign of -0.0 kept). Cannot fail.
+template <class T>
+inline void dequantize_record_into(const RecordView& rv, const int16_t* levels, T* out) {
+  const int64_t numel = static_cast<int64_t>(rv.numel);
+  if (rv.max == rv.min) {
+    std::fill(out, out + numel, static_cast<T>(rv.min));
+    return;
+  }
+  const at::Tensor steps = steps_by_width(rv.min, rv.max, c10::CppTypeToScalarType<T>::value);
+  const T* step = steps.data_ptr<T>();
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) {
+    dequantize_range(rv, levels, step, out, static_cast<uint64_t>(b), static_cast<uint64_t>(e));
+  });
 }
 
 /// Runs `body(record, segment)` over the segments of the quantized records of `pc`, in parallel.
@@ -355,41 +376,26 @@ inline std::vector<at::Tensor> decode_all_levels(const ParsedCheckpoint& pc) {
   return levels;
 }
 
+/// Dequantized weights of the quantized record `rv` from its decoded `levels`, `[shape]` of the
+/// record's dtype.
+inline at::Tensor dequantize_record(const RecordView& rv, const at::Tensor& levels) {
+  at::Tensor out = at::empty(rv.shape, at::TensorOptions().dtype(scalar_type_of(rv.dtype)));
+  if (rv.dtype == kDtFloat32) {
+    dequantize_record_into(rv, levels.data_ptr<int16_t>(), out.data_ptr<float>());
+  } else {
+    dequantize_record_into(rv, levels.data_ptr<int16_t>(), out.data_ptr<double>());
+  }
+  return out;
+}
+
 /// Dequantized weights of every quantized record of `pc` (`[shape]` of the record's dtype, by
 /// record index; undefined for other kinds), equal bit for bit to
-/// `dequantize_levels(levels, bits, group_size, min, max, dtype).view(shape)`; decoded and
-/// dequantized per segment in parallel, without materialising the levels.
+/// `dequantize_levels(levels, bits, group_size, min, max, dtype).view(shape)`.
 /// `tests/checkpoint_test.cpp` checks the equality with `dequantize_levels` for every width.
 inline std::vector<at::Tensor> decode_all_weights(const ParsedCheckpoint& pc) {
-  std::vector<at::Tensor> values(pc.records.size());
-  std::vector<at::Tensor> steps(pc.records.size());
+  std::vector<at::Tensor> values = decode_all_levels(pc);
   for (size_t r = 0; r < pc.records.size(); ++r) {
-    const RecordView& rv = pc.records[r];
-    if (rv.kind != kKindQuantized) continue;
-    const at::ScalarType dt = scalar_type_of(rv.dtype);
-    values[r] = at::empty({static_cast<int64_t>(rv.numel)}, at::TensorOptions().dtype(dt));
-    steps[r] = dequantize_steps(bits_tensor(rv), rv.min, rv.max, dt);
-  }
-  for_each_segment(pc, [&](size_t r, size_t s) {
-    const RecordView& rv = pc.records[r];
-    if (rv.dtype == kDtFloat32) {
-      decode_segment(rv, s, pc.segment_elems,
-                     DequantSink<float>{values[r].data_ptr<float>(), steps[r].data_ptr<float>(),
-                                        static_cast<float>(rv.min)},
-                     pc.ctx, static_cast<int64_t>(r));
-    } else {
-      decode_segment(
-          rv, s, pc.segment_elems,
-          DequantSink<double>{values[r].data_ptr<double>(), steps[r].data_ptr<double>(), rv.min},
-          pc.ctx, static_cast<int64_t>(r));
-    }
-  });
-  for (size_t r = 0; r < pc.records.size(); ++r) {
-    const RecordView& rv = pc.records[r];
-    if (rv.kind != kKindQuantized) continue;
-    // dequantize_levels: at::full({numel}, min) for a constant tensor (keeps the sign of -0.0).
-    if (rv.max == rv.min) values[r].fill_(rv.min);
-    values[r] = values[r].view(rv.shape);
+    if (values[r].defined()) values[r] = dequantize_record(pc.records[r], values[r]);
   }
   return values;
 }
@@ -463,20 +469,37 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     list("mismatched shape or dtype", mismatched, false);
     TORCH_CHECK(false, os.str());
   }
-  // Decode everything into temporaries first: the model is untouched if anything fails.
-  std::vector<at::Tensor> values = decode_all_weights(pc);
+  // Phase 1: decode and check every payload into temporaries (levels, float values); anything
+  // wrong throws here, with the model untouched.
+  std::vector<at::Tensor> values = decode_all_levels(pc);
   for (size_t r = 0; r < pc.records.size(); ++r) {
     const RecordView& rv = pc.records[r];
     if (rv.kind == kKindFloat || rv.kind == kKindBuffer) {
       values[r] = decode_float_tensor(pc, r).to(scalar_type_of(rv.dtype));
     }
   }
+  // Phase 2, which cannot fail: fill the model. Quantized records are dequantized straight into
+  // CPU contiguous targets (no full-size temporary, no copy), else through a tensor and copy_.
   at::NoGradGuard no_grad;
   for (auto& t : targets) {
     const size_t r = record_of.at(t.first);
     const RecordView& rv = pc.records[r];
     const size_t s = rv.kind == kKindAlias ? record_of.at(rv.target) : r;
-    t.second.copy_(values[s]);
+    const RecordView& sv = pc.records[s];
+    at::Tensor& dst = t.second;
+    if (sv.kind != kKindQuantized) {
+      dst.copy_(values[s]);
+    } else if (dst.device().is_cpu() && dst.is_contiguous() && dst.layout() == at::kStrided) {
+      const int16_t* lv = values[s].data_ptr<int16_t>();
+      if (sv.dtype == kDtFloat32) {
+        dequantize_record_into(sv, lv, dst.data_ptr<float>());
+      } else {
+        dequantize_record_into(sv, lv, dst.data_ptr<double>());
+      }
+      dst.unsafeGetTensorImpl()->bump_version();  // as an in-place copy_ would
+    } else {
+      dst.copy_(dequantize_record(sv, values[s]));
+    }
   }
 }
 

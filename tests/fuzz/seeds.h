@@ -148,17 +148,16 @@ inline Decoded decode_all(const uint8_t* data, size_t size, bool verify_crc) {
     if (rv.kind == kKindQuantized) {
       std::vector<int16_t> lv(static_cast<size_t>(rv.numel));
       std::vector<float> w(static_cast<size_t>(rv.numel));
-      std::vector<float> step(rv.bits.size());
-      for (size_t g = 0; g < step.size(); ++g) {
-        step[g] = static_cast<float>((rv.max - rv.min) / (std::ldexp(1.0, rv.bits[g]) - 1));
+      std::vector<float> step(16);
+      for (int b = 1; b < 16; ++b) {
+        step[static_cast<size_t>(b)] =
+            static_cast<float>((rv.max - rv.min) / (std::ldexp(1.0, b) - 1));
       }
       for (size_t s = 0; s + 1 < rv.segment_first.size(); ++s) {
         decode_segment(rv, s, pc.segment_elems, LevelSink{lv.data()}, pc.ctx,
                        static_cast<int64_t>(r));
-        decode_segment(rv, s, pc.segment_elems,
-                       DequantSink<float>{w.data(), step.data(), static_cast<float>(rv.min)},
-                       pc.ctx, static_cast<int64_t>(r));
       }
+      dequantize_range(rv, lv.data(), step.data(), w.data(), 0, rv.numel);
       d.levels.push_back(std::move(lv));
     } else if (rv.kind != kKindAlias) {
       std::vector<uint8_t> out(static_cast<size_t>(rv.numel) *

@@ -1159,23 +1159,30 @@ struct LevelSink {
   }
 };
 
-/// Sink of `decode_segment` writing dequantized weights `T(level) * step[group] + min` (`[numel]`
-/// of T), the product rounded before the sum: the two operations are separate loops over the
-/// group, so that no compiler contracts them into an FMA (ATen's `mul` and `add` kernels round
-/// each).
+/// Dequantized weights of elements `[begin, end)` of quantized record `rv` from its levels
+/// (`[numel]`, element order): `out[i] = T(levels[i]) * step_by_width[bits[group of i]] + min`,
+/// the product rounded before the sum: two separate loops over at most `kDequantBlock` elements,
+/// so that no compiler contracts them into an FMA (ATen's `mul` and `add` kernels round each), and
+/// the second loop reads the block back from L1. `step_by_width[b]` is the step of width `b`.
+constexpr uint64_t kDequantBlock = 2048;
 template <class T>
-struct DequantSink {
-  T* out;
-  const T* step;  ///< `[groups]`
-  T min;
-  void put(uint64_t group, uint64_t begin, const uint16_t* __restrict src, uint64_t len) const {
-    T* __restrict d = out + begin;
-    const T s = step[group];
-    for (uint64_t i = 0; i < len; ++i) d[i] = static_cast<T>(src[i]) * s;
-    const T m = min;
-    for (uint64_t i = 0; i < len; ++i) d[i] = d[i] + m;
+inline void dequantize_range(const RecordView& rv, const int16_t* __restrict levels,
+                             const T* step_by_width, T* __restrict out, uint64_t begin,
+                             uint64_t end) {
+  const uint64_t gs = index_group_size(rv.numel, static_cast<uint64_t>(rv.group_size));
+  const T m = static_cast<T>(rv.min);
+  for (uint64_t b0 = begin; b0 < end; b0 += kDequantBlock) {
+    const uint64_t b1 = std::min(end, b0 + kDequantBlock);
+    for (uint64_t i = b0; i < b1;) {
+      const uint64_t g = i / gs;
+      const uint64_t e = std::min(b1, (g + 1) * gs);
+      const T s = step_by_width[rv.bits[static_cast<size_t>(g)]];
+      for (uint64_t k = i; k < e; ++k) out[k] = static_cast<T>(levels[k]) * s;
+      i = e;
+    }
+    for (uint64_t k = b0; k < b1; ++k) out[k] = out[k] + m;
   }
-};
+}
 
 /// Decodes segment `s` of quantized record `rv`, handing the levels of each group (clipped to the
 /// segment) to `sink.put(group, first_element, levels, count)` in element order.
