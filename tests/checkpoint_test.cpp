@@ -726,6 +726,59 @@ TEST(Checkpoint, LoadLeavesTheModelUntouchedOnFailure) {
   EXPECT_TRUE(torch::equal(dst->bias, b0));
 }
 
+TEST(Checkpoint, LoadLeavesTheModelUntouchedWhenALaterRecordFails) {
+  // Record 0 decodes fine, record 1 does not: nothing may be written, record 0's target included
+  // (every payload is checked before the first parameter is filled).
+  torch::manual_seed(12);
+  auto bits = torch::full({512}, 8, at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("a.weight", {64, 64}, 8, bits, random_levels(bits, 4096, 8, true)));
+  s.quantized.push_back(qt("b.weight", {64, 64}, 8, bits, random_levels(bits, 4096, 8, true)));
+  Bytes bytes = encode(s);
+  const auto rec = record_offsets(bytes);
+  ASSERT_EQ(rec.size(), 2u);
+  // Record layout as in LoadLeavesTheModelUntouchedOnFailure, with an 8-byte name.
+  const size_t bits_size = static_cast<size_t>(rd(bytes, rec[1] + 8 + 8 + 8 + 16 + 28, 4));
+  const size_t chunk = rec[1] + 8 + 8 + 8 + 16 + 32 + bits_size;
+  ASSERT_EQ(bytes[chunk], 1);  // zlib-bytes
+  wr(bytes, chunk + 8, 0, 4);  // first stream: 0 bytes
+  fix_crcs(bytes);
+  auto root = std::make_shared<torch::nn::Module>();
+  auto a = std::make_shared<torch::nn::Module>();
+  auto b = std::make_shared<torch::nn::Module>();
+  a->register_parameter("weight", torch::randn({64, 64}));
+  b->register_parameter("weight", torch::randn({64, 64}));
+  root->register_module("a", a);
+  root->register_module("b", b);
+  const auto a0 = a->named_parameters()["weight"].clone();
+  const auto b0 = b->named_parameters()["weight"].clone();
+  EXPECT_ERROR_HAS(diffq::load_quantized(root, bytes),
+                   "record 1 ('b.weight') at byte " + std::to_string(chunk) +
+                       ": chunk of 4096 8-bit levels in elements [0, 4096): " +
+                       "Huffman quad stream too short for its symbols");
+  EXPECT_TRUE(torch::equal(a->named_parameters()["weight"], a0));
+  EXPECT_TRUE(torch::equal(b->named_parameters()["weight"], b0));
+}
+
+TEST(Checkpoint, LoadFillsNonContiguousParameters) {
+  // A transposed parameter (not contiguous) goes through a full tensor and copy_, and gets the
+  // same values as the direct path.
+  torch::manual_seed(13);
+  auto bits = torch::randint(1, 16, {diffq::num_groups(48 * 40, 5)}).to(at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(
+      qt("weight", {48, 40}, 5, bits, random_levels(bits, 48 * 40, 5, false), -0.7, 0.4));
+  const Bytes bytes = encode(s);
+  auto m = std::make_shared<torch::nn::Module>();
+  m->register_parameter("weight", torch::zeros({40, 48}).t());
+  ASSERT_FALSE(m->named_parameters()["weight"].is_contiguous());
+  diffq::load_quantized(m, bytes);
+  const auto& q = s.quantized[0];
+  const auto expected =
+      diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype).view(q.shape);
+  EXPECT_TRUE(torch::equal(m->named_parameters()["weight"], expected));
+}
+
 // ---- Corrupt input -----------------------------------------------------------------------------
 
 /// The model matching `small_state()`.
