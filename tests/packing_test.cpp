@@ -208,30 +208,34 @@ TEST(Packing, DeflateHuffmanSizeMatchesZlibHuffmanOnly) {
 }
 
 TEST(Packing, HuffmanQuadHoldsFourZlibStreams) {
-  for (size_t n : {0u, 1u, 3u, 5u, 1000u, 65537u}) {
-    const Bytes in = gaussian_bytes(n, 100, 30, 8, 4);
-    const Bytes quad = diffq::deflate_huffman4(in.data(), in.size());
-    // Layout: three u32 sizes, then the four quarters [k·q, (k+1)·q), q = ceil(n/4).
-    ASSERT_GE(quad.size(), 12u);
-    const size_t q = (n + 3) / 4;
-    size_t at = 12;
-    Bytes joined;
-    for (size_t k = 0; k < 4; ++k) {
-      const size_t sz = k < 3 ? le32(quad.data() + 4 * k) : quad.size() - at;
-      const Bytes stream(quad.begin() + static_cast<std::ptrdiff_t>(at),
-                         quad.begin() + static_cast<std::ptrdiff_t>(at + sz));
-      const size_t begin = std::min(n, k * q), end = std::min(n, (k + 1) * q);
-      const Bytes part = zlib_inflate(stream, end - begin);
-      EXPECT_EQ(part, Bytes(in.begin() + static_cast<std::ptrdiff_t>(begin),
-                            in.begin() + static_cast<std::ptrdiff_t>(end)));
-      joined.insert(joined.end(), part.begin(), part.end());
-      at += sz;
+  // Sizes around a stream header's length (the streams are written in place, next to each other)
+  // and spreads from one symbol to long codes.
+  for (size_t n : {0u, 1u, 2u, 3u, 5u, 7u, 13u, 40u, 97u, 1000u, 65537u})
+    for (double sd : {0.2, 30.0, 90.0}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " sd=" + std::to_string(sd));
+      const Bytes in = gaussian_bytes(n, 100, sd, 8, 4);
+      const Bytes quad = diffq::deflate_huffman4(in.data(), in.size());
+      // Layout: three u32 sizes, then the four quarters [k·q, (k+1)·q), q = ceil(n/4).
+      ASSERT_GE(quad.size(), 12u);
+      const size_t q = (n + 3) / 4;
+      size_t at = 12;
+      Bytes joined;
+      for (size_t k = 0; k < 4; ++k) {
+        const size_t sz = k < 3 ? le32(quad.data() + 4 * k) : quad.size() - at;
+        const Bytes stream(quad.begin() + static_cast<std::ptrdiff_t>(at),
+                           quad.begin() + static_cast<std::ptrdiff_t>(at + sz));
+        const size_t begin = std::min(n, k * q), end = std::min(n, (k + 1) * q);
+        const Bytes part = zlib_inflate(stream, end - begin);
+        EXPECT_EQ(part, Bytes(in.begin() + static_cast<std::ptrdiff_t>(begin),
+                              in.begin() + static_cast<std::ptrdiff_t>(end)));
+        joined.insert(joined.end(), part.begin(), part.end());
+        at += sz;
+      }
+      EXPECT_EQ(joined, in);
+      Bytes back(n);
+      EXPECT_EQ(diffq::inflate_huffman4(quad.data(), quad.size(), back.data(), n), nullptr);
+      EXPECT_EQ(back, in);
     }
-    EXPECT_EQ(joined, in);
-    Bytes back(n);
-    EXPECT_EQ(diffq::inflate_huffman4(quad.data(), quad.size(), back.data(), n), nullptr);
-    EXPECT_EQ(back, in);
-  }
 }
 
 TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
