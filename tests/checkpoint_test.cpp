@@ -764,10 +764,11 @@ TEST(Checkpoint, LoadFillsNonContiguousParameters) {
   // A transposed parameter (not contiguous) goes through a full tensor and copy_, and gets the
   // same values as the direct path.
   torch::manual_seed(13);
-  auto bits = torch::randint(1, 16, {diffq::num_groups(48 * 40, 5)}).to(at::kByte);
+  // Group size 7 leaves a partial last group (48·40 = 274·7 + 2).
+  auto bits = torch::randint(1, 16, {diffq::num_groups(48 * 40, 7)}).to(at::kByte);
   diffq::QuantizedState s;
   s.quantized.push_back(
-      qt("weight", {48, 40}, 5, bits, random_levels(bits, 48 * 40, 5, false), -0.7, 0.4));
+      qt("weight", {48, 40}, 7, bits, random_levels(bits, 48 * 40, 7, false), -0.7, 0.4));
   const Bytes bytes = encode(s);
   auto m = std::make_shared<torch::nn::Module>();
   m->register_parameter("weight", torch::zeros({40, 48}).t());
@@ -777,6 +778,75 @@ TEST(Checkpoint, LoadFillsNonContiguousParameters) {
   const auto expected =
       diffq::dequantize_levels(q.levels, q.bits, q.group_size, q.min, q.max, q.dtype).view(q.shape);
   EXPECT_TRUE(torch::equal(m->named_parameters()["weight"], expected));
+}
+
+TEST(Checkpoint, LoadIsBitExactOnSeveralThreads) {
+  // Large enough for the dequantization to be split across threads at element positions inside
+  // groups (block grain 2^16, group size 7).
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  torch::manual_seed(14);
+  const int64_t numel = 2 * 65536 + 12345;
+  auto bits = torch::randint(1, 16, {diffq::num_groups(numel, 7)}).to(at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("weight", {numel}, 7, bits, random_levels(bits, numel, 7, true),
+                           -0.1 - 1e-12, 0.3 + 1e-9));
+  const Bytes bytes = encode(s);
+  auto m = std::make_shared<torch::nn::Module>();
+  m->register_parameter("weight", torch::zeros({numel}));
+  diffq::load_quantized(m, bytes);
+  at::set_num_threads(threads);
+  const auto& q = s.quantized[0];
+  EXPECT_TRUE(torch::equal(m->named_parameters()["weight"],
+                           diffq::dequantize_levels(q.levels, q.bits, 7, q.min, q.max, q.dtype)));
+}
+
+TEST(Checkpoint, LoadRefusesTargetsItCannotFillAndLeavesTheModelUntouched) {
+  torch::manual_seed(15);
+  auto bits = torch::full({40}, 6, at::kByte);
+  diffq::QuantizedState s;
+  s.quantized.push_back(qt("a.weight", {8, 40}, 8, bits, random_levels(bits, 320, 8, false)));
+  s.quantized.push_back(qt("b.weight", {8, 40}, 8, bits, random_levels(bits, 320, 8, false)));
+  const Bytes bytes = encode(s);
+  auto make = [](const at::Tensor& b_weight) {
+    auto root = std::make_shared<torch::nn::Module>();
+    auto a = std::make_shared<torch::nn::Module>();
+    auto b = std::make_shared<torch::nn::Module>();
+    a->register_parameter("weight", torch::randn({8, 40}), /*requires_grad=*/false);
+    b->register_parameter("weight", b_weight, /*requires_grad=*/false);
+    root->register_module("a", a);
+    root->register_module("b", b);
+    return root;
+  };
+  // An inference tensor ('b.weight', after 'a.weight' in name order) outside InferenceMode.
+  at::Tensor inference;
+  {
+    c10::InferenceMode guard;
+    inference = torch::randn({8, 40});
+  }
+  auto m = make(inference);
+  const auto a0 = m->named_parameters()["a.weight"].clone();
+  const auto b0 = m->named_parameters()["b.weight"].clone();
+  EXPECT_ERROR_HAS(diffq::load_quantized(m, bytes),
+                   "diffq::load_quantized: <bytes>: cannot fill 'b.weight': it is an inference "
+                   "tensor, which can only be written inside c10::InferenceMode");
+  EXPECT_TRUE(torch::equal(m->named_parameters()["a.weight"], a0));
+  EXPECT_TRUE(torch::equal(m->named_parameters()["b.weight"], b0));
+  {
+    // Inside InferenceMode the same model loads.
+    c10::InferenceMode guard;
+    diffq::load_quantized(m, bytes);
+  }
+  const auto& q = s.quantized[1];
+  EXPECT_TRUE(torch::equal(
+      m->named_parameters()["b.weight"],
+      diffq::dequantize_levels(q.levels, q.bits, 8, q.min, q.max, q.dtype).view({8, 40})));
+  // An expanded tensor (every row the same memory).
+  auto e = make(torch::zeros({1, 40}).expand({8, 40}));
+  const auto e0 = e->named_parameters()["a.weight"].clone();
+  EXPECT_ERROR_HAS(diffq::load_quantized(e, bytes),
+                   "cannot fill 'b.weight': its elements overlap in memory (an expanded tensor)");
+  EXPECT_TRUE(torch::equal(e->named_parameters()["a.weight"], e0));
 }
 
 // ---- Corrupt input -----------------------------------------------------------------------------

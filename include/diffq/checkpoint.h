@@ -38,7 +38,9 @@
 #include <diffq/state.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 #include <torch/nn/module.h>
@@ -330,15 +332,16 @@ inline at::Tensor steps_by_width(double min, double max, at::ScalarType dtype) {
 /// Writes the dequantized weights of quantized record `rv` from its decoded `levels` (`[numel]`
 /// int16) into `out` (`numel` elements of `T`, the record's dtype), in parallel over blocks; equal
 /// bit for bit to `dequantize_levels(levels, bits, group_size, min, max, dtype)`, a constant
-/// tensor (max == min) included (all `min`, sign of -0.0 kept). Cannot fail.
+/// tensor (max == min) included (all `min`, sign of -0.0 kept). `steps`: `steps_by_width(min, max,
+/// dtype)` (unused, and may be undefined, when max == min). Allocates nothing; cannot fail.
 template <class T>
-inline void dequantize_record_into(const RecordView& rv, const int16_t* levels, T* out) {
+inline void dequantize_record_into(const RecordView& rv, const int16_t* levels,
+                                   const at::Tensor& steps, T* out) {
   const int64_t numel = static_cast<int64_t>(rv.numel);
   if (rv.max == rv.min) {
     std::fill(out, out + numel, static_cast<T>(rv.min));
     return;
   }
-  const at::Tensor steps = steps_by_width(rv.min, rv.max, c10::CppTypeToScalarType<T>::value);
   const T* step = steps.data_ptr<T>();
   at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) {
     dequantize_range(rv, levels, step, out, static_cast<uint64_t>(b), static_cast<uint64_t>(e));
@@ -379,11 +382,13 @@ inline std::vector<at::Tensor> decode_all_levels(const ParsedCheckpoint& pc) {
 /// Dequantized weights of the quantized record `rv` from its decoded `levels`, `[shape]` of the
 /// record's dtype.
 inline at::Tensor dequantize_record(const RecordView& rv, const at::Tensor& levels) {
-  at::Tensor out = at::empty(rv.shape, at::TensorOptions().dtype(scalar_type_of(rv.dtype)));
+  const at::ScalarType dt = scalar_type_of(rv.dtype);
+  at::Tensor out = at::empty(rv.shape, at::TensorOptions().dtype(dt));
+  const at::Tensor steps = steps_by_width(rv.min, rv.max, dt);
   if (rv.dtype == kDtFloat32) {
-    dequantize_record_into(rv, levels.data_ptr<int16_t>(), out.data_ptr<float>());
+    dequantize_record_into(rv, levels.data_ptr<int16_t>(), steps, out.data_ptr<float>());
   } else {
-    dequantize_record_into(rv, levels.data_ptr<int16_t>(), out.data_ptr<double>());
+    dequantize_record_into(rv, levels.data_ptr<int16_t>(), steps, out.data_ptr<double>());
   }
   return out;
 }
@@ -469,8 +474,24 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     list("mismatched shape or dtype", mismatched, false);
     TORCH_CHECK(false, os.str());
   }
-  // Phase 1: decode and check every payload into temporaries (levels, float values); anything
-  // wrong throws here, with the model untouched.
+  // Phase 1: everything that can fail (checks, decoding, allocations), with the model untouched:
+  // every target must be fillable in place, every payload decodes and checks, and what phase 2
+  // writes is ready (levels and step tables for the direct path, full tensors otherwise).
+  for (const auto& t : targets) {
+    const at::Tensor& dst = t.second;
+    auto fail = [&](const std::string& what) {
+      TORCH_CHECK(false, where, ": ", src.name, ": cannot fill '", t.first, "': ", what);
+    };
+    if (dst.layout() != at::kStrided) {
+      fail("it is a " + c10::str(dst.layout()) + " tensor; only strided tensors can be filled");
+    }
+    if (dst.is_inference() && !c10::InferenceMode::is_enabled()) {
+      fail("it is an inference tensor, which can only be written inside c10::InferenceMode");
+    }
+    if (at::has_internal_overlap(dst) == at::MemOverlap::Yes) {
+      fail("its elements overlap in memory (an expanded tensor)");
+    }
+  }
   std::vector<at::Tensor> values = decode_all_levels(pc);
   for (size_t r = 0; r < pc.records.size(); ++r) {
     const RecordView& rv = pc.records[r];
@@ -478,27 +499,42 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
       values[r] = decode_float_tensor(pc, r).to(scalar_type_of(rv.dtype));
     }
   }
-  // Phase 2, which cannot fail: fill the model. Quantized records are dequantized straight into
-  // CPU contiguous targets (no full-size temporary, no copy), else through a tensor and copy_.
+  // Quantized records are dequantized straight into CPU contiguous targets (no full-size
+  // temporary, no copy); other targets (another device, non-contiguous) copy a full tensor.
+  auto direct = [](const at::Tensor& dst) { return dst.device().is_cpu() && dst.is_contiguous(); };
+  auto source_of = [&](const std::string& name) {
+    const size_t r = record_of.at(name);
+    return pc.records[r].kind == kKindAlias ? record_of.at(pc.records[r].target) : r;
+  };
+  std::vector<at::Tensor> steps(pc.records.size()), full(pc.records.size());
+  for (const auto& t : targets) {
+    const size_t s = source_of(t.first);
+    const RecordView& sv = pc.records[s];
+    if (sv.kind != kKindQuantized) continue;
+    if (direct(t.second)) {
+      if (!steps[s].defined()) steps[s] = steps_by_width(sv.min, sv.max, scalar_type_of(sv.dtype));
+    } else if (!full[s].defined()) {
+      full[s] = dequantize_record(sv, values[s]);
+    }
+  }
+  // Phase 2: writes only.
   at::NoGradGuard no_grad;
   for (auto& t : targets) {
-    const size_t r = record_of.at(t.first);
-    const RecordView& rv = pc.records[r];
-    const size_t s = rv.kind == kKindAlias ? record_of.at(rv.target) : r;
+    const size_t s = source_of(t.first);
     const RecordView& sv = pc.records[s];
     at::Tensor& dst = t.second;
     if (sv.kind != kKindQuantized) {
       dst.copy_(values[s]);
-    } else if (dst.device().is_cpu() && dst.is_contiguous() && dst.layout() == at::kStrided) {
+    } else if (direct(dst)) {
       const int16_t* lv = values[s].data_ptr<int16_t>();
       if (sv.dtype == kDtFloat32) {
-        dequantize_record_into(sv, lv, dst.data_ptr<float>());
+        dequantize_record_into(sv, lv, steps[s], dst.data_ptr<float>());
       } else {
-        dequantize_record_into(sv, lv, dst.data_ptr<double>());
+        dequantize_record_into(sv, lv, steps[s], dst.data_ptr<double>());
       }
       dst.unsafeGetTensorImpl()->bump_version();  // as an in-place copy_ would
     } else {
-      dst.copy_(dequantize_record(sv, values[s]));
+      dst.copy_(full[s]);
     }
   }
 }

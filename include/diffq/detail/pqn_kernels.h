@@ -149,6 +149,24 @@ inline MinMax minmax_range_scalar(const float* w, int64_t begin, int64_t end) {
   return r;
 }
 
+/// Ends a vectorized `minmax_range`: reduces the `lanes` per-lane extremes `l`/`h` (NaN flag `nan`
+/// from the vector loop) and folds in the scalar tail `[i, end)`.
+inline MinMax finish_minmax(const float* l, const float* h, int lanes, bool nan, const float* w,
+                            int64_t i, int64_t end) {
+  MinMax r{l[0], h[0], nan};
+  for (int k = 1; k < lanes; ++k) {
+    r.lo = l[k] < r.lo ? l[k] : r.lo;
+    r.hi = h[k] > r.hi ? h[k] : r.hi;
+  }
+  if (i < end) {
+    const MinMax t = minmax_range_scalar(w, i, end);
+    r.lo = t.lo < r.lo ? t.lo : r.lo;
+    r.hi = t.hi > r.hi ? t.hi : r.hi;
+    r.nan = r.nan || t.nan;
+  }
+  return r;
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 /// SSE2 (x86-64 baseline) `minmax_range`. Compilers do not vectorize the float min/max
 /// reductions by themselves (their NaN semantics differ from `minps`); for finite values the
@@ -167,18 +185,7 @@ inline MinMax minmax_range_base(const float* w, int64_t begin, int64_t end) {
   float l[4], h[4];
   _mm_storeu_ps(l, lo);
   _mm_storeu_ps(h, hi);
-  MinMax r{l[0], h[0], _mm_movemask_ps(nan) != 0};
-  for (int k = 1; k < 4; ++k) {
-    r.lo = l[k] < r.lo ? l[k] : r.lo;
-    r.hi = h[k] > r.hi ? h[k] : r.hi;
-  }
-  if (i < end) {
-    const MinMax t = minmax_range_scalar(w, i, end);
-    r.lo = t.lo < r.lo ? t.lo : r.lo;
-    r.hi = t.hi > r.hi ? t.hi : r.hi;
-    r.nan = r.nan || t.nan;
-  }
-  return r;
+  return finish_minmax(l, h, 4, _mm_movemask_ps(nan) != 0, w, i, end);
 }
 #else
 inline MinMax minmax_range_base(const float* w, int64_t begin, int64_t end) {
@@ -207,18 +214,7 @@ DIFFQ_KERNEL_AVX2 inline MinMax minmax_range_avx2(const float* w, int64_t begin,
   float l[8], h[8];
   _mm256_storeu_ps(l, _mm256_min_ps(lo0, lo1));
   _mm256_storeu_ps(h, _mm256_max_ps(hi0, hi1));
-  MinMax r{l[0], h[0], _mm256_movemask_ps(nan) != 0};
-  for (int k = 1; k < 8; ++k) {
-    r.lo = l[k] < r.lo ? l[k] : r.lo;
-    r.hi = h[k] > r.hi ? h[k] : r.hi;
-  }
-  if (i < end) {
-    const MinMax t = minmax_range_scalar(w, i, end);
-    r.lo = t.lo < r.lo ? t.lo : r.lo;
-    r.hi = t.hi > r.hi ? t.hi : r.hi;
-    r.nan = r.nan || t.nan;
-  }
-  return r;
+  return finish_minmax(l, h, 8, _mm256_movemask_ps(nan) != 0, w, i, end);
 }
 #endif
 
