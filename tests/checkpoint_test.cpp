@@ -726,15 +726,37 @@ TEST(Checkpoint, LoadLeavesTheModelUntouchedOnFailure) {
   EXPECT_TRUE(torch::equal(dst->bias, b0));
 }
 
+/// Two quantized tensors 'a.weight' and 'b.weight' of `shape`, group size 8, every group `b` bits,
+/// random levels (Gaussian-like or uniform).
+diffq::QuantizedState two_weights(std::vector<int64_t> shape, int b, bool gaussian) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  auto bits = torch::full({diffq::num_groups(numel, 8)}, b, at::kByte);
+  diffq::QuantizedState s;
+  for (const char* name : {"a.weight", "b.weight"}) {
+    s.quantized.push_back(qt(name, shape, 8, bits, random_levels(bits, numel, 8, gaussian)));
+  }
+  return s;
+}
+
+/// A model whose parameters are 'a.weight' and 'b.weight' (the matching names of `two_weights`).
+std::shared_ptr<torch::nn::Module> two_weight_model(const at::Tensor& a_weight,
+                                                    const at::Tensor& b_weight) {
+  auto root = std::make_shared<torch::nn::Module>();
+  auto a = std::make_shared<torch::nn::Module>();
+  auto b = std::make_shared<torch::nn::Module>();
+  a->register_parameter("weight", a_weight, /*requires_grad=*/false);
+  b->register_parameter("weight", b_weight, /*requires_grad=*/false);
+  root->register_module("a", a);
+  root->register_module("b", b);
+  return root;
+}
+
 TEST(Checkpoint, LoadLeavesTheModelUntouchedWhenALaterRecordFails) {
   // Record 0 decodes fine, record 1 does not: nothing may be written, record 0's target included
   // (every payload is checked before the first parameter is filled).
   torch::manual_seed(12);
-  auto bits = torch::full({512}, 8, at::kByte);
-  diffq::QuantizedState s;
-  s.quantized.push_back(qt("a.weight", {64, 64}, 8, bits, random_levels(bits, 4096, 8, true)));
-  s.quantized.push_back(qt("b.weight", {64, 64}, 8, bits, random_levels(bits, 4096, 8, true)));
-  Bytes bytes = encode(s);
+  Bytes bytes = encode(two_weights({64, 64}, 8, /*gaussian=*/true));
   const auto rec = record_offsets(bytes);
   ASSERT_EQ(rec.size(), 2u);
   // Record layout as in LoadLeavesTheModelUntouchedOnFailure, with an 8-byte name.
@@ -743,21 +765,15 @@ TEST(Checkpoint, LoadLeavesTheModelUntouchedWhenALaterRecordFails) {
   ASSERT_EQ(bytes[chunk], 1);  // zlib-bytes
   wr(bytes, chunk + 8, 0, 4);  // first stream: 0 bytes
   fix_crcs(bytes);
-  auto root = std::make_shared<torch::nn::Module>();
-  auto a = std::make_shared<torch::nn::Module>();
-  auto b = std::make_shared<torch::nn::Module>();
-  a->register_parameter("weight", torch::randn({64, 64}));
-  b->register_parameter("weight", torch::randn({64, 64}));
-  root->register_module("a", a);
-  root->register_module("b", b);
-  const auto a0 = a->named_parameters()["weight"].clone();
-  const auto b0 = b->named_parameters()["weight"].clone();
+  auto root = two_weight_model(torch::randn({64, 64}), torch::randn({64, 64}));
+  const auto a0 = root->named_parameters()["a.weight"].clone();
+  const auto b0 = root->named_parameters()["b.weight"].clone();
   EXPECT_ERROR_HAS(diffq::load_quantized(root, bytes),
                    "record 1 ('b.weight') at byte " + std::to_string(chunk) +
                        ": chunk of 4096 8-bit levels in elements [0, 4096): " +
                        "Huffman quad stream too short for its symbols");
-  EXPECT_TRUE(torch::equal(a->named_parameters()["weight"], a0));
-  EXPECT_TRUE(torch::equal(b->named_parameters()["weight"], b0));
+  EXPECT_TRUE(torch::equal(root->named_parameters()["a.weight"], a0));
+  EXPECT_TRUE(torch::equal(root->named_parameters()["b.weight"], b0));
 }
 
 TEST(Checkpoint, LoadFillsNonContiguousParameters) {
@@ -803,20 +819,10 @@ TEST(Checkpoint, LoadIsBitExactOnSeveralThreads) {
 
 TEST(Checkpoint, LoadRefusesTargetsItCannotFillAndLeavesTheModelUntouched) {
   torch::manual_seed(15);
-  auto bits = torch::full({40}, 6, at::kByte);
-  diffq::QuantizedState s;
-  s.quantized.push_back(qt("a.weight", {8, 40}, 8, bits, random_levels(bits, 320, 8, false)));
-  s.quantized.push_back(qt("b.weight", {8, 40}, 8, bits, random_levels(bits, 320, 8, false)));
+  const diffq::QuantizedState s = two_weights({8, 40}, 6, /*gaussian=*/false);
   const Bytes bytes = encode(s);
   auto make = [](const at::Tensor& b_weight) {
-    auto root = std::make_shared<torch::nn::Module>();
-    auto a = std::make_shared<torch::nn::Module>();
-    auto b = std::make_shared<torch::nn::Module>();
-    a->register_parameter("weight", torch::randn({8, 40}), /*requires_grad=*/false);
-    b->register_parameter("weight", b_weight, /*requires_grad=*/false);
-    root->register_module("a", a);
-    root->register_module("b", b);
-    return root;
+    return two_weight_model(torch::randn({8, 40}), b_weight);
   };
   // An inference tensor ('b.weight', after 'a.weight' in name order) outside InferenceMode.
   at::Tensor inference;
