@@ -855,6 +855,21 @@ TEST(Checkpoint, LoadRefusesTargetsItCannotFillAndLeavesTheModelUntouched) {
   EXPECT_TRUE(torch::equal(e->named_parameters()["a.weight"], e0));
 }
 
+TEST(Checkpoint, LoadFillsCudaParameters_CUDA) {
+  // Targets on another device go through a full CPU tensor and copy_.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(16);
+  const diffq::QuantizedState s = two_weights({8, 40}, 5, /*gaussian=*/true);
+  auto m = two_weight_model(torch::zeros({8, 40}, torch::kCUDA), torch::zeros({8, 40}));
+  diffq::load_quantized(m, encode(s));
+  for (const auto& q : s.quantized) {
+    const auto expected =
+        diffq::dequantize_levels(q.levels, q.bits, 8, q.min, q.max, q.dtype).view({8, 40});
+    EXPECT_TRUE(torch::equal(m->named_parameters()[q.name].cpu(), expected)) << q.name;
+  }
+  EXPECT_TRUE(m->named_parameters()["a.weight"].is_cuda());
+}
+
 // ---- Corrupt input -----------------------------------------------------------------------------
 
 /// The model matching `small_state()`.
