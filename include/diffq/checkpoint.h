@@ -373,8 +373,8 @@ inline std::vector<at::Tensor> decode_all_levels(const ParsedCheckpoint& pc) {
     }
   }
   for_each_segment(pc, [&](size_t r, size_t s) {
-    decode_segment(pc.records[r], s, pc.segment_elems, LevelSink{levels[r].data_ptr<int16_t>()},
-                   pc.ctx, static_cast<int64_t>(r));
+    decode_segment(pc.records[r], s, pc.segment_elems, levels[r].data_ptr<int16_t>(), pc.ctx,
+                   static_cast<int64_t>(r));
   });
   return levels;
 }
@@ -433,9 +433,9 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   for (size_t r = 0; r < pc.records.size(); ++r) {
     if (pc.records[r].kind != kKindLogit) record_of.emplace(pc.records[r].name, r);
   }
-  auto stored = [&](size_t r) -> const RecordView& {
-    const RecordView& rv = pc.records[r];
-    return rv.kind == kKindAlias ? pc.records[record_of.at(rv.target)] : rv;
+  // Index of the record holding the values of record `r` (its target for a tied name).
+  auto stored_index = [&](size_t r) {
+    return pc.records[r].kind == kKindAlias ? record_of.at(pc.records[r].target) : r;
   };
   std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& t : targets) {
@@ -449,7 +449,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
       unexpected.push_back(rv.name);
       continue;
     }
-    const RecordView& sv = stored(r);
+    const RecordView& sv = pc.records[stored_index(r)];
     const at::ScalarType dt = scalar_type_of(sv.dtype);
     if (it->second.sizes() != at::IntArrayRef(sv.shape) || it->second.scalar_type() != dt) {
       mismatched.push_back("'" + rv.name + "' (record " + std::to_string(r) + " at byte " +
@@ -502,10 +502,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   // Quantized records are dequantized straight into CPU contiguous targets (no full-size
   // temporary, no copy); other targets (another device, non-contiguous) copy a full tensor.
   auto direct = [](const at::Tensor& dst) { return dst.device().is_cpu() && dst.is_contiguous(); };
-  auto source_of = [&](const std::string& name) {
-    const size_t r = record_of.at(name);
-    return pc.records[r].kind == kKindAlias ? record_of.at(pc.records[r].target) : r;
-  };
+  auto source_of = [&](const std::string& name) { return stored_index(record_of.at(name)); };
   std::vector<at::Tensor> steps(pc.records.size()), full(pc.records.size());
   for (const auto& t : targets) {
     const size_t s = source_of(t.first);

@@ -154,8 +154,7 @@ inline Decoded decode_all(const uint8_t* data, size_t size, bool verify_crc) {
             static_cast<float>((rv.max - rv.min) / (std::ldexp(1.0, b) - 1));
       }
       for (size_t s = 0; s + 1 < rv.segment_first.size(); ++s) {
-        decode_segment(rv, s, pc.segment_elems, LevelSink{lv.data()}, pc.ctx,
-                       static_cast<int64_t>(r));
+        decode_segment(rv, s, pc.segment_elems, lv.data(), pc.ctx, static_cast<int64_t>(r));
       }
       dequantize_range(rv, lv.data(), step.data(), w.data(), 0, rv.numel);
       d.levels.push_back(std::move(lv));

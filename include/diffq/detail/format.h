@@ -1150,15 +1150,6 @@ inline void decode_levels(const ChunkView& c, uint16_t* lv, uint8_t* sym, const 
   }
 }
 
-/// Sink of `decode_segment` writing the levels themselves (`[numel]` int16).
-struct LevelSink {
-  int16_t* levels;
-  void put(uint64_t /*group*/, uint64_t begin, const uint16_t* __restrict src, uint64_t len) const {
-    int16_t* __restrict d = levels + begin;
-    for (uint64_t i = 0; i < len; ++i) d[i] = static_cast<int16_t>(src[i]);
-  }
-};
-
 /// Dequantized weights of elements `[begin, end)` of quantized record `rv` from its levels
 /// (`[numel]`, element order): `out[i] = T(levels[i]) * step_by_width[bits[group of i]] + min`,
 /// the product rounded before the sum: two separate loops over at most `kDequantBlock` elements,
@@ -1184,10 +1175,9 @@ inline void dequantize_range(const RecordView& rv, const int16_t* __restrict lev
   }
 }
 
-/// Decodes segment `s` of quantized record `rv`, handing the levels of each group (clipped to the
-/// segment) to `sink.put(group, first_element, levels, count)` in element order.
-template <class Sink>
-inline void decode_segment(const RecordView& rv, size_t s, uint64_t segment_elems, const Sink& sink,
+/// Decodes segment `s` of quantized record `rv` into `levels` (the record's `[numel]` int16 levels,
+/// of which it writes the segment's elements, in element order).
+inline void decode_segment(const RecordView& rv, size_t s, uint64_t segment_elems, int16_t* levels,
                            const ErrorContext& base_ctx, int64_t record_index) {
   ErrorContext ctx = base_ctx;
   ctx.record = record_index;
@@ -1211,7 +1201,9 @@ inline void decode_segment(const RecordView& rv, size_t s, uint64_t segment_elem
   }
   for_each_group(gs, s0, s1, [&](uint64_t g, uint64_t a, uint64_t e) {
     const size_t b = rv.bits[static_cast<size_t>(g)];
-    sink.put(g, a, lv + cursor[b], e - a);
+    const uint16_t* __restrict src = lv + cursor[b];
+    int16_t* __restrict d = levels + a;
+    for (uint64_t i = 0; i < e - a; ++i) d[i] = static_cast<int16_t>(src[i]);
     cursor[b] += e - a;
   });
 }
