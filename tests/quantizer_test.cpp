@@ -717,6 +717,87 @@ TEST(DiffQuantizer, FusedPenaltyGradientMatchesExplicitAutograd) {
   }
 }
 
+TEST(DiffQuantizer, PenaltyReusesTheForwardPassOverTheLogitsOnlyWhileTheyAreUnchanged) {
+  // The training forward computes the penalty's terms with the noise's units; penalty() reuses
+  // them while the logits keep their values and storage. Its value and gradient must not depend on
+  // whether a forward ran first, and must follow every change of the logits.
+  for (int64_t gs : {0, 7}) {
+    SCOPED_TRACE("group size " + std::to_string(gs));
+    torch::manual_seed(17);
+    MLP model;
+    auto o = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.3);
+    DiffQuantizer<MLP> q(model, o);
+    q.no_optimizer();
+    {
+      torch::NoGradGuard ng;
+      for (const auto& n : q.quantized_names()) q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
+    }
+    auto logit_grads = [&] {
+      std::vector<torch::Tensor> g;
+      for (const auto& n : q.quantized_names()) g.push_back(q.logit(n).grad().clone());
+      return g;
+    };
+    auto zero_logit_grads = [&] {
+      for (const auto& n : q.quantized_names()) q.logit(n).mutable_grad() = torch::Tensor();
+    };
+    auto before = q.penalty();  // no forward yet: computed by penalty() itself
+    before.backward();
+    const auto grads_before = logit_grads();
+    zero_logit_grads();
+    auto x = torch::randn({4, 10});
+    q.forward(x).sum().backward();  // computes the terms with the units
+    zero_logit_grads();
+    auto after = q.penalty();
+    EXPECT_EQ(before.item<double>(), after.item<double>());
+    after.backward();
+    const auto grads_after = logit_grads();
+    for (size_t k = 0; k < grads_before.size(); ++k) {
+      EXPECT_TRUE(BitEqual(grads_before[k], grads_after[k])) << q.quantized_names()[k];
+    }
+    // An in-place change (as an optimizer step) and a new storage (set_data) are both seen.
+    {
+      torch::NoGradGuard ng;
+      q.logit("fc1.weight").add_(1.5);
+    }
+    EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
+                1e-6 * HandSizeMB(*model, q, o, false));
+    q.logit("fc2.weight").set_data(torch::full_like(q.logit("fc2.weight"), -2.0));
+    EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
+                1e-6 * HandSizeMB(*model, q, o, false));
+  }
+}
+
+TEST(DiffQuantizer, PenaltyBackwardUsesTheLogitsOfItsForward) {
+  // A penalty awaiting its backward keeps the slopes of the logits it was computed from, even when
+  // the logits change and a training forward recomputes the terms in between.
+  torch::manual_seed(18);
+  MLP model;
+  auto o = DiffQOptions().group_size(4).min_size_mb(0);
+  DiffQuantizer<MLP> q(model, o);
+  q.no_optimizer();
+  auto l = q.logit("fc1.weight");
+  {
+    torch::NoGradGuard ng;
+    l.copy_(torch::randn(l.sizes()));
+  }
+  const auto original = l.detach().clone();
+  auto p = q.penalty();
+  {
+    torch::NoGradGuard ng;
+    l.add_(torch::randn(l.sizes()));
+  }
+  q.forward(torch::randn({2, 10}));  // a training forward on the new logits
+  for (const auto& n : q.quantized_names()) q.logit(n).mutable_grad() = torch::Tensor();
+  p.backward();
+  // d size / d l_g = n_g·db/dl(original l_g) / (8·2^20), by autograd through the formula.
+  auto ref = original.to(torch::kDouble).requires_grad_(true);
+  const int64_t numel = model->fc1->weight.numel();
+  auto counts = torch::full({ref.numel()}, 4.0, torch::kDouble);
+  counts[ref.numel() - 1] = static_cast<double>(numel - (ref.numel() - 1) * 4);
+  ((RefBits(ref, o) * counts).sum() / (8.0 * 1048576.0)).backward();
+  EXPECT_TRUE(Close(l.grad().to(torch::kDouble), ref.grad(), 1e-5));
+}
+
 TEST(DiffQuantizer, PenaltyGradientMatchesFiniteDifferences) {
   torch::manual_seed(14);
   MLP model;

@@ -52,157 +52,103 @@ inline uint64_t draw_seed() {
   return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
 }
 
-/// What the fused penalty needs besides the logits: per quantized tensor its element count and
-/// effective group size, and the options of the bit parametrisation.
+/// What the fused penalty needs of one quantized tensor besides its logit.
+struct PenaltyTerms {
+  int64_t numel = 0;
+  int64_t group_size = 0;  ///< effective group size (> 0)
+  double bits_sum = 0;     ///< `Σ_g b_g`, every group counted once, without extra_bits
+  double bits_max = 0;     ///< `max_g b_g`, without extra_bits
+  double last_bits = 0;    ///< `b` of the last group, in double
+  double last_slope = 0;   ///< `db/dl` of the last group, in double
+  at::Tensor slope;        ///< `[num_groups]` float: `db_g/dl_g`
+};
+
+/// What the fused penalty needs besides the logits.
 struct PenaltyLayout {
-  std::vector<int64_t> numel;
-  std::vector<int64_t> group_size;
-  double min_bits = 2, max_bits = 15, extra_bits = 0;
-  bool noise_param = false;
+  std::vector<PenaltyTerms> tensors;  ///< one per logit
+  double min_bits = 2, extra_bits = 0;
   double other_bits = 0;  ///< bits of the non-quantized parameters
 };
 
+/// `b` and `db/dl` of one logit, in double: `Param::kBits` `b = min + (max − min)·t`,
+/// `db/dl = (max − min)·t(1 − t)`; `Param::kNoise` `b = log2(1 + 1/s)`,
+/// `db/dl = −span·t(1 − t)/(ln 2·(1 + s))`, `s` the noise scale, `span = log(min_noise/max_noise)`;
+/// `t = sigmoid(l)`.
+inline void bits_and_slope(double l, double min_bits, double max_bits, bool noise_param, double& b,
+                           double& db) {
+  // t = sigmoid(l) and t(1 − t) from e = exp(−|l|) <= 1: no overflow, no cancellation.
+  const double e = std::exp(-std::abs(l));
+  const double t = l >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+  const double dt = e / ((1.0 + e) * (1.0 + e));
+  if (!noise_param) {
+    b = min_bits + (max_bits - min_bits) * t;
+    db = (max_bits - min_bits) * dt;
+    return;
+  }
+  const double log_min = std::log(min_noise_scale(max_bits));
+  const double log_max = std::log(max_noise_scale(min_bits));
+  const double span = log_min - log_max;
+  const double s = std::exp(t * log_min + (1 - t) * log_max);
+  b = std::log2(1 + 1 / s);
+  db = -span * dt / (std::log(2.0) * (1 + s));
+}
+
 /// `DiffQuantizer::penalty()` on CPU float32 logits as one autograd node: the model size in MB,
 /// `(Σ_tensors [Σ_g n_g·(b_g + extra_bits) + 72 + bits_bits·groups] + other_bits) / (8·2^20)`
-/// (`diffq::quantized_size_bits`); backward: `d size / d l_g = n_g·db_g/dl_g / (8·2^20)` with
-/// `db/dl = (max_bits − min_bits)·t(1 − t)` (`Param::kBits`) or `−span·t(1 − t)/(ln 2·(1 + s))`
-/// (`Param::kNoise`, `s` the noise scale, `span = log(min_noise/max_noise)`), `t = sigmoid(l)`;
-/// `bits_bits` is not differentiated (as in the reference). Precision: with `Param::kBits` the
-/// bits are computed in float (`exp2_approx`, relative error below 2e-7) and summed in float
-/// within blocks of 512 groups, the blocks in double; with `Param::kNoise` in double. First order
-/// only: the backward is not itself differentiable (`create_graph` gives no second-order term;
-/// `use_reference_kernels(true)` selects the ATen-op penalty, which is).
+/// (`diffq::quantized_size_bits`), from per-tensor terms computed beforehand (`PenaltyTerms`);
+/// backward: `d size / d l_g = n_g·db_g/dl_g / (8·2^20)` from the saved slopes. `bits_bits` is
+/// not differentiated (as in the reference). First order only: the backward is not itself
+/// differentiable (`create_graph` gives no second-order term; `use_reference_kernels(true)`
+/// selects the ATen-op penalty, which is).
 struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
-  /// `b` and `db/dl` of one logit, in double.
-  static void bits_and_slope(double l, const PenaltyLayout& p, double& b, double& db) {
-    // t = sigmoid(l) and t(1 − t) from e = exp(−|l|) <= 1: no overflow, no cancellation.
-    const double e = std::exp(-std::abs(l));
-    const double t = l >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-    const double dt = e / ((1.0 + e) * (1.0 + e));
-    if (!p.noise_param) {
-      b = p.min_bits + (p.max_bits - p.min_bits) * t;
-      db = (p.max_bits - p.min_bits) * dt;
-      return;
-    }
-    const double log_min = std::log(min_noise_scale(p.max_bits));
-    const double log_max = std::log(max_noise_scale(p.min_bits));
-    const double span = log_min - log_max;
-    const double s = std::exp(t * log_min + (1 - t) * log_max);
-    b = std::log2(1 + 1 / s);
-    db = -span * dt / (std::log(2.0) * (1 + s));
-  }
-
-  static constexpr int64_t kPenaltyBlock = 512;
-
-  /// `b[i] = min_bits + (max_bits − min_bits)·sigmoid(l[i])` in float (`Param::kBits`),
-  /// vectorizable (`exp2_approx`, relative error below 2e-7).
-  DIFFQ_VECTORIZE_CLAMPS static void bits_block(const float* __restrict l, int64_t n,
-                                                const PenaltyLayout& p, float* __restrict b) {
-    const float lo = static_cast<float>(p.min_bits);
-    const float range = static_cast<float>(p.max_bits - p.min_bits);
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = exp2_approx(-l[i] * 1.44269504f);
-      b[i] = lo + range / (1.0f + e);
-    }
-  }
-
-  /// `d[i] = scale·(max_bits − min_bits)·t(1 − t)`, `t = sigmoid(l[i])`, in float
-  /// (`Param::kBits`), vectorizable.
-  DIFFQ_VECTORIZE_CLAMPS static void slope_block(const float* __restrict l, int64_t n,
-                                                 const PenaltyLayout& p, float scale,
-                                                 float* __restrict d) {
-    const float k = scale * static_cast<float>(p.max_bits - p.min_bits);
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = exp2_approx(-l[i] * 1.44269504f);
-      const float t = 1.0f / (1.0f + e);
-      d[i] = k * (e * t * t);
-    }
-  }
-
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList logits,
                             const PenaltyLayout& layout) {
+    TORCH_INTERNAL_ASSERT(logits.size() == layout.tensors.size());
     double total = layout.other_bits;
-    for (size_t k = 0; k < logits.size(); ++k) {
-      const float* l = logits[k].data_ptr<float>();
-      const int64_t groups = logits[k].numel();
-      const int64_t gs = layout.group_size[k];
-      const int64_t last = layout.numel[k] - (groups - 1) * gs;
-      double sum = 0, max_b = -std::numeric_limits<double>::infinity();
-      if (!layout.noise_param) {
-        // b = min + range·sigmoid(l) in float, vectorized, over blocks summed in double.
-        float b[kPenaltyBlock];
-        for (int64_t g0 = 0; g0 < groups; g0 += kPenaltyBlock) {
-          const int64_t n = std::min<int64_t>(kPenaltyBlock, groups - g0);
-          bits_block(l + g0, n, layout, b);
-          float block_sum = 0, block_max = b[0];
-          for (int64_t i = 0; i < n; ++i) {
-            block_sum += b[i];
-            block_max = b[i] > block_max ? b[i] : block_max;
-          }
-          sum += block_sum;
-          max_b = std::max(max_b, static_cast<double>(block_max));
-        }
-        sum *= static_cast<double>(gs);
-        // The last group may be partial: it counts `last` elements, not `gs`.
-        double b_last, db_last;
-        bits_and_slope(l[groups - 1], layout, b_last, db_last);
-        sum -= b_last * static_cast<double>(gs - last);
-        sum += layout.extra_bits * static_cast<double>(layout.numel[k]);
-        max_b += layout.extra_bits;
-      } else {
-        for (int64_t g = 0; g < groups; ++g) {
-          double b, db;
-          bits_and_slope(l[g], layout, b, db);
-          b += layout.extra_bits;
-          sum += b * static_cast<double>(g + 1 == groups ? last : gs);
-          max_b = std::max(max_b, b);
-        }
-      }
+    std::vector<at::Tensor> slopes;
+    std::vector<int64_t> group_size, last;
+    std::vector<double> last_slope;
+    for (const auto& t : layout.tensors) {
+      const int64_t groups = t.slope.numel();
+      const int64_t gs = t.group_size;
+      const int64_t n_last = t.numel - (groups - 1) * gs;
+      // Every group counted with gs elements, then the partial last group corrected.
+      double sum = t.bits_sum * static_cast<double>(gs) -
+                   t.last_bits * static_cast<double>(gs - n_last) +
+                   layout.extra_bits * static_cast<double>(t.numel);
+      const double max_b = t.bits_max + layout.extra_bits;
       const double bits_bits =
           std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(max_b) - layout.min_bits)));
       total += sum + (64 + 8) + bits_bits * static_cast<double>(groups);
+      slopes.push_back(t.slope);
+      group_size.push_back(gs);
+      last.push_back(n_last);
+      last_slope.push_back(t.last_slope);
     }
-    ctx->save_for_backward(logits.vec());
-    ctx->saved_data["numel"] = layout.numel;
-    ctx->saved_data["group_size"] = layout.group_size;
-    ctx->saved_data["bits"] = std::vector<double>{layout.min_bits, layout.max_bits};
-    ctx->saved_data["noise_param"] = layout.noise_param;
+    ctx->save_for_backward(slopes);  // released after the backward
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["last"] = last;
+    ctx->saved_data["last_slope"] = last_slope;
     return at::scalar_tensor(total / kBitsPerMB, logits[0].options());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    const auto logits = ctx->get_saved_variables();
-    PenaltyLayout layout;
-    const auto bits = ctx->saved_data["bits"].toDoubleVector();
-    layout.min_bits = bits[0];
-    layout.max_bits = bits[1];
-    layout.noise_param = ctx->saved_data["noise_param"].toBool();
-    const auto numel = ctx->saved_data["numel"].toIntVector();
+    const auto slopes = ctx->get_saved_variables();
     const auto group_size = ctx->saved_data["group_size"].toIntVector();
+    const auto last = ctx->saved_data["last"].toIntVector();
+    const auto last_slope = ctx->saved_data["last_slope"].toDoubleVector();
     const double g_out = grad_out[0].defined() ? grad_out[0].item<double>() / kBitsPerMB : 0.0;
-    torch::autograd::variable_list grads(logits.size() + 1);
-    for (size_t k = 0; k < logits.size(); ++k) {
-      const int64_t groups = logits[k].numel();
-      const int64_t gs = group_size[k];
-      const int64_t last = numel[k] - (groups - 1) * gs;
-      at::Tensor grad = at::empty({groups}, logits[k].options());
-      const float* l = logits[k].data_ptr<float>();
+    torch::autograd::variable_list grads(slopes.size() + 1);
+    for (size_t k = 0; k < slopes.size(); ++k) {
+      const int64_t groups = slopes[k].numel();
+      at::Tensor grad = at::empty({groups}, slopes[k].options());
+      const float* s = slopes[k].data_ptr<float>();
       float* d = grad.data_ptr<float>();
-      if (!layout.noise_param) {
-        slope_block(l, groups, layout, static_cast<float>(g_out * static_cast<double>(gs)), d);
-      } else {
-        for (int64_t g = 0; g < groups; ++g) {
-          double b, db;
-          bits_and_slope(l[g], layout, b, db);
-          d[g] = static_cast<float>(g_out * db * static_cast<double>(gs));
-        }
-      }
-      {
-        double b, db;  // the last group counts `last` elements
-        bits_and_slope(l[groups - 1], layout, b, db);
-        d[groups - 1] = static_cast<float>(g_out * db * static_cast<double>(last));
-      }
+      const float scale = static_cast<float>(g_out * static_cast<double>(group_size[k]));
+      for (int64_t g = 0; g < groups; ++g) d[g] = scale * s[g];
+      // The last group counts `last` elements.
+      d[groups - 1] = static_cast<float>(g_out * last_slope[k] * static_cast<double>(last[k]));
       grads[k] = grad;
     }
     return grads;  // the last entry (the layout) gets no gradient
@@ -215,13 +161,20 @@ struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
   int64_t group_size = 0;  ///< effective group size (> 0)
   int64_t groups = 0;
   // Pseudo quantization noise of the current sample.
-  bool fast = false;        ///< CPU kernels (else ATen ops)
-  at::Tensor noisy;         ///< `[numel]` buffer reused across steps
-  at::Tensor noise;         ///< `u`, `[numel]` (float for the CPU kernels)
-  at::Tensor unit;          ///< `[num_groups]`
-  at::Tensor dunit;         ///< `[num_groups]`
-  at::Tensor partial;       ///< `[num_groups]` double scratch (CPU kernels)
-  double scale = 0;         ///< `max w − min w` (CPU kernels)
+  bool fast = false;   ///< CPU kernels (else ATen ops)
+  at::Tensor noisy;    ///< `[numel]` buffer reused across steps
+  at::Tensor noise;    ///< `u`, `[numel]` (float for the CPU kernels)
+  at::Tensor unit;     ///< `[num_groups]`
+  at::Tensor dunit;    ///< `[num_groups]`
+  at::Tensor partial;  ///< `[num_groups]` double scratch (CPU kernels)
+  double scale = 0;    ///< `max w − min w` (CPU kernels)
+  // The penalty's terms of the logit (`Param::kBits`, CPU float32 logits), from the last pass over
+  // it (`bits_terms_cpu`, run by the training forward or by `penalty()`): valid while the logit
+  // keeps the storage and version of `terms_source`.
+  at::Tensor slope;         ///< `[num_groups]` float: db/dl
+  BitsStats bits_stats;     ///< Σ b and max b
+  at::Tensor terms_source;  ///< the logit data the terms were computed from
+  int64_t terms_version = -1;
   at::Tensor lo, hi;        ///< 0-dim min and max
   at::Tensor chunk_minmax;  ///< `[2, chunks]` per-chunk min and max of the weights (CPU kernels)
   Extremes extremes;
@@ -278,23 +231,23 @@ class DiffQuantizer
   /// `quantized_size_bits`), plus 32 bits (16 with `float16`) per element of the other parameters,
   /// divided by `8·2^20`. Tied parameters count once. Makes no host synchronisation. Source:
   /// paper Eq. 7, reference `DiffQuantizer.model_size`.
-  /// On the CPU with float32 logits one fused autograd node computes it (forward and backward in
-  /// one pass over the logits each; `detail::SizePenaltyFunction`), equal to the ATen-op formula
-  /// up to float rounding, differentiable once.
+  /// On the CPU with float32 logits one fused autograd node computes it
+  /// (`detail::SizePenaltyFunction`), equal to the ATen-op formula up to float rounding,
+  /// differentiable once. With `Param::kBits` it reuses the training forward's pass over the
+  /// logits (`detail::bits_terms_cpu`: bit widths in float, summed in float over blocks of 512
+  /// groups, the blocks in double) while the logits keep their values, so after a forward it
+  /// costs no pass over them; its value does not depend on whether a forward ran first.
   at::Tensor penalty() const {
     if (!fused_penalty_ok()) return this->size_mb(false);
     std::vector<at::Tensor> logits;
     detail::PenaltyLayout layout;
     const auto& o = this->options_;
     layout.min_bits = o.min_bits();
-    layout.max_bits = o.max_bits();
     layout.extra_bits = o.extra_bits();
-    layout.noise_param = o.param() == Param::kNoise;
     layout.other_bits = this->unquantized_bits();
     for (const auto& q : this->params_) {
       logits.push_back(q->aux);
-      layout.numel.push_back(q->numel);
-      layout.group_size.push_back(q->group_size);
+      layout.tensors.push_back(penalty_terms(*q));
     }
     return detail::SizePenaltyFunction::apply(at::TensorList(logits), layout);
   }
@@ -353,6 +306,59 @@ class DiffQuantizer
 
   using QParam = detail::QParam;
   using WeightState = detail::WeightState;
+
+  /// Makes `q.slope` and `q.bits_stats` those of the logit's current values (`Param::kBits`, CPU
+  /// float32 contiguous logit): recomputes them unless still valid, always with `units` (which
+  /// also writes the noise's `q.unit` and `q.dunit`). A slope still held elsewhere (by a penalty
+  /// node awaiting its backward) is left alone for a new one.
+  void refresh_bits_terms(QParam& q, bool units) const {
+    const bool valid = q.terms_source.defined() && q.slope.defined() &&
+                       q.terms_source.data_ptr() == q.aux.data_ptr() &&
+                       q.terms_version == q.aux._version();
+    if (valid && !units) return;
+    if (!q.slope.defined() || q.slope.use_count() > 1 || q.slope.numel() != q.groups) {
+      q.slope = at::empty({q.groups}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+    }
+    q.bits_stats = detail::bits_terms_cpu(
+        q.aux.data_ptr<float>(), q.groups, this->options_.min_bits(), this->options_.max_bits(),
+        q.slope.data_ptr<float>(), units ? q.unit.data_ptr<float>() : nullptr,
+        units ? q.dunit.data_ptr<float>() : nullptr);
+    q.terms_source = q.aux.detach();
+    q.terms_version = q.aux._version();
+  }
+
+  /// The penalty's terms of `q` (CPU float32 contiguous logit): `Param::kBits` from the pass over
+  /// the logit shared with the noise (`refresh_bits_terms`), `Param::kNoise` in double.
+  detail::PenaltyTerms penalty_terms(QParam& q) const {
+    const auto& o = this->options_;
+    const bool noise_param = o.param() == Param::kNoise;
+    const float* l = q.aux.data_ptr<float>();
+    detail::PenaltyTerms t;
+    t.numel = q.numel;
+    t.group_size = q.group_size;
+    detail::bits_and_slope(l[q.groups - 1], o.min_bits(), o.max_bits(), noise_param, t.last_bits,
+                           t.last_slope);
+    if (!noise_param) {
+      refresh_bits_terms(q, /*units=*/false);
+      t.bits_sum = q.bits_stats.sum;
+      t.bits_max = q.bits_stats.max;
+      t.slope = q.slope;
+      return t;
+    }
+    t.slope = at::empty({q.groups}, q.aux.options());
+    float* d = t.slope.data_ptr<float>();
+    double sum = 0, max_b = -std::numeric_limits<double>::infinity();
+    for (int64_t g = 0; g < q.groups; ++g) {
+      double b, db;
+      detail::bits_and_slope(l[g], o.min_bits(), o.max_bits(), true, b, db);
+      sum += b;
+      max_b = std::max(max_b, b);
+      d[g] = static_cast<float>(db);
+    }
+    t.bits_sum = sum;
+    t.bits_max = max_b;
+    return t;
+  }
 
   static detail::QuantizerTraits traits(const DiffQOptions& o) {
     return {"diffq::DiffQuantizer", o.suffix(), "logit", "DiffQ logit", /*needs_optimizer=*/true};
@@ -520,9 +526,13 @@ class DiffQuantizer
       q.scale = hi - lo;
       q.lo = at::scalar_tensor(mm.lo, w.options());
       q.hi = at::scalar_tensor(mm.hi, w.options());
-      detail::units_cpu(q.aux.data_ptr<float>(), q.unit.data_ptr<float>(),
-                        q.dunit.data_ptr<float>(), q.groups, this->options_.min_bits(),
-                        this->options_.max_bits(), this->options_.param());
+      if (this->options_.param() == Param::kBits) {
+        refresh_bits_terms(q, /*units=*/true);  // the penalty reuses this pass over the logit
+      } else {
+        detail::units_cpu(q.aux.data_ptr<float>(), q.unit.data_ptr<float>(),
+                          q.dunit.data_ptr<float>(), q.groups, this->options_.min_bits(),
+                          this->options_.max_bits(), this->options_.param());
+      }
       detail::apply_noise_cpu(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
                               q.noise.data_ptr<float>(), q.numel, q.group_size,
                               q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),

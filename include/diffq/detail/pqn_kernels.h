@@ -61,24 +61,54 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   return scale * (poly * 1.41421356f);
 }
 
+/// Groups per block of `bits_terms_cpu`: the bit widths of a block are summed in float, the
+/// blocks in double.
+constexpr int64_t kBitsBlock = 512;
+
+/// Sum and maximum of the bit widths `b_g` of a tensor's groups (`Param::kBits`).
+struct BitsStats {
+  double sum = 0;  ///< Σ_g b_g, every group counted once
+  float max = 0;   ///< max_g b_g
+};
+
+/// Groups `[0, n)` of a block: `b`, `slope = db/dl` and, with `kUnits`, the quantization unit
+/// and its derivative (as `units_cpu`, bit for bit). `t = sigmoid(l)`, `b = min_bits + range·t`,
+/// `db/dl = range·t(1 − t)`, with `t(1 − t) = e·t²`, `e = exp(−l)` (no cancellation).
+template <bool kUnits>
+DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void bits_terms_block(
+    const float* __restrict logit, int64_t n, float lo_bits, float range, float* __restrict b,
+    float* __restrict slope, float* __restrict unit, float* __restrict dunit) {
+  const float log2e = 1.44269504f;
+  const float k = -0.69314718f * range;
+  for (int64_t g = 0; g < n; ++g) {
+    const float e = exp2_approx(-logit[g] * log2e);
+    const float t = 1.0f / (1.0f + e);
+    const float bits = lo_bits + range * t;
+    const float dt = e * t * t;
+    b[g] = bits;
+    slope[g] = range * dt;
+    if (kUnits) {
+      const float u = 1.0f / (exp2_approx(bits) - 1.0f);
+      unit[g] = u;
+      dunit[g] = k * (u + u * u) * dt;
+    }
+  }
+}
+
 /// Body of `units_cpu` (below).
 DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void units_impl(
     const float* __restrict logit, float* __restrict unit, float* __restrict dunit, int64_t groups,
     double min_bits, double max_bits, Param param) {
   const float range = static_cast<float>(max_bits - min_bits);
   const float lo_bits = static_cast<float>(min_bits);
-  const float log2e = 1.44269504f;
   if (param == Param::kBits) {
-    const float k = -0.69314718f * range;
-    for (int64_t g = 0; g < groups; ++g) {
-      // t = sigmoid(l) = 1/(1 + e) and t(1 − t) = e/(1 + e)², e = exp(−l): no cancellation.
-      const float e = exp2_approx(-logit[g] * log2e);
-      const float t = 1.0f / (1.0f + e);
-      const float u = 1.0f / (exp2_approx(lo_bits + range * t) - 1.0f);
-      unit[g] = u;
-      dunit[g] = k * (u + u * u) * (e * t * t);
+    float b[kBitsBlock], slope[kBitsBlock];  // not needed here
+    for (int64_t g0 = 0; g0 < groups; g0 += kBitsBlock) {
+      const int64_t n = std::min(kBitsBlock, groups - g0);
+      bits_terms_block<true>(logit + g0, n, lo_bits, range, b, slope, unit + g0, dunit + g0);
     }
   } else {
+    const float log2e = 1.44269504f;
     const float log_min = static_cast<float>(std::log(min_noise_scale(max_bits)));
     const float log_max = static_cast<float>(std::log(max_noise_scale(min_bits)));
     const float span = log_min - log_max;
@@ -128,6 +158,76 @@ inline void units_cpu(const float* logit, float* unit, float* dunit, int64_t gro
 #if DIFFQ_NOISE_AVX2_DISPATCH
 #define DIFFQ_KERNEL_AVX2 __attribute__((target("avx2")))
 #endif
+
+/// Body of `bits_terms_cpu`.
+template <bool kUnits>
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_KERNEL_INLINE BitsStats bits_terms_impl(const float* logit,
+                                                                     int64_t groups,
+                                                                     double min_bits,
+                                                                     double max_bits, float* slope,
+                                                                     float* unit, float* dunit) {
+  const float lo_bits = static_cast<float>(min_bits);
+  const float range = static_cast<float>(max_bits - min_bits);
+  BitsStats stats;
+  stats.max = lo_bits;
+  float b[kBitsBlock];
+  for (int64_t g0 = 0; g0 < groups; g0 += kBitsBlock) {
+    const int64_t n = std::min(kBitsBlock, groups - g0);
+    bits_terms_block<kUnits>(logit + g0, n, lo_bits, range, b, slope + g0,
+                             kUnits ? unit + g0 : nullptr, kUnits ? dunit + g0 : nullptr);
+    // Eight float lanes (vectorizable), combined in a fixed order.
+    float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float top[8] = {lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        sum[j] += b[i + j];
+        top[j] = b[i + j] > top[j] ? b[i + j] : top[j];
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+      sum[j] += b[i];
+      top[j] = b[i] > top[j] ? b[i] : top[j];
+    }
+    stats.sum += static_cast<double>(((sum[0] + sum[4]) + (sum[1] + sum[5])) +
+                                     ((sum[2] + sum[6]) + (sum[3] + sum[7])));
+    for (int j = 0; j < 8; ++j) stats.max = top[j] > stats.max ? top[j] : stats.max;
+  }
+  return stats;
+}
+
+DIFFQ_VECTORIZE_CLAMPS inline BitsStats bits_terms_base(const float* logit, int64_t groups,
+                                                        double min_bits, double max_bits,
+                                                        float* slope, float* unit, float* dunit) {
+  return unit != nullptr
+             ? bits_terms_impl<true>(logit, groups, min_bits, max_bits, slope, unit, dunit)
+             : bits_terms_impl<false>(logit, groups, min_bits, max_bits, slope, unit, dunit);
+}
+#if DIFFQ_NOISE_AVX2_DISPATCH
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_KERNEL_AVX2 inline BitsStats bits_terms_avx2(
+    const float* logit, int64_t groups, double min_bits, double max_bits, float* slope, float* unit,
+    float* dunit) {
+  return unit != nullptr
+             ? bits_terms_impl<true>(logit, groups, min_bits, max_bits, slope, unit, dunit)
+             : bits_terms_impl<false>(logit, groups, min_bits, max_bits, slope, unit, dunit);
+}
+#endif
+
+/// One pass over the bit logits `logit` (`[groups]`, `Param::kBits`, `groups` > 0) for both the
+/// penalty and the noise: writes `slope[g] = db_g/dl_g` (`[groups]`) and, unless `unit` is null,
+/// the quantization unit and its derivative as `units_cpu` does (`unit`, `dunit`: `[groups]`);
+/// returns `Σ_g b_g` and `max_g b_g`. In float with `exp2_approx`; the sum in float over blocks
+/// of `kBitsBlock` groups (eight lanes), the blocks in double. The results do not depend on
+/// whether `unit` is null, nor on the SSE2 or AVX2 path.
+inline BitsStats bits_terms_cpu(const float* logit, int64_t groups, double min_bits,
+                                double max_bits, float* slope, float* unit, float* dunit) {
+#if DIFFQ_NOISE_AVX2_DISPATCH
+  if (noise_cpu_has_avx2()) {
+    return bits_terms_avx2(logit, groups, min_bits, max_bits, slope, unit, dunit);
+  }
+#endif
+  return bits_terms_base(logit, groups, min_bits, max_bits, slope, unit, dunit);
+}
 
 /// Minimum and maximum of `w[begin, end)` and whether it holds a NaN (NaN compares false, so it
 /// would otherwise be skipped silently).
