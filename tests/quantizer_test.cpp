@@ -764,6 +764,29 @@ TEST(DiffQuantizer, PenaltyReusesTheForwardPassOverTheLogitsOnlyWhileTheyAreUnch
     q.logit("fc2.weight").set_data(torch::full_like(q.logit("fc2.weight"), -2.0));
     EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
                 1e-6 * HandSizeMB(*model, q, o, false));
+    // Changed logits, then a training forward (which recomputes the terms), then the penalty:
+    // value by hand, gradient by autograd through the formula in double.
+    {
+      torch::NoGradGuard ng;
+      for (const auto& n : q.quantized_names()) q.logit(n).sub_(torch::rand(q.logit(n).sizes()));
+    }
+    q.forward(x);
+    zero_logit_grads();
+    auto changed = q.penalty();
+    EXPECT_NEAR(changed.item<double>(), HandSizeMB(*model, q, o, false),
+                1e-6 * HandSizeMB(*model, q, o, false));
+    changed.backward();
+    auto params = model->named_parameters();
+    for (const auto& n : q.quantized_names()) {
+      auto l = q.logit(n).detach().to(torch::kDouble).requires_grad_(true);
+      const int64_t numel = params[n].numel();
+      const int64_t g = l.numel();
+      const int64_t egs = gs == 0 ? numel : gs;
+      auto counts = torch::full({g}, static_cast<double>(egs), torch::kDouble);
+      counts[g - 1] = static_cast<double>(numel - (g - 1) * egs);
+      (((RefBits(l, o) + o.extra_bits()) * counts).sum() / (8.0 * 1048576.0)).backward();
+      EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), l.grad(), 1e-5)) << n;
+    }
   }
 }
 
@@ -772,7 +795,7 @@ TEST(DiffQuantizer, PenaltyBackwardUsesTheLogitsOfItsForward) {
   // the logits change and a training forward recomputes the terms in between.
   torch::manual_seed(18);
   MLP model;
-  auto o = DiffQOptions().group_size(4).min_size_mb(0);
+  auto o = DiffQOptions().group_size(7).min_size_mb(0);  // 60 weights: the last group holds 4
   DiffQuantizer<MLP> q(model, o);
   q.no_optimizer();
   auto l = q.logit("fc1.weight");
@@ -792,8 +815,8 @@ TEST(DiffQuantizer, PenaltyBackwardUsesTheLogitsOfItsForward) {
   // d size / d l_g = n_g·db/dl(original l_g) / (8·2^20), by autograd through the formula.
   auto ref = original.to(torch::kDouble).requires_grad_(true);
   const int64_t numel = model->fc1->weight.numel();
-  auto counts = torch::full({ref.numel()}, 4.0, torch::kDouble);
-  counts[ref.numel() - 1] = static_cast<double>(numel - (ref.numel() - 1) * 4);
+  auto counts = torch::full({ref.numel()}, 7.0, torch::kDouble);
+  counts[ref.numel() - 1] = static_cast<double>(numel - (ref.numel() - 1) * 7);
   ((RefBits(ref, o) * counts).sum() / (8.0 * 1048576.0)).backward();
   EXPECT_TRUE(Close(l.grad().to(torch::kDouble), ref.grad(), 1e-5));
 }

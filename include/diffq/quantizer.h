@@ -170,7 +170,7 @@ struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
   double scale = 0;    ///< `max w − min w` (CPU kernels)
   // The penalty's terms of the logit (`Param::kBits`, CPU float32 logits), from the last pass over
   // it (`bits_terms_cpu`, run by the training forward or by `penalty()`): valid while the logit
-  // keeps the storage and version of `terms_source`.
+  // keeps the data pointer and version counter value of `terms_source`.
   at::Tensor slope;         ///< `[num_groups]` float: db/dl
   BitsStats bits_stats;     ///< Σ b and max b
   at::Tensor terms_source;  ///< the logit data the terms were computed from
@@ -235,8 +235,13 @@ class DiffQuantizer
   /// (`detail::SizePenaltyFunction`), equal to the ATen-op formula up to float rounding,
   /// differentiable once. With `Param::kBits` it reuses the training forward's pass over the
   /// logits (`detail::bits_terms_cpu`: bit widths in float, summed in float over blocks of 512
-  /// groups, the blocks in double) while the logits keep their values, so after a forward it
-  /// costs no pass over them; its value does not depend on whether a forward ran first.
+  /// groups, the blocks in double), so after a forward it costs no pass over them; its value does
+  /// not depend on whether a forward ran first. A change of the logits is seen through their
+  /// version counter and data pointer: every in-place op on a logit (an optimizer step, `copy_`,
+  /// also under `NoGradGuard`) and `set_data` count; writes that bypass the counter (through
+  /// `data_ptr()`, or through `.data()`, which has a counter of its own) are not seen until the
+  /// next training forward, which always recomputes the terms. With `Param::kNoise` the bit
+  /// widths and slopes are computed in double on every call, the slopes then stored in float.
   at::Tensor penalty() const {
     if (!fused_penalty_ok()) return this->size_mb(false);
     std::vector<at::Tensor> logits;
@@ -291,13 +296,14 @@ class DiffQuantizer
   void use_reference_kernels(bool value) { reference_kernels_ = value; }
 
  private:
-  /// Whether `penalty()` may use the fused CPU node: every logit a contiguous CPU float32 tensor.
+  /// Whether `penalty()` may use the fused CPU node: every logit a contiguous CPU float32 tensor
+  /// of `[num_groups]` elements (otherwise the ATen-op penalty runs, which refuses other lengths).
   bool fused_penalty_ok() const {
     if (reference_kernels_ || this->params_.empty()) return false;
     for (const auto& q : this->params_) {
       const auto& l = q->aux;
       if (!l.defined() || !l.device().is_cpu() || l.scalar_type() != at::kFloat ||
-          !l.is_contiguous()) {
+          !l.is_contiguous() || l.numel() != q->groups) {
         return false;
       }
     }
@@ -308,8 +314,9 @@ class DiffQuantizer
   using WeightState = detail::WeightState;
 
   /// Makes `q.slope` and `q.bits_stats` those of the logit's current values (`Param::kBits`, CPU
-  /// float32 contiguous logit): recomputes them unless still valid, always with `units` (which
-  /// also writes the noise's `q.unit` and `q.dunit`). A slope still held elsewhere (by a penalty
+  /// float32 contiguous logit of `[num_groups]`). Without `units`, recomputes them only if the
+  /// logit changed since (other version or data pointer); with `units`, always recomputes them and
+  /// also writes the noise's `q.unit` and `q.dunit`. A slope still held elsewhere (by a penalty
   /// node awaiting its backward) is left alone for a new one.
   void refresh_bits_terms(QParam& q, bool units) const {
     const bool valid = q.terms_source.defined() && q.slope.defined() &&
@@ -323,6 +330,8 @@ class DiffQuantizer
         q.aux.data_ptr<float>(), q.groups, this->options_.min_bits(), this->options_.max_bits(),
         q.slope.data_ptr<float>(), units ? q.unit.data_ptr<float>() : nullptr,
         units ? q.dunit.data_ptr<float>() : nullptr);
+    // Holding the logit's storage keeps its address from being reused by a new storage, which
+    // could otherwise match `data_ptr()` by chance; `detach()` shares the version counter.
     q.terms_source = q.aux.detach();
     q.terms_version = q.aux._version();
   }
@@ -495,7 +504,8 @@ class DiffQuantizer
     TORCH_CHECK(w.is_contiguous(), "diffq::DiffQuantizer: parameter '", q.name,
                 "' is not contiguous");
     q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
-             q.aux.is_contiguous();
+             q.aux.is_contiguous() && q.aux.scalar_type() == at::kFloat &&
+             q.aux.device().is_cpu() && q.aux.numel() == q.groups;
     const auto noise_dtype = q.fast ? at::kFloat : w.scalar_type();
     if (!q.noisy.defined() || q.noisy.numel() != q.numel ||
         q.noisy.scalar_type() != w.scalar_type() || q.noisy.device() != w.device()) {

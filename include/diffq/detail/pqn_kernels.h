@@ -4,6 +4,8 @@
 /// `noisy = w + Δ_g·u` with `Δ_g = (max w − min w)·unit_g`, and the exact backward to the bit
 /// logits. They work on raw contiguous buffers, in chunks of `diffq::kNoiseChunk` elements, one
 /// noise stream per chunk (chunk `c` is stream `c`), so results do not depend on the thread count.
+/// Also the per-group pass over the bit logits (`units_cpu`, `bits_terms_cpu`) that gives the
+/// noise its quantization units and the penalty its bit widths and slopes.
 
 #include <diffq/bits.h>
 #include <diffq/noise.h>
