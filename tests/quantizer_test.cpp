@@ -649,6 +649,20 @@ double HandSizeMB(torch::nn::Module& model, const DiffQuantizer<MLP>& q, const D
   return bits / (8.0 * 1048576.0);
 }
 
+/// d size / d logit in MB per unit of logit, by autograd through the size formula in double:
+/// `Σ_g n_g·(b_g(l_g) + extra_bits) / (8·2^20)` for a tensor of `numel` elements in groups of
+/// `group_size` (0: one group), the last group holding the rest.
+torch::Tensor HandPenaltyGradient(const torch::Tensor& logit, int64_t numel, int64_t group_size,
+                                  const DiffQOptions& o) {
+  auto l = logit.detach().to(torch::kDouble).requires_grad_(true);
+  const int64_t g = l.numel();
+  const int64_t egs = group_size == 0 ? numel : group_size;
+  auto counts = torch::full({g}, static_cast<double>(egs), torch::kDouble);
+  counts[g - 1] = static_cast<double>(numel - (g - 1) * egs);
+  (((RefBits(l, o) + o.extra_bits()) * counts).sum() / (8.0 * 1048576.0)).backward();
+  return l.grad();
+}
+
 TEST(DiffQuantizer, PenaltyEqualsFormulaByHand) {
   // Float32 logits: the fused CPU penalty and (use_reference_kernels) the ATen-op one.
   for (int64_t gs : {0, 1, 8, 7}) {
@@ -702,15 +716,8 @@ TEST(DiffQuantizer, FusedPenaltyGradientMatchesExplicitAutograd) {
       (3.0 * q.penalty()).backward();
       auto params = model->named_parameters();
       for (const auto& n : q.quantized_names()) {
-        auto l = q.logit(n).detach().to(torch::kDouble).requires_grad_(true);
-        const int64_t numel = params[n].numel();
-        const int64_t g = l.numel();
-        const int64_t egs = gs == 0 ? numel : gs;
-        auto counts = torch::full({g}, static_cast<double>(egs), torch::kDouble);
-        counts[g - 1] = static_cast<double>(numel - (g - 1) * egs);
-        auto size = 3.0 * ((RefBits(l, o) + o.extra_bits()) * counts).sum() / (8.0 * 1048576.0);
-        size.backward();
-        EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), l.grad(), 1e-5))
+        auto ref = 3.0 * HandPenaltyGradient(q.logit(n), params[n].numel(), gs, o);
+        EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), ref, 1e-5))
             << n << (param == diffq::Param::kBits ? " bits" : " noise") << " gs " << gs;
       }
     }
@@ -778,14 +785,8 @@ TEST(DiffQuantizer, PenaltyReusesTheForwardPassOverTheLogitsOnlyWhileTheyAreUnch
     changed.backward();
     auto params = model->named_parameters();
     for (const auto& n : q.quantized_names()) {
-      auto l = q.logit(n).detach().to(torch::kDouble).requires_grad_(true);
-      const int64_t numel = params[n].numel();
-      const int64_t g = l.numel();
-      const int64_t egs = gs == 0 ? numel : gs;
-      auto counts = torch::full({g}, static_cast<double>(egs), torch::kDouble);
-      counts[g - 1] = static_cast<double>(numel - (g - 1) * egs);
-      (((RefBits(l, o) + o.extra_bits()) * counts).sum() / (8.0 * 1048576.0)).backward();
-      EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), l.grad(), 1e-5)) << n;
+      auto ref = HandPenaltyGradient(q.logit(n), params[n].numel(), gs, o);
+      EXPECT_TRUE(Close(q.logit(n).grad().to(torch::kDouble), ref, 1e-5)) << n;
     }
   }
 }
@@ -813,12 +814,8 @@ TEST(DiffQuantizer, PenaltyBackwardUsesTheLogitsOfItsForward) {
   for (const auto& n : q.quantized_names()) q.logit(n).mutable_grad() = torch::Tensor();
   p.backward();
   // d size / d l_g = n_g·db/dl(original l_g) / (8·2^20), by autograd through the formula.
-  auto ref = original.to(torch::kDouble).requires_grad_(true);
-  const int64_t numel = model->fc1->weight.numel();
-  auto counts = torch::full({ref.numel()}, 7.0, torch::kDouble);
-  counts[ref.numel() - 1] = static_cast<double>(numel - (ref.numel() - 1) * 7);
-  ((RefBits(ref, o) * counts).sum() / (8.0 * 1048576.0)).backward();
-  EXPECT_TRUE(Close(l.grad().to(torch::kDouble), ref.grad(), 1e-5));
+  auto ref = HandPenaltyGradient(original, model->fc1->weight.numel(), 7, o);
+  EXPECT_TRUE(Close(l.grad().to(torch::kDouble), ref, 1e-5));
 }
 
 TEST(DiffQuantizer, PenaltyGradientMatchesFiniteDifferences) {
