@@ -723,40 +723,44 @@ RunResult run_uniform_ptq(const Config& c, Net& model, int64_t bits, const Data&
   return r;
 }
 
-/// QAT with the straight-through estimator: uniform quantization with `c.qat_bits`, trained with
-/// the fp32 recipe.
-RunResult run_qat(const Config& c, const Data& train_data, const Data& test) {
+/// Trains a fresh model with quantizer `Quantizer` (built from `options`, after the optimizer) by
+/// the fp32 recipe and finishes the run; `setup(q, optimizer)` may give the quantizer's own
+/// parameters to the optimizer.
+template <typename Quantizer, typename Options, typename Setup>
+RunResult run_quantization_aware(const Config& c, const Options& options, const std::string& name,
+                                 const std::string& file_stem, const Data& train_data,
+                                 const Data& test, Setup setup) {
   torch::manual_seed(c.seed);
   Net model;
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
-  diffq::UniformQuantizer<Net> q(model, uniform_options(c, c.qat_bits, /*qat=*/true));
+  Quantizer q(model, options);
+  setup(q, optimizer);
   RunResult r;
   r.quantized = true;
-  r.method = "QAT " + std::to_string(c.qat_bits) + "-bit";
+  r.method = name;
   Method m;
-  m.name = "QAT " + std::to_string(c.qat_bits) + "-bit";
+  m.name = name;
   m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
   r.train_seconds = train(c, *model, optimizer, m, train_data);
-  finish_quantized(c, q, model, "qat" + std::to_string(c.qat_bits), test, r);
+  finish_quantized(c, q, model, file_stem, test, r);
   return r;
+}
+
+/// QAT with the straight-through estimator: uniform quantization with `c.qat_bits`, trained with
+/// the fp32 recipe.
+RunResult run_qat(const Config& c, const Data& train_data, const Data& test) {
+  const std::string bits = std::to_string(c.qat_bits);
+  return run_quantization_aware<diffq::UniformQuantizer<Net>>(
+      c, uniform_options(c, c.qat_bits, /*qat=*/true), "QAT " + bits + "-bit", "qat" + bits,
+      train_data, test, [](auto&, auto&) {});
 }
 
 /// LSQ with `c.lsq_bits`, trained with the fp32 recipe; the step sizes share the weights' lr.
 RunResult run_lsq(const Config& c, const Data& train_data, const Data& test) {
-  torch::manual_seed(c.seed);
-  Net model;
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
-  diffq::LSQQuantizer<Net> q(model, lsq_options(c));
-  q.setup_optimizer(optimizer, c.lr);
-  RunResult r;
-  r.quantized = true;
-  r.method = "LSQ " + std::to_string(c.lsq_bits) + "-bit";
-  Method m;
-  m.name = "LSQ " + std::to_string(c.lsq_bits) + "-bit";
-  m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
-  r.train_seconds = train(c, *model, optimizer, m, train_data);
-  finish_quantized(c, q, model, "lsq" + std::to_string(c.lsq_bits), test, r);
-  return r;
+  const std::string bits = std::to_string(c.lsq_bits);
+  return run_quantization_aware<diffq::LSQQuantizer<Net>>(
+      c, lsq_options(c), "LSQ " + bits + "-bit", "lsq" + bits, train_data, test,
+      [&c](auto& q, auto& optimizer) { q.setup_optimizer(optimizer, c.lr); });
 }
 
 int run_train(const Config& c) {

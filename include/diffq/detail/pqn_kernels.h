@@ -73,9 +73,10 @@ struct BitsStats {
   float max = 0;   ///< max_g b_g
 };
 
-/// Groups `[0, n)` of a block: `b`, `slope = db/dl` and, with `kUnits`, the quantization unit
-/// and its derivative (as `units_cpu`, bit for bit). `t = sigmoid(l)`, `b = min_bits + range·t`,
-/// `db/dl = range·t(1 − t)`, with `t(1 − t) = e·t²`, `e = exp(−l)` (no cancellation).
+/// Groups `[0, n)` of a block (`Param::kBits`): `b`, `slope = db/dl` and, with `kUnits`, the
+/// quantization unit `1/(2^b − 1)` and its derivative with respect to the logit. `t = sigmoid(l)`,
+/// `b = min_bits + range·t`, `db/dl = range·t(1 − t)`, with `t(1 − t) = e·t²`, `e = exp(−l)` (no
+/// cancellation). Shared by `units_cpu` and `bits_terms_cpu`, so both give the same units.
 template <bool kUnits>
 DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void bits_terms_block(
     const float* __restrict logit, int64_t n, float lo_bits, float range, float* __restrict b,
