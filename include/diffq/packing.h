@@ -53,14 +53,9 @@ inline void pack8(const uint16_t* v, uint8_t* out) {
   std::memcpy(out, tmp, B);
 }
 
-/// Unpacks 8 values of `B` bits from the `B` bytes at `in`.
+/// Splits the 128-bit little-endian word `hi:lo` into its 8 low values of `B` bits (LSB-first).
 template <int B>
-inline void unpack8(const uint8_t* in, uint16_t* v) {
-  uint8_t tmp[16] = {0};
-  std::memcpy(tmp, in, B);
-  uint64_t lo, hi;
-  std::memcpy(&lo, tmp, 8);
-  std::memcpy(&hi, tmp + 8, 8);
+inline void split8(uint64_t lo, uint64_t hi, uint16_t* v) {
   constexpr uint64_t mask = (uint64_t{1} << B) - 1;
   for (int k = 0; k < 8; ++k) {
     const int sh = k * B;
@@ -73,6 +68,17 @@ inline void unpack8(const uint8_t* in, uint16_t* v) {
     }
     v[k] = static_cast<uint16_t>(x & mask);
   }
+}
+
+/// Unpacks 8 values of `B` bits from the `B` bytes at `in` (reads no byte past them).
+template <int B>
+inline void unpack8(const uint8_t* in, uint16_t* v) {
+  uint8_t tmp[16] = {0};
+  std::memcpy(tmp, in, B);
+  uint64_t lo, hi;
+  std::memcpy(&lo, tmp, 8);
+  std::memcpy(&hi, tmp + 8, 8);
+  split8<B>(lo, hi, v);
 }
 
 template <int B>
@@ -113,25 +119,13 @@ template <int B>
 inline void unpack_bits_t(const uint8_t* in, size_t n, uint16_t* out) {
   const size_t full = n / 8;
   const size_t total = (n * B + 7) / 8;
-  constexpr uint64_t mask = (uint64_t{1} << B) - 1;
   size_t i = 0;
   // Direct 16-byte loads while they stay inside the input.
   for (; i < full && B * i + 16 <= total; ++i) {
     uint64_t lo, hi;
     std::memcpy(&lo, in + B * i, 8);
     std::memcpy(&hi, in + B * i + 8, 8);
-    uint16_t* v = out + 8 * i;
-    for (int k = 0; k < 8; ++k) {
-      const int sh = k * B;
-      uint64_t x;
-      if (sh < 64) {
-        x = lo >> sh;
-        if (sh + B > 64) x |= hi << (64 - sh);
-      } else {
-        x = hi >> (sh - 64);
-      }
-      v[k] = static_cast<uint16_t>(x & mask);
-    }
+    split8<B>(lo, hi, out + 8 * i);
   }
   for (; i < full; ++i) unpack8<B>(in + B * i, out + 8 * i);
   const size_t rest = n - 8 * full;
