@@ -726,8 +726,8 @@ TEST(DiffQuantizer, FusedPenaltyGradientMatchesExplicitAutograd) {
 
 TEST(DiffQuantizer, PenaltyReusesTheForwardPassOverTheLogitsOnlyWhileTheyAreUnchanged) {
   // The training forward computes the penalty's terms with the noise's units; penalty() reuses
-  // them while the logits keep their values and storage. Its value and gradient must not depend on
-  // whether a forward ran first, and must follow every change of the logits.
+  // them while the logits keep their version and storage. Its value and gradient must not depend
+  // on whether a forward ran first, and must follow every change of the logits.
   for (int64_t gs : {0, 7}) {
     SCOPED_TRACE("group size " + std::to_string(gs));
     torch::manual_seed(17);
