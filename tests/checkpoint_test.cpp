@@ -7,6 +7,8 @@
 #include <diffq/quantizer.h>
 #include <diffq/state.h>
 
+#include "test_util.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <zlib.h>
@@ -424,7 +426,7 @@ TEST(Checkpoint, SaveReturnsExactSizeForFileStreamAndBytes) {
   EXPECT_EQ(fs::file_size(path), n);
   std::istringstream is(os.str());
   expect_same_state(diffq::read_quantized_state(is), diffq::read_quantized_state(path));
-  fs::remove_all(dir);
+  diffq_test::RemoveTree(dir.string());
 }
 
 TEST(Checkpoint, InfoReportsShapesHistogramsAndOptions) {
@@ -626,7 +628,7 @@ TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
   EXPECT_ERROR_HAS(diffq::load_quantized(a, (dir / "missing.ckpt").string()),
                    "diffq::load_quantized: " + (dir / "missing.ckpt").string() +
                        ": cannot open the file for reading");
-  fs::remove_all(dir);
+  diffq_test::RemoveTree(dir.string());
 }
 
 TEST(Checkpoint, LoadListsMissingUnexpectedAndMismatchedNamesInOneError) {
@@ -1437,7 +1439,7 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
 
 TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_atomic";
-  fs::remove_all(dir);
+  diffq_test::RemoveTree(dir.string());
   fs::create_directories(dir);
   const std::string path = (dir / "m.ckpt").string();
   const auto s = small_state();
@@ -1454,7 +1456,7 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   const fs::path blocked = dir / "blocked.ckpt";
   fs::create_directories(blocked / "x");
   EXPECT_ERROR_HAS(diffq::save_quantized_state(s, blocked.string()),
-                   "cannot rename the temporary file into place");
+                   "cannot rename the temporary file into place: Is a directory");
   // The folder does not exist: the temporary file cannot be created.
   EXPECT_ERROR_HAS(diffq::save_quantized_state(s, (dir / "no" / "m.ckpt").string()),
                    "cannot create the temporary file");
@@ -1467,7 +1469,7 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   EXPECT_EQ(names, (std::vector<std::string>{"blocked.ckpt", "m.ckpt"})) << "no temporary left";
   // Overwriting works.
   EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + 56 + 6);
-  fs::remove_all(dir);
+  diffq_test::RemoveTree(dir.string());
 }
 
 // ---- With the quantizer
@@ -1506,7 +1508,7 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   const auto info = diffq::read_checkpoint_info(bytes);
   ASSERT_TRUE(info.options.has_value());
   EXPECT_EQ(info.options->group_size(), 8);
-  fs::remove_all(dir);
+  diffq_test::RemoveTree(dir.string());
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Tests of the Fashion-MNIST example's IDX reader (examples/fashion_mnist/idx.h) and report.
 #include "../examples/fashion_mnist/idx.h"
 #include "../examples/fashion_mnist/report.h"
+#include "test_util.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -57,10 +58,7 @@ class FashionMnistIdx : public ::testing::Test {
            ("diffq_fmnist_" + std::to_string(::getpid()) + "_" + info->name());
     fs::create_directories(dir_);
   }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
+  void TearDown() override { diffq_test::RemoveTree(dir_.string()); }
 
   /// Writes `bytes` gzip-compressed to `<dir>/<name>` and returns the path.
   std::string write_gz(const std::string& name, const std::vector<uint8_t>& bytes) {

@@ -3,7 +3,10 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <ftw.h>
+
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -42,6 +45,16 @@ void ExpectError(Fn fn, const std::string& substring) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
   }
+}
+
+/// Removes `path` and everything under it, if present (POSIX nftw, then remove(3) depth first).
+/// Not std::filesystem::remove_all: PyTorch's 2.x pip wheels export their own copy of it from
+/// libtorch, which crashes when called from a program built by a newer GCC.
+inline void RemoveTree(const std::string& path) {
+  ::nftw(
+      path.c_str(),
+      [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 
 }  // namespace diffq_test

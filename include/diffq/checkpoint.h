@@ -49,10 +49,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <istream>
@@ -279,11 +280,13 @@ inline EncodedCheckpoint encode_state(const QuantizedState& state,
 }
 
 /// Writes `enc` to `path` atomically: to a temporary file in the same folder, flushed and closed
-/// (errors checked), then renamed over `path`. On any failure the temporary file is removed and a
-/// previous file at `path` is left as it was.
+/// (errors checked), then renamed over `path` (POSIX rename(2) replaces it in one step). On any
+/// failure the temporary file is removed and a previous file at `path` is left as it was.
+/// The C library's `std::rename`/`std::remove`, not `std::filesystem`: PyTorch's 2.x pip wheels
+/// export their own copy of the `std::filesystem` functions from libtorch, which binds ahead of
+/// libstdc++'s in programs built by a newer GCC; some of those copies crash there (remove_all).
 inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& path,
                               const std::string& where) {
-  namespace fs = std::filesystem;
   static std::atomic<uint64_t> counter{0};
   const uint64_t stamp =
       static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
@@ -302,13 +305,14 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
       f.close();
       TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp, "' failed");
     }
-    std::error_code ec;
-    fs::rename(tmp, path, ec);
-    TORCH_CHECK(!ec, where, ": ", path,
-                ": cannot rename the temporary file into place: ", ec.message());
+    errno = 0;
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+      const int err = errno;
+      TORCH_CHECK(false, where, ": ", path, ": cannot rename the temporary file into place: ",
+                  err != 0 ? std::strerror(err) : "unknown error");
+    }
   } catch (...) {
-    std::error_code ec;
-    fs::remove(tmp, ec);
+    std::remove(tmp.c_str());
     throw;
   }
 }
