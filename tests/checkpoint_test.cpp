@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -1509,6 +1510,49 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   ASSERT_TRUE(info.options.has_value());
   EXPECT_EQ(info.options->group_size(), 8);
   diffq_test::RemoveTree(dir.string());
+}
+
+TEST(Checkpoint, QuantizerOnCudaExportsWhatItsEvalUses_CUDA) {
+  // Trained on the device: the file holds the eval-mode weights bit for bit, and loads into fresh
+  // models on the device and on the CPU.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(13);
+  Net model;
+  model->to(torch::kCUDA);
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+  diffq::DiffQuantizer<Net> q(model, diffq::DiffQOptions().group_size(8).min_size_mb(0));
+  q.setup_optimizer(opt, 1e-1);
+  const auto x = torch::randn({5, 3, 8, 8}, torch::kCUDA);
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    auto loss = q.forward(x).pow(2).mean() + 1e-3 * q.penalty();
+    loss.backward();
+    opt.step();
+  }
+  model->eval();
+  const at::Tensor expected = q.forward(x);
+  std::map<std::string, at::Tensor> eval_weights;
+  {
+    diffq::QuantizedGuard<diffq::DiffQuantizer<Net>> guard(q);
+    for (const auto& p : model->named_parameters())
+      eval_weights[p.key()] = p.value().detach().clone();
+  }
+  Bytes bytes;
+  diffq::save_quantized(q, bytes);
+  Net on_cuda;
+  on_cuda->to(torch::kCUDA);
+  diffq::load_quantized(on_cuda, bytes);
+  Net on_cpu;
+  diffq::load_quantized(on_cpu, bytes);
+  for (const auto& n : q.quantized_names()) {
+    EXPECT_TRUE(torch::equal(on_cuda->named_parameters()[n], eval_weights[n])) << n;
+    EXPECT_TRUE(torch::equal(on_cpu->named_parameters()[n], eval_weights[n].cpu())) << n;
+  }
+  EXPECT_TRUE(torch::equal(on_cuda->named_buffers()["bn.running_mean"],
+                           model->named_buffers()["bn.running_mean"]));
+  on_cuda->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(on_cuda->forward(x), expected));
 }
 
 }  // namespace

@@ -237,4 +237,43 @@ TEST(LSQQuantizer, ErrorPaths) {
       "diffq::LSQQuantizer: the step size of 'fc1.weight' must be > 0 and finite, got -0.5");
 }
 
+TEST(LSQQuantizer, ForwardAndGradientsOnCudaMatchThePaperByHand_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const int64_t bits = 3;
+  torch::manual_seed(2);
+  const auto w0 = torch::randn({3, 5});
+  Dot model(w0.to(torch::kCUDA));
+  torch::optim::SGD opt(model->parameters(), 0.0);
+  LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
+  q.setup_optimizer(opt, 0.0);
+  EXPECT_TRUE(q.step("weight").is_cuda());
+  const double s = 1.1 / (std::pow(2.0, bits - 1) - 1);  // some elements inside, some clamped
+  SetStep(q, "weight", s);
+  const auto x = torch::randn({3, 5});
+  auto y = q.forward(x.to(torch::kCUDA));
+  y.backward();
+  // LSQ by hand (Esser et al., Eq. 1–3), as in ForwardLevelsAndGradientsMatchThePaperByHand.
+  const double qn = std::pow(2.0, bits - 1), qp = qn - 1;
+  const double g = 1.0 / std::sqrt(15.0 * qp);
+  auto wc = w0.contiguous();
+  auto xc = x.contiguous();
+  const float* wp = wc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  double out = 0, gstep = 0, gabs = 0;
+  std::vector<float> gw(15);
+  for (int i = 0; i < 15; ++i) {
+    const double v = static_cast<double>(wp[i] / static_cast<float>(s));
+    out += xp[i] * std::nearbyint(std::min(std::max(v, -qn), qp)) * s;
+    const bool inside = -qn < v && v < qp;
+    gw[i] = inside ? xp[i] : 0.0f;
+    const double dstep = inside ? std::nearbyint(v) - v : (v <= -qn ? -qn : qp);
+    gstep += xp[i] * dstep;
+    gabs += std::abs(xp[i] * dstep);
+  }
+  EXPECT_NEAR(y.item<double>(), out, 1e-5 * std::max(1.0, std::abs(out)));
+  EXPECT_TRUE(Close(model->weight.grad().cpu(), torch::from_blob(gw.data(), {3, 5}).clone(), 1e-6));
+  EXPECT_NEAR(q.step("weight").grad().item<double>(), g * gstep, 1e-5 * g * gabs);
+  EXPECT_TRUE(BitEqual(model->weight, w0));
+}
+
 }  // namespace

@@ -19,6 +19,7 @@ namespace {
 using diffq_test::BitEqual;
 using diffq_test::Close;
 using diffq_test::ExpectError;
+using diffq_test::NoTF32;
 
 namespace F = torch::nn::functional;
 using diffq::DiffQOptions;
@@ -504,8 +505,9 @@ TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
   EXPECT_TRUE(Close(y, ref));
   // ...and left the clean ones.
   for (const auto& p : model->named_parameters()) {
-    if (before.count(p.key()))
+    if (before.count(p.key())) {
       EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+    }
   }
 }
 
@@ -589,16 +591,18 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
       }
     }
     for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key()))
+      if (before.count(p.key())) {
         EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+      }
     }
     // Back in training, the exact clean weights are used.
     model->train();
     q.no_optimizer();
     auto yt = q.forward(x);
     for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key()))
+      if (before.count(p.key())) {
         EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+      }
     }
   }
 }
@@ -1052,6 +1056,220 @@ TEST(DiffQuantizer, EvalCacheFollowsWeightUpdates) {
   diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
   EXPECT_TRUE(Close(model->fc1->weight, wq.to(torch::kFloat), 1e-6));
   EXPECT_FALSE(torch::equal(y1, y2));
+}
+
+// ---- CUDA: the ATen-op implementation on the device, against the same independent computations.
+
+TEST(DiffQuantizer, GradientsMatchForConvLstmTiedAndFloat64_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  NoTF32 no_tf32;
+  const torch::Device cuda(torch::kCUDA);
+  for (int64_t gs : {0, 8, 7}) {
+    SCOPED_TRACE("group size " + std::to_string(gs));
+    {
+      SCOPED_TRACE("Conv2d");
+      torch::manual_seed(2);
+      ConvNet model;
+      model->to(cuda);
+      auto x = torch::randn({2, 2, 4, 4}, cuda);
+      auto options = DiffQOptions().group_size(gs).min_size_mb(0).exclude({"*bias"});
+      CheckGradients(
+          model, options, false, x,
+          [&](std::map<std::string, torch::Tensor>& nw,
+              std::map<std::string, torch::Tensor>& clean) {
+            auto h = torch::relu(F::conv2d(
+                x, nw["conv.weight"], F::Conv2dFuncOptions().bias(clean["conv.bias"]).padding(1)));
+            return F::linear(h.flatten(1), nw["fc.weight"], clean["fc.bias"]);
+          });
+    }
+    {
+      // cuDNN reads the LSTM's weights from one packed buffer: the noise must reach it.
+      SCOPED_TRACE("LSTM");
+      torch::manual_seed(3);
+      torch::nn::LSTM lstm(torch::nn::LSTMOptions(4, 5));
+      lstm->to(cuda);
+      auto x = torch::randn({6, 2, 4}, cuda);
+      auto h0 = torch::randn({1, 2, 5}, cuda);
+      auto c0 = torch::randn({1, 2, 5}, cuda);
+      CheckGradients(
+          lstm, DiffQOptions().group_size(gs).min_size_mb(0), false, x,
+          [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+            return std::get<0>(torch::lstm(
+                x, {h0, c0},
+                {nw["weight_ih_l0"], nw["weight_hh_l0"], nw["bias_ih_l0"], nw["bias_hh_l0"]},
+                /*has_biases=*/true, /*num_layers=*/1, /*dropout=*/0.0, /*train=*/true,
+                /*bidirectional=*/false, /*batch_first=*/false));
+          },
+          std::make_tuple(h0, c0));
+    }
+    {
+      SCOPED_TRACE("tied weights");
+      torch::manual_seed(4);
+      Tied model;
+      model->to(cuda);
+      auto idx = torch::tensor({0, 3, 6, 2}, torch::TensorOptions(torch::kLong).device(cuda));
+      CheckGradients(
+          model, DiffQOptions().group_size(gs).min_size_mb(0), false, idx,
+          [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+            return F::linear(torch::tanh(F::embedding(idx, nw["emb.weight"])), nw["emb.weight"]);
+          });
+    }
+    {
+      SCOPED_TRACE("float64");
+      torch::manual_seed(6);
+      MLP model;
+      model->to(cuda, torch::kDouble);
+      auto x = torch::randn({4, 10}, torch::TensorOptions(torch::kDouble).device(cuda));
+      CheckGradients(
+          model, DiffQOptions().group_size(gs).min_size_mb(0).noise(diffq::Noise::kUniform), false,
+          x, [&](std::map<std::string, torch::Tensor>& nw, std::map<std::string, torch::Tensor>&) {
+            auto h = torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"]));
+            return F::linear(h, nw["fc2.weight"], nw["fc2.bias"]);
+          });
+    }
+  }
+}
+
+TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  NoTF32 no_tf32;
+  for (int64_t gs : {0, 8, 7}) {
+    SCOPED_TRACE(gs);
+    torch::manual_seed(11);
+    MLP model;
+    model->to(torch::kCUDA);
+    auto options = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.4);
+    std::map<std::string, torch::Tensor> before;
+    for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+    DiffQuantizer<MLP> q(model, options);
+    {
+      torch::NoGradGuard ng;
+      for (const auto& n : q.quantized_names()) {
+        auto l = q.logit(n);
+        l.copy_(torch::linspace(-6, 6, l.numel(), l.options()));  // 2..15 bits
+      }
+    }
+    std::map<std::string, torch::Tensor> wq;
+    for (const auto& n : q.quantized_names()) {
+      wq[n] = HandQuantize(before[n].cpu(), RefBits(q.logit(n).cpu(), options), gs, 0.4)
+                  .to(torch::kFloat)
+                  .to(torch::kCUDA);
+    }
+    model->eval();
+    torch::NoGradGuard ng;
+    auto x = torch::randn({5, 10}, torch::kCUDA);
+    auto y = q.forward(x);
+    EXPECT_TRUE(y.is_cuda());
+    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
+                         wq["fc2.weight"], wq["fc2.bias"]);
+    EXPECT_TRUE(Close(y, ref, 1e-6));
+    {
+      diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
+      for (const auto& n : q.quantized_names()) {
+        EXPECT_TRUE(Close(model->named_parameters()[n], wq[n], 1e-6)) << n;
+        EXPECT_TRUE(model->named_parameters()[n].is_cuda()) << n;
+      }
+    }
+    for (const auto& p : model->named_parameters()) {
+      if (before.count(p.key())) {
+        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
+      }
+    }
+  }
+}
+
+TEST(DiffQuantizer, PenaltyEqualsFormulaByHandAndItsGradient_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+    for (int64_t gs : {0, 7}) {
+      SCOPED_TRACE(std::to_string(gs) + (param == diffq::Param::kBits ? " bits" : " noise"));
+      torch::manual_seed(13);
+      MLP model;
+      model->to(torch::kCUDA);
+      auto o = DiffQOptions()
+                   .group_size(gs)
+                   .min_size_mb(4.0 * 4 / 1048576.0)  // fc2.bias (3 elements) stays fp32
+                   .extra_bits(0.6)
+                   .param(param);
+      DiffQuantizer<MLP> q(model, o);
+      EXPECT_EQ(q.quantized_names().size(), 3u);
+      {
+        torch::NoGradGuard ng;
+        for (const auto& n : q.quantized_names())
+          q.logit(n).copy_(torch::randn(q.logit(n).sizes()) * 2);
+      }
+      auto p = q.penalty();
+      EXPECT_TRUE(p.is_cuda());
+      const double hand = HandSizeMB(*model, q, o, false);
+      EXPECT_NEAR(p.item<double>(), hand, 1e-6 * hand);
+      EXPECT_NEAR(q.true_model_size(), HandSizeMB(*model, q, o, true),
+                  1e-9 + 1e-7 * HandSizeMB(*model, q, o, true));
+      (3.0 * p).backward();
+      auto params = model->named_parameters();
+      for (const auto& n : q.quantized_names()) {
+        auto ref = 3.0 * HandPenaltyGradient(q.logit(n).cpu(), params[n].numel(), gs, o);
+        EXPECT_TRUE(Close(q.logit(n).grad().cpu().to(torch::kDouble), ref, 1e-5)) << n;
+      }
+    }
+  }
+}
+
+TEST(DiffQuantizer, NoiseHasItsDistributionAndChangesEveryStep_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (auto kind : {diffq::Noise::kGaussian, diffq::Noise::kUniform}) {
+    SCOPED_TRACE(kind == diffq::Noise::kGaussian ? "gaussian" : "uniform");
+    torch::manual_seed(23);
+    torch::nn::Linear model(1000, 1000);
+    model->to(torch::kCUDA);
+    DiffQuantizer<torch::nn::Linear> q(model, DiffQOptions().noise(kind).exclude({"*bias"}));
+    q.no_optimizer();
+    auto x = torch::randn({2, 1000}, torch::kCUDA);
+    q.forward(x).sum().backward();
+    auto u1 = q.noise("weight").cpu().to(torch::kDouble).reshape(-1);
+    q.forward(x).sum().backward();
+    auto u2 = q.noise("weight").cpu().to(torch::kDouble).reshape(-1);
+    const double n = static_cast<double>(u1.numel());
+    // u = N(0, 1)/2 or U[−1/2, 1/2]: mean 0, variance 1/4 or 1/12; bounds of the uniform.
+    const double var = kind == diffq::Noise::kGaussian ? 0.25 : 1.0 / 12;
+    for (const auto& u : {u1, u2}) {
+      EXPECT_LT(std::abs(u.mean().item<double>()), 5 * std::sqrt(var / n));
+      // Var of the sample variance: (μ4 − σ⁴)/n, μ4 = 3σ⁴ (normal) or 9σ⁴/5 (uniform).
+      const double mu4 = (kind == diffq::Noise::kGaussian ? 3.0 : 1.8) * var * var;
+      EXPECT_NEAR(u.var().item<double>(), var, 5 * std::sqrt((mu4 - var * var) / n));
+      if (kind == diffq::Noise::kUniform) {
+        EXPECT_GE(u.min().item<double>(), -0.5);
+        EXPECT_LE(u.max().item<double>(), 0.5);
+      }
+    }
+    // A new sample each step, independent of the last.
+    const double corr = ((u1 - u1.mean()) * (u2 - u2.mean())).mean().item<double>() / var;
+    EXPECT_LT(std::abs(corr), 5 / std::sqrt(n));
+  }
+}
+
+TEST(DiffQuantizer, AdamWithLargePenaltyLowersBits_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto run = [](double lambda) {
+    torch::manual_seed(16);
+    MLP model;
+    model->to(torch::kCUDA);
+    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+    DiffQuantizer<MLP> q(model, DiffQOptions().group_size(4).min_size_mb(0));
+    q.setup_optimizer(opt, 5e-2);
+    EXPECT_TRUE(q.logit("fc1.weight").is_cuda());
+    const double start = q.mean_bits();
+    auto x = torch::randn({64, 10}, torch::kCUDA);
+    auto y = torch::randn({64, 3}, torch::kCUDA);
+    for (int step = 0; step < 30; ++step) {
+      auto loss = (q.forward(x) - y).pow(2).mean() * 100 + lambda * q.penalty();
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+    }
+    return q.mean_bits() - start;
+  };
+  EXPECT_LT(run(1e5), -0.5);
+  EXPECT_GE(run(0.0), 0.0);
 }
 
 }  // namespace

@@ -57,4 +57,23 @@ inline void RemoveTree(const std::string& path) {
       FTW_DEPTH | FTW_PHYS);
 }
 
+/// Turns TF32 off for cuDNN and cuBLAS while alive: TF32 products would differ from the float32
+/// reference computations by more than the tests' tolerance.
+class NoTF32 {
+ public:
+  NoTF32()
+      : cudnn_(at::globalContext().allowTF32CuDNN()),
+        cublas_(at::globalContext().allowTF32CuBLAS()) {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~NoTF32() {
+    at::globalContext().setAllowTF32CuDNN(cudnn_);
+    at::globalContext().setAllowTF32CuBLAS(cublas_);
+  }
+
+ private:
+  bool cudnn_, cublas_;
+};
+
 }  // namespace diffq_test

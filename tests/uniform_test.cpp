@@ -20,6 +20,7 @@ namespace {
 using diffq_test::BitEqual;
 using diffq_test::Close;
 using diffq_test::ExpectError;
+using diffq_test::NoTF32;
 
 namespace F = torch::nn::functional;
 using diffq::UniformOptions;
@@ -252,6 +253,37 @@ TEST(UniformQuantizer, ErrorPaths) {
     ExpectError([&] { q.quantize(); },
                 "diffq::UniformQuantizer::quantize: the quantizer was detached");
   }
+}
+
+TEST(UniformQuantizer, QatOnCudaMatchesHandQuantization_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  NoTF32 no_tf32;  // float32 products, as the reference's
+  torch::manual_seed(3);
+  MLP model;
+  model->to(torch::kCUDA);
+  UniformQuantizer<MLP> q(model,
+                          UniformOptions().bits(4).min_size_mb(0).exclude({"*bias"}).qat(true));
+  auto x = torch::randn({5, 10}, torch::kCUDA);
+  auto c = torch::randn({5, 3}, torch::kCUDA);
+  auto w1 = model->fc1->weight.detach().clone().requires_grad_(true);
+  auto w2 = model->fc2->weight.detach().clone().requires_grad_(true);
+  auto h1 = HandQuantize(w1.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
+  auto h2 = HandQuantize(w2.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
+  auto ref_y = F::linear(torch::tanh(F::linear(x, w1 + (h1 - w1).detach(), model->fc1->bias)),
+                         w2 + (h2 - w2).detach(), model->fc2->bias);
+  (ref_y * c).sum().backward();
+  const auto clean1 = model->fc1->weight.detach().clone();
+  auto y = q.forward(x);
+  EXPECT_TRUE(y.is_cuda());
+  EXPECT_TRUE(Close(y, ref_y, 1e-5));
+  (y * c).sum().backward();
+  EXPECT_TRUE(BitEqual(model->fc1->weight, clean1));
+  EXPECT_TRUE(Close(model->fc1->weight.grad(), w1.grad(), 1e-5));
+  EXPECT_TRUE(Close(model->fc2->weight.grad(), w2.grad(), 1e-5));
+  model->eval();
+  diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
+  EXPECT_TRUE(Close(model->fc1->weight, h1, 1e-6));
+  EXPECT_TRUE(model->fc1->weight.is_cuda());
 }
 
 }  // namespace
