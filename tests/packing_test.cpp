@@ -149,7 +149,9 @@ TEST(Packing, HuffmanCodeLengthsAreOptimalSmallAndLimitedLarge) {
       ASSERT_GE(lens[i], 1);
       ASSERT_LE(lens[i], limit);
       kraft += std::ldexp(1.0, -lens[i]);
-      if (i > 0) EXPECT_LE(lens[i], lens[i - 1]) << "more frequent symbols get shorter codes";
+      if (i > 0) {
+        EXPECT_LE(lens[i], lens[i - 1]) << "more frequent symbols get shorter codes";
+      }
     }
     EXPECT_DOUBLE_EQ(kraft, 1.0);
   }
