@@ -66,6 +66,10 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+#ifdef _WIN32
+#include <filesystem>
+#include <system_error>
+#endif
 
 namespace diffq {
 
@@ -282,9 +286,11 @@ inline EncodedCheckpoint encode_state(const QuantizedState& state,
 /// Writes `enc` to `path` atomically: to a temporary file in the same folder, flushed and closed
 /// (errors checked), then renamed over `path` (POSIX rename(2) replaces it in one step). On any
 /// failure the temporary file is removed and a previous file at `path` is left as it was.
-/// The C library's `std::rename`/`std::remove`, not `std::filesystem`: PyTorch's 2.x pip wheels
-/// export their own copy of the `std::filesystem` functions from libtorch, which binds ahead of
-/// libstdc++'s in programs built by a newer GCC; some of those copies crash there (remove_all).
+/// On POSIX systems the C library's `std::rename`/`std::remove`, not `std::filesystem`: PyTorch's
+/// 2.x pip wheels for Linux export their own copy of the `std::filesystem` functions from
+/// libtorch, which binds ahead of libstdc++'s in programs built by a newer GCC, and some of those
+/// copies crash there (remove_all). On Windows, where `std::rename` does not replace an existing
+/// file, `std::filesystem::rename`.
 inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& path,
                               const std::string& where) {
   static std::atomic<uint64_t> counter{0};
@@ -305,12 +311,19 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
       f.close();
       TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp, "' failed");
     }
+#ifdef _WIN32
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    TORCH_CHECK(!ec, where, ": ", path,
+                ": cannot rename the temporary file into place: ", ec.message());
+#else
     errno = 0;
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
       const int err = errno;
       TORCH_CHECK(false, where, ": ", path, ": cannot rename the temporary file into place: ",
                   err != 0 ? std::strerror(err) : "unknown error");
     }
+#endif
   } catch (...) {
     std::remove(tmp.c_str());
     throw;
