@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds diffq's tests, examples and benchmarks with plain g++ against the LibTorch inside a
+# PyTorch pip wheel (e.g. a CUDA machine with `pip install torch`, no Debian packages), then runs
+# the *_CUDA tests and the whole suite. Used on the GPU machine; CI uses tests/run_tests.sh.
+#   bash tests/run_with_pip_torch.sh [sources...]      (default: every test, example and bench)
+# Environment: PY (python with torch, default python3); GTEST_DIR (googletest's source folder,
+# default /usr/src/googletest/googletest); ZLIB_CFLAGS / ZLIB_LIBS (default: system zlib, -lz);
+# OUT (folder for the logs, default /tmp/diffq_pip_torch); TORCH_DIR (folder holding include/ and
+# lib/, default the wheel's) and ABI (0 or 1) override what python reports.
+set -u
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+OUTD=${OUT:-/tmp/diffq_pip_torch}
+mkdir -p "$OUTD"
+exec > >(tee "$OUTD/log.txt") 2>&1
+T0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - T0)) s] $*"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
+  echo "no nvidia-smi"
+g++ --version | head -1
+PY=${PY:-python3}
+$PY -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+TORCH_DIR=${TORCH_DIR:-$($PY -c 'import torch,os;print(os.path.dirname(torch.__file__))')}
+ABI=${ABI:-$($PY -c 'import torch;print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')}
+TORCH_INC="$TORCH_DIR/include"
+TORCH_LIB="$TORCH_DIR/lib"
+GTEST_DIR=${GTEST_DIR:-/usr/src/googletest/googletest}
+NPROC=$(nproc)
+STD=c++17
+if ! echo '#include <torch/torch.h>' | g++ -std=c++17 -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
+  -isystem "$TORCH_INC" -isystem "$TORCH_INC/torch/csrc/api/include" -fsyntax-only -x c++ - \
+  2>"$OUTD/std17.txt"; then
+  STD=c++20
+  head -5 "$OUTD/std17.txt"
+fi
+stamp "compiling with -std=$STD, C++11 ABI $ABI, $NPROC jobs"
+B=/tmp/diffq_pip_torch_build
+mkdir -p $B
+CXXFLAGS="-std=$STD -O2 -fopenmp -D_GLIBCXX_USE_CXX11_ABI=$ABI -Wall -Wextra -Iinclude ${ZLIB_CFLAGS:-}
+  -I$GTEST_DIR/include -I$GTEST_DIR -isystem $TORCH_INC -isystem $TORCH_INC/torch/csrc/api/include"
+# --no-as-needed: nothing references libtorch_cuda directly, yet it must load to register CUDA.
+LIBS="-L$TORCH_LIB -Wl,-rpath,$TORCH_LIB -Wl,--no-as-needed -ltorch"
+for l in torch_cuda c10_cuda; do [ -e "$TORCH_LIB/lib$l.so" ] && LIBS="$LIBS -l$l"; done
+LIBS="$LIBS -ltorch_cpu -lc10 -Wl,--as-needed ${ZLIB_LIBS:--lz} -lpthread"
+export CXXFLAGS B LIBS
+g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest-all.cc" -o $B/gtest-all.o &
+p1=$!
+g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest_main.cc" -o $B/gtest_main.o &
+p2=$!
+wait $p1 $p2 # not a bare `wait`: it would also wait for the tee above
+if [ $# -gt 0 ]; then SRCS="$*"; else
+  SRCS="$(ls tests/*_test.cpp) examples/quick_start/main.cpp examples/fashion_mnist/main.cpp
+    tests/bench/overhead_bench.cpp tests/bench/noise_bench.cpp tests/bench/checkpoint_bench.cpp
+    tests/consumer/main.cpp"
+fi
+build_one() {
+  src=$1
+  name=$(echo "$src" | sed 's|/|_|g; s|\.cpp$||')
+  extra=""
+  case $src in tests/*_test.cpp) extra="$B/gtest-all.o $B/gtest_main.o" ;; esac
+  if g++ $CXXFLAGS "$src" $extra $LIBS -o "$B/$name" >"$B/$name.clog" 2>&1; then
+    echo "BUILT $src ($(grep -c 'warning:' "$B/$name.clog") warnings)"
+  else
+    echo "FAILED $src"
+    grep -m 20 -E 'error|required from here' "$B/$name.clog"
+  fi
+}
+export -f build_one
+echo $SRCS | tr ' ' '\n' | xargs -P "$NPROC" -I{} bash -c 'build_one {}'
+cat $B/*.clog >"$OUTD/compile_log.txt"
+stamp "build done"
+grep -h 'warning:' $B/*.clog | sort | uniq -c | sort -rn | head -20
+for t in $B/tests_*_test; do
+  [ -x "$t" ] || continue
+  stamp "CUDA tests of $(basename $t)"
+  timeout 200 "$t" --gtest_filter='*_CUDA' 2>&1 | grep -v '^\[       OK\|^\[ RUN' | tail -60
+done
+stamp "all tests"
+ls $B/tests_*_test | xargs -P "$NPROC" -I{} bash -c \
+  'OMP_NUM_THREADS=1 timeout 240 {} --gtest_brief=1 > {}.run 2>&1; rc=$?; echo "$(basename {}) exit $rc"'
+for t in $B/tests_*_test; do
+  [ -f $t.run ] && echo "$(basename $t): $(grep -E 'PASSED|SKIPPED|FAILED' $t.run | tr '\n' ' ')"
+done
+cat $B/*.run >"$OUTD/tests_log.txt" 2>/dev/null
+if [ -x $B/examples_quick_start_main ]; then
+  stamp "quick start"
+  timeout 120 $B/examples_quick_start_main 2>&1 | tail -8
+fi
+stamp "end"
