@@ -53,7 +53,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <functional>
 #include <istream>
@@ -62,13 +61,13 @@
 #include <ostream>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 #ifdef _WIN32
 #include <filesystem>
-#include <system_error>
 #endif
 
 namespace diffq {
@@ -286,11 +285,11 @@ inline EncodedCheckpoint encode_state(const QuantizedState& state,
 /// Writes `enc` to `path` atomically: to a temporary file in the same folder, flushed and closed
 /// (errors checked), then renamed over `path` (POSIX rename(2) replaces it in one step). On any
 /// failure the temporary file is removed and a previous file at `path` is left as it was.
-/// On POSIX systems the C library's `std::rename`/`std::remove`, not `std::filesystem`: PyTorch's
-/// 2.x pip wheels for Linux export their own copy of the `std::filesystem` functions from
+/// On POSIX systems it uses the C library's `std::rename`/`std::remove`, not `std::filesystem`:
+/// PyTorch 2.11's pip wheel for Linux exports its own copy of the `std::filesystem` functions from
 /// libtorch, which binds ahead of libstdc++'s in programs built by a newer GCC, and some of those
 /// copies crash there (remove_all). On Windows, where `std::rename` does not replace an existing
-/// file, `std::filesystem::rename`.
+/// file, it uses `std::filesystem::rename`.
 inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& path,
                               const std::string& where) {
   static std::atomic<uint64_t> counter{0};
@@ -321,7 +320,7 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
       const int err = errno;
       TORCH_CHECK(false, where, ": ", path, ": cannot rename the temporary file into place: ",
-                  err != 0 ? std::strerror(err) : "unknown error");
+                  err != 0 ? std::generic_category().message(err) : "unknown error");
     }
 #endif
   } catch (...) {
