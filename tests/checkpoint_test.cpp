@@ -427,7 +427,7 @@ TEST(Checkpoint, SaveReturnsExactSizeForFileStreamAndBytes) {
   EXPECT_EQ(fs::file_size(path), n);
   std::istringstream is(os.str());
   expect_same_state(diffq::read_quantized_state(is), diffq::read_quantized_state(path));
-  diffq_test::RemoveTree(dir.string());
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
 
 TEST(Checkpoint, InfoReportsShapesHistogramsAndOptions) {
@@ -629,7 +629,7 @@ TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
   EXPECT_ERROR_HAS(diffq::load_quantized(a, (dir / "missing.ckpt").string()),
                    "diffq::load_quantized: " + (dir / "missing.ckpt").string() +
                        ": cannot open the file for reading");
-  diffq_test::RemoveTree(dir.string());
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
 
 TEST(Checkpoint, LoadListsMissingUnexpectedAndMismatchedNamesInOneError) {
@@ -1440,7 +1440,7 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
 
 TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_atomic";
-  diffq_test::RemoveTree(dir.string());
+  ASSERT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
   fs::create_directories(dir);
   const std::string path = (dir / "m.ckpt").string();
   const auto s = small_state();
@@ -1470,11 +1470,22 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   EXPECT_EQ(names, (std::vector<std::string>{"blocked.ckpt", "m.ckpt"})) << "no temporary left";
   // Overwriting works.
   EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + 56 + 6);
-  diffq_test::RemoveTree(dir.string());
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
 
 // ---- With the quantizer
 // --------------------------------------------------------------------------
+
+/// Three training steps: they move the weights, the bit widths and the running statistics.
+void train_three_steps(diffq::DiffQuantizer<Net>& q, torch::optim::Optimizer& opt,
+                       const at::Tensor& x) {
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    auto loss = q.forward(x).pow(2).mean() + 1e-3 * q.penalty();
+    loss.backward();
+    opt.step();
+  }
+}
 
 TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   torch::manual_seed(13);
@@ -1483,12 +1494,7 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   diffq::DiffQuantizer<Net> q(model, diffq::DiffQOptions().group_size(8).min_size_mb(0));
   q.setup_optimizer(opt, 1e-1);
   const auto x = torch::randn({5, 3, 8, 8});
-  for (int step = 0; step < 3; ++step) {  // move weights, bit widths and running statistics
-    opt.zero_grad();
-    auto loss = q.forward(x).pow(2).mean() + 1e-3 * q.penalty();
-    loss.backward();
-    opt.step();
-  }
+  train_three_steps(q, opt, x);
   model->eval();
   const at::Tensor expected = q.forward(x);
   const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_quantizer";
@@ -1509,7 +1515,7 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   const auto info = diffq::read_checkpoint_info(bytes);
   ASSERT_TRUE(info.options.has_value());
   EXPECT_EQ(info.options->group_size(), 8);
-  diffq_test::RemoveTree(dir.string());
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
 
 TEST(Checkpoint, QuantizerOnCudaExportsWhatItsEvalUses_CUDA) {
@@ -1523,12 +1529,7 @@ TEST(Checkpoint, QuantizerOnCudaExportsWhatItsEvalUses_CUDA) {
   diffq::DiffQuantizer<Net> q(model, diffq::DiffQOptions().group_size(8).min_size_mb(0));
   q.setup_optimizer(opt, 1e-1);
   const auto x = torch::randn({5, 3, 8, 8}, torch::kCUDA);
-  for (int step = 0; step < 3; ++step) {
-    opt.zero_grad();
-    auto loss = q.forward(x).pow(2).mean() + 1e-3 * q.penalty();
-    loss.backward();
-    opt.step();
-  }
+  train_three_steps(q, opt, x);
   model->eval();
   const at::Tensor expected = q.forward(x);
   std::map<std::string, at::Tensor> eval_weights;

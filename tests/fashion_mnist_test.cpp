@@ -58,7 +58,7 @@ class FashionMnistIdx : public ::testing::Test {
            ("diffq_fmnist_" + std::to_string(::getpid()) + "_" + info->name());
     fs::create_directories(dir_);
   }
-  void TearDown() override { diffq_test::RemoveTree(dir_.string()); }
+  void TearDown() override { EXPECT_TRUE(diffq_test::RemoveTree(dir_.string())) << dir_; }
 
   /// Writes `bytes` gzip-compressed to `<dir>/<name>` and returns the path.
   std::string write_gz(const std::string& name, const std::vector<uint8_t>& bytes) {

@@ -5,6 +5,7 @@
 
 #include <ftw.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -47,14 +48,16 @@ void ExpectError(Fn fn, const std::string& substring) {
   }
 }
 
-/// Removes `path` and everything under it, if present (POSIX nftw, then remove(3) depth first).
-/// Not std::filesystem::remove_all: PyTorch's 2.x pip wheels export their own copy of it from
+/// Removes `path` and everything under it (POSIX nftw, then remove(3) depth first). True when
+/// nothing is left: removed, or absent to begin with. POSIX only, as the tests are.
+/// Not std::filesystem::remove_all: PyTorch 2.11's pip wheel exports its own copy of it from
 /// libtorch, which crashes when called from a program built by a newer GCC.
-inline void RemoveTree(const std::string& path) {
-  ::nftw(
+inline bool RemoveTree(const std::string& path) {
+  const int rc = ::nftw(
       path.c_str(),
       [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 16,
       FTW_DEPTH | FTW_PHYS);
+  return rc == 0 || (rc == -1 && errno == ENOENT);
 }
 
 /// Turns TF32 off for cuDNN and cuBLAS while alive: TF32 products would differ from the float32
