@@ -66,48 +66,56 @@ TEST(LSQQuantizer, StepInitialisedFromMeanAbsAndRegisteredOnOwner) {
   EXPECT_EQ(std::find(names.begin(), names.end(), "weight_lsq"), names.end());
 }
 
+/// One forward and backward of `Σ x ⊙ w_q` on `device` against LSQ's formulas evaluated by hand
+/// element by element (Esser et al., Eq. 1–3): output, weight gradient (STE inside the range, 0
+/// where clamped) and step gradient, with a step that leaves some elements inside, some clamped.
+void CheckLsqAgainstThePaper(int64_t bits, const torch::Device& device) {
+  torch::manual_seed(2);
+  const auto w0 = torch::randn({3, 5});
+  Dot model(w0.clone().to(device));
+  torch::optim::SGD opt(model->parameters(), 0.0);
+  LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
+  q.setup_optimizer(opt, 0.0);
+  EXPECT_EQ(q.step("weight").device().type(), device.type());
+  const double s = 1.1 / (std::pow(2.0, bits - 1) - 1);  // some elements inside, some clamped
+  SetStep(q, "weight", s);
+  const auto x = torch::randn({3, 5});
+  auto y = q.forward(x.to(device));
+  y.backward();
+
+  const double qn = std::pow(2.0, bits - 1), qp = qn - 1;
+  const double g = 1.0 / std::sqrt(15.0 * qp);
+  auto wc = w0.contiguous();
+  auto xc = x.contiguous();
+  const float* wp = wc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  double out = 0, gstep = 0, gabs = 0;
+  std::vector<float> gw(15);
+  int inside_count = 0, clamped = 0;
+  for (int i = 0; i < 15; ++i) {
+    const double v = static_cast<double>(wp[i] / static_cast<float>(s));  // paper: v = w/s
+    const double level = std::nearbyint(std::min(std::max(v, -qn), qp));
+    out += xp[i] * level * s;  // w_q = round(clamp(v, −Qn, Qp))·s
+    const bool inside = -qn < v && v < qp;
+    inside_count += inside;
+    clamped += !inside;
+    gw[i] = inside ? xp[i] : 0.0f;                                                // ∂w_q/∂w
+    const double dstep = inside ? std::nearbyint(v) - v : (v <= -qn ? -qn : qp);  // ∂w_q/∂s
+    gstep += xp[i] * dstep;
+    gabs += std::abs(xp[i] * dstep);
+  }
+  EXPECT_GT(inside_count, 0);
+  EXPECT_GT(clamped, 0);
+  EXPECT_NEAR(y.item<double>(), out, 1e-5 * std::max(1.0, std::abs(out)));
+  EXPECT_TRUE(Close(model->weight.grad().cpu(), torch::from_blob(gw.data(), {3, 5}).clone(), 1e-6));
+  EXPECT_NEAR(q.step("weight").grad().item<double>(), g * gstep, 1e-5 * g * gabs);
+  EXPECT_TRUE(BitEqual(model->weight, w0));  // clean weights after the backward
+}
+
 TEST(LSQQuantizer, ForwardLevelsAndGradientsMatchThePaperByHand) {
   for (int64_t bits : {2, 3, 4}) {
     SCOPED_TRACE("bits=" + std::to_string(bits));
-    torch::manual_seed(2);
-    const auto w0 = torch::randn({3, 5});
-    Dot model(w0.clone());
-    torch::optim::SGD opt(model->parameters(), 0.0);
-    LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
-    q.setup_optimizer(opt, 0.0);
-    const double s = 1.1 / (std::pow(2.0, bits - 1) - 1);  // some elements inside, some clamped
-    SetStep(q, "weight", s);
-    const auto x = torch::randn({3, 5});
-    auto y = q.forward(x);
-    y.backward();
-
-    const double qn = std::pow(2.0, bits - 1), qp = qn - 1;
-    const double g = 1.0 / std::sqrt(15.0 * qp);
-    auto wc = w0.contiguous();
-    auto xc = x.contiguous();
-    const float* wp = wc.data_ptr<float>();
-    const float* xp = xc.data_ptr<float>();
-    double out = 0, gstep = 0, gabs = 0;
-    std::vector<float> gw(15);
-    int inside_count = 0, clamped = 0;
-    for (int i = 0; i < 15; ++i) {
-      const double v = static_cast<double>(wp[i] / static_cast<float>(s));  // paper: v = w/s
-      const double level = std::nearbyint(std::min(std::max(v, -qn), qp));
-      out += xp[i] * level * s;  // w_q = round(clamp(v, −Qn, Qp))·s
-      const bool inside = -qn < v && v < qp;
-      inside_count += inside;
-      clamped += !inside;
-      gw[i] = inside ? xp[i] : 0.0f;                                                // ∂w_q/∂w
-      const double dstep = inside ? std::nearbyint(v) - v : (v <= -qn ? -qn : qp);  // ∂w_q/∂s
-      gstep += xp[i] * dstep;
-      gabs += std::abs(xp[i] * dstep);
-    }
-    EXPECT_GT(inside_count, 0);
-    EXPECT_GT(clamped, 0);
-    EXPECT_NEAR(y.item<double>(), out, 1e-5 * std::max(1.0, std::abs(out)));
-    EXPECT_TRUE(Close(model->weight.grad(), torch::from_blob(gw.data(), {3, 5}).clone(), 1e-6));
-    EXPECT_NEAR(q.step("weight").grad().item<double>(), g * gstep, 1e-5 * g * gabs);
-    EXPECT_TRUE(BitEqual(model->weight, w0));  // clean weights after the backward
+    CheckLsqAgainstThePaper(bits, torch::kCPU);
   }
 }
 
@@ -237,43 +245,12 @@ TEST(LSQQuantizer, ErrorPaths) {
       "diffq::LSQQuantizer: the step size of 'fc1.weight' must be > 0 and finite, got -0.5");
 }
 
-TEST(LSQQuantizer, ForwardAndGradientsOnCudaMatchThePaperByHand_CUDA) {
+TEST(LSQQuantizer, ForwardLevelsAndGradientsMatchThePaperByHand_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  const int64_t bits = 3;
-  torch::manual_seed(2);
-  const auto w0 = torch::randn({3, 5});
-  Dot model(w0.to(torch::kCUDA));
-  torch::optim::SGD opt(model->parameters(), 0.0);
-  LSQQuantizer<Dot> q(model, LSQOptions().bits(bits).min_size_mb(0));
-  q.setup_optimizer(opt, 0.0);
-  EXPECT_TRUE(q.step("weight").is_cuda());
-  const double s = 1.1 / (std::pow(2.0, bits - 1) - 1);  // some elements inside, some clamped
-  SetStep(q, "weight", s);
-  const auto x = torch::randn({3, 5});
-  auto y = q.forward(x.to(torch::kCUDA));
-  y.backward();
-  // LSQ by hand (Esser et al., Eq. 1–3), as in ForwardLevelsAndGradientsMatchThePaperByHand.
-  const double qn = std::pow(2.0, bits - 1), qp = qn - 1;
-  const double g = 1.0 / std::sqrt(15.0 * qp);
-  auto wc = w0.contiguous();
-  auto xc = x.contiguous();
-  const float* wp = wc.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
-  double out = 0, gstep = 0, gabs = 0;
-  std::vector<float> gw(15);
-  for (int i = 0; i < 15; ++i) {
-    const double v = static_cast<double>(wp[i] / static_cast<float>(s));
-    out += xp[i] * std::nearbyint(std::min(std::max(v, -qn), qp)) * s;
-    const bool inside = -qn < v && v < qp;
-    gw[i] = inside ? xp[i] : 0.0f;
-    const double dstep = inside ? std::nearbyint(v) - v : (v <= -qn ? -qn : qp);
-    gstep += xp[i] * dstep;
-    gabs += std::abs(xp[i] * dstep);
+  for (int64_t bits : {2, 3, 4}) {
+    SCOPED_TRACE("bits=" + std::to_string(bits));
+    CheckLsqAgainstThePaper(bits, torch::kCUDA);
   }
-  EXPECT_NEAR(y.item<double>(), out, 1e-5 * std::max(1.0, std::abs(out)));
-  EXPECT_TRUE(Close(model->weight.grad().cpu(), torch::from_blob(gw.data(), {3, 5}).clone(), 1e-6));
-  EXPECT_NEAR(q.step("weight").grad().item<double>(), g * gstep, 1e-5 * g * gabs);
-  EXPECT_TRUE(BitEqual(model->weight, w0));
 }
 
 }  // namespace

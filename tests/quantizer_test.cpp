@@ -555,11 +555,14 @@ torch::Tensor HandQuantize(const torch::Tensor& w, const torch::Tensor& bits, in
   return out.view(w.sizes());
 }
 
-TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
+/// The eval forward on `device` equals a forward with hand-quantized weights; the clean weights
+/// are back after it and after a later (no-grad) training forward.
+void CheckEvalForwardUsesHandQuantizedWeights(const torch::Device& device) {
   for (int64_t gs : {0, 1, 8, 7}) {
     SCOPED_TRACE(gs);
     torch::manual_seed(11);
     MLP model;
+    model->to(device);
     auto options = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.4);
     std::map<std::string, torch::Tensor> before;
     for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
@@ -573,12 +576,15 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
     }
     std::map<std::string, torch::Tensor> wq;
     for (const auto& n : q.quantized_names()) {
-      wq[n] = HandQuantize(before[n], RefBits(q.logit(n), options), gs, 0.4).to(torch::kFloat);
+      wq[n] = HandQuantize(before[n].cpu(), RefBits(q.logit(n).cpu(), options), gs, 0.4)
+                  .to(torch::kFloat)
+                  .to(device);
     }
     model->eval();
     torch::NoGradGuard ng;
-    auto x = torch::randn({5, 10});
+    auto x = torch::randn({5, 10}).to(device);
     auto y = q.forward(x);
+    EXPECT_EQ(y.device().type(), device.type());
     auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
                          wq["fc2.weight"], wq["fc2.bias"]);
     EXPECT_TRUE(Close(y, ref, 1e-6));
@@ -588,6 +594,7 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
       diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
       for (const auto& n : q.quantized_names()) {
         EXPECT_TRUE(Close(model->named_parameters()[n], wq[n], 1e-6)) << n;
+        EXPECT_EQ(model->named_parameters()[n].device().type(), device.type()) << n;
       }
     }
     for (const auto& p : model->named_parameters()) {
@@ -605,6 +612,10 @@ TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
       }
     }
   }
+}
+
+TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights) {
+  CheckEvalForwardUsesHandQuantizedWeights(torch::kCPU);
 }
 
 TEST(DiffQuantizer, ConstantTensorQuantizesToItself) {
@@ -888,26 +899,30 @@ TEST(DiffQuantizer, MinSizeAndExcludeSelectQuantizedTensors) {
   EXPECT_EQ(q2.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
 }
 
+/// Change of the mean bit width over 30 Adam steps on `device` with penalty weight `lambda`.
+double MeanBitsChangeAfterAdam(double lambda, const torch::Device& device) {
+  torch::manual_seed(16);
+  MLP model;
+  model->to(device);
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+  DiffQuantizer<MLP> q(model, DiffQOptions().group_size(4).min_size_mb(0));
+  q.setup_optimizer(opt, 5e-2);
+  EXPECT_EQ(q.logit("fc1.weight").device().type(), device.type());
+  const double start = q.mean_bits();
+  auto x = torch::randn({64, 10}).to(device);
+  auto y = torch::randn({64, 3}).to(device);
+  for (int step = 0; step < 30; ++step) {
+    auto loss = (q.forward(x) - y).pow(2).mean() * 100 + lambda * q.penalty();
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+  }
+  return q.mean_bits() - start;
+}
+
 TEST(DiffQuantizer, AdamWithLargePenaltyLowersBitsAndWithoutDoesNot) {
-  auto run = [](double lambda) {
-    torch::manual_seed(16);
-    MLP model;
-    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
-    DiffQuantizer<MLP> q(model, DiffQOptions().group_size(4).min_size_mb(0));
-    q.setup_optimizer(opt, 5e-2);
-    const double start = q.mean_bits();
-    auto x = torch::randn({64, 10});
-    auto y = torch::randn({64, 3});
-    for (int step = 0; step < 30; ++step) {
-      auto loss = (q.forward(x) - y).pow(2).mean() * 100 + lambda * q.penalty();
-      opt.zero_grad();
-      loss.backward();
-      opt.step();
-    }
-    return q.mean_bits() - start;
-  };
-  EXPECT_LT(run(1e5), -0.5);
-  EXPECT_GE(run(0.0), 0.0);
+  EXPECT_LT(MeanBitsChangeAfterAdam(1e5, torch::kCPU), -0.5);
+  EXPECT_GE(MeanBitsChangeAfterAdam(0.0, torch::kCPU), 0.0);
 }
 
 TEST(DiffQuantizer, SetupOptimizerAddsLogitGroupWithoutWeightDecay) {
@@ -1133,49 +1148,7 @@ TEST(DiffQuantizer, GradientsMatchForConvLstmTiedAndFloat64_CUDA) {
 TEST(DiffQuantizer, EvalForwardUsesHandQuantizedWeights_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   NoTF32 no_tf32;
-  for (int64_t gs : {0, 8, 7}) {
-    SCOPED_TRACE(gs);
-    torch::manual_seed(11);
-    MLP model;
-    model->to(torch::kCUDA);
-    auto options = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.4);
-    std::map<std::string, torch::Tensor> before;
-    for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
-    DiffQuantizer<MLP> q(model, options);
-    {
-      torch::NoGradGuard ng;
-      for (const auto& n : q.quantized_names()) {
-        auto l = q.logit(n);
-        l.copy_(torch::linspace(-6, 6, l.numel(), l.options()));  // 2..15 bits
-      }
-    }
-    std::map<std::string, torch::Tensor> wq;
-    for (const auto& n : q.quantized_names()) {
-      wq[n] = HandQuantize(before[n].cpu(), RefBits(q.logit(n).cpu(), options), gs, 0.4)
-                  .to(torch::kFloat)
-                  .to(torch::kCUDA);
-    }
-    model->eval();
-    torch::NoGradGuard ng;
-    auto x = torch::randn({5, 10}, torch::kCUDA);
-    auto y = q.forward(x);
-    EXPECT_TRUE(y.is_cuda());
-    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
-                         wq["fc2.weight"], wq["fc2.bias"]);
-    EXPECT_TRUE(Close(y, ref, 1e-6));
-    {
-      diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(q);
-      for (const auto& n : q.quantized_names()) {
-        EXPECT_TRUE(Close(model->named_parameters()[n], wq[n], 1e-6)) << n;
-        EXPECT_TRUE(model->named_parameters()[n].is_cuda()) << n;
-      }
-    }
-    for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key())) {
-        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
-      }
-    }
-  }
+  CheckEvalForwardUsesHandQuantizedWeights(torch::kCUDA);
 }
 
 TEST(DiffQuantizer, PenaltyEqualsFormulaByHandAndItsGradient_CUDA) {
@@ -1236,6 +1209,13 @@ TEST(DiffQuantizer, NoiseHasItsDistributionAndChangesEveryStep_CUDA) {
       // Var of the sample variance: (μ4 − σ⁴)/n, μ4 = 3σ⁴ (normal) or 9σ⁴/5 (uniform).
       const double mu4 = (kind == diffq::Noise::kGaussian ? 3.0 : 1.8) * var * var;
       EXPECT_NEAR(u.var().item<double>(), var, 5 * std::sqrt((mu4 - var * var) / n));
+      // Shape: E[(u/σ)^4] = 3 (normal) or 9/5 (uniform), standard error √((E[(u/σ)^8] −
+      // E[(u/σ)^4]²)/n) with E[(u/σ)^8] = 105 or 9. Tells the two apart, which mean and variance
+      // cannot.
+      const double m4 = kind == diffq::Noise::kGaussian ? 3.0 : 1.8;
+      const double m8 = kind == diffq::Noise::kGaussian ? 105.0 : 9.0;
+      EXPECT_NEAR((u.pow(4).mean() / (var * var)).item<double>(), m4,
+                  5 * std::sqrt((m8 - m4 * m4) / n));
       if (kind == diffq::Noise::kUniform) {
         EXPECT_GE(u.min().item<double>(), -0.5);
         EXPECT_LE(u.max().item<double>(), 0.5);
@@ -1247,29 +1227,10 @@ TEST(DiffQuantizer, NoiseHasItsDistributionAndChangesEveryStep_CUDA) {
   }
 }
 
-TEST(DiffQuantizer, AdamWithLargePenaltyLowersBits_CUDA) {
+TEST(DiffQuantizer, AdamWithLargePenaltyLowersBitsAndWithoutDoesNot_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  auto run = [](double lambda) {
-    torch::manual_seed(16);
-    MLP model;
-    model->to(torch::kCUDA);
-    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
-    DiffQuantizer<MLP> q(model, DiffQOptions().group_size(4).min_size_mb(0));
-    q.setup_optimizer(opt, 5e-2);
-    EXPECT_TRUE(q.logit("fc1.weight").is_cuda());
-    const double start = q.mean_bits();
-    auto x = torch::randn({64, 10}, torch::kCUDA);
-    auto y = torch::randn({64, 3}, torch::kCUDA);
-    for (int step = 0; step < 30; ++step) {
-      auto loss = (q.forward(x) - y).pow(2).mean() * 100 + lambda * q.penalty();
-      opt.zero_grad();
-      loss.backward();
-      opt.step();
-    }
-    return q.mean_bits() - start;
-  };
-  EXPECT_LT(run(1e5), -0.5);
-  EXPECT_GE(run(0.0), 0.0);
+  EXPECT_LT(MeanBitsChangeAfterAdam(1e5, torch::kCUDA), -0.5);
+  EXPECT_GE(MeanBitsChangeAfterAdam(0.0, torch::kCUDA), 0.0);
 }
 
 }  // namespace

@@ -269,8 +269,11 @@ TEST(UniformQuantizer, QatOnCudaMatchesHandQuantization_CUDA) {
   auto w2 = model->fc2->weight.detach().clone().requires_grad_(true);
   auto h1 = HandQuantize(w1.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
   auto h2 = HandQuantize(w2.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
-  auto ref_y = F::linear(torch::tanh(F::linear(x, w1 + (h1 - w1).detach(), model->fc1->bias)),
-                         w2 + (h2 - w2).detach(), model->fc2->bias);
+  // Clones of the biases: the reference's backward leaves the model's gradients alone.
+  auto b1 = model->fc1->bias.detach().clone();
+  auto b2 = model->fc2->bias.detach().clone();
+  auto ref_y = F::linear(torch::tanh(F::linear(x, w1 + (h1 - w1).detach(), b1)),
+                         w2 + (h2 - w2).detach(), b2);
   (ref_y * c).sum().backward();
   const auto clean1 = model->fc1->weight.detach().clone();
   auto y = q.forward(x);
@@ -283,6 +286,7 @@ TEST(UniformQuantizer, QatOnCudaMatchesHandQuantization_CUDA) {
   model->eval();
   diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
   EXPECT_TRUE(Close(model->fc1->weight, h1, 1e-6));
+  EXPECT_TRUE(Close(model->fc2->weight, h2, 1e-6));
   EXPECT_TRUE(model->fc1->weight.is_cuda());
 }
 
