@@ -26,16 +26,21 @@ TORCH_INC="$TORCH_DIR/include"
 TORCH_LIB="$TORCH_DIR/lib"
 GTEST_DIR=${GTEST_DIR:-/usr/src/googletest/googletest}
 NPROC=$(nproc)
+failures=0
 STD=c++17
 if ! echo '#include <torch/torch.h>' | g++ -std=c++17 -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
   -isystem "$TORCH_INC" -isystem "$TORCH_INC/torch/csrc/api/include" -fsyntax-only -x c++ - \
   2>"$OUTD/std17.txt"; then
+  # diffq is C++17; a LibTorch that needs C++20 is reported as a failure unless ALLOW_CXX20=1.
   STD=c++20
+  echo "FAILED: <torch/torch.h> does not compile as C++17; building as C++20"
   head -5 "$OUTD/std17.txt"
+  [ "${ALLOW_CXX20:-0}" = 1 ] || failures=$((failures + 1))
 fi
 stamp "compiling with -std=$STD, C++11 ABI $ABI, $NPROC jobs"
 B=/tmp/diffq_pip_torch_build
-mkdir -p $B
+rm -rf "$B" # binaries of an earlier run must not be taken for this one's
+mkdir -p "$B"
 CXXFLAGS="-std=$STD -O2 -fopenmp -D_GLIBCXX_USE_CXX11_ABI=$ABI -Wall -Wextra -Iinclude ${ZLIB_CFLAGS:-}
   -I$GTEST_DIR/include -I$GTEST_DIR -isystem $TORCH_INC -isystem $TORCH_INC/torch/csrc/api/include"
 # --no-as-needed: nothing references libtorch_cuda directly, yet it must load to register CUDA.
@@ -47,17 +52,20 @@ g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest-all.cc" -o $B/gtest-all.o &
 p1=$!
 g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest_main.cc" -o $B/gtest_main.o &
 p2=$!
-wait $p1 $p2 # not a bare `wait`: it would also wait for the tee above
-if [ $# -gt 0 ]; then SRCS="$*"; else
-  SRCS="$(ls tests/*_test.cpp) examples/quick_start/main.cpp examples/fashion_mnist/main.cpp
+# Each pid on its own (a bare `wait` would also wait for the tee above).
+wait $p1 || { echo "FAILED: gtest-all.cc"; failures=$((failures + 1)); }
+wait $p2 || { echo "FAILED: gtest_main.cc"; failures=$((failures + 1)); }
+if [ $# -gt 0 ]; then srcs=("$@"); else
+  srcs=(tests/*_test.cpp examples/quick_start/main.cpp examples/fashion_mnist/main.cpp
     tests/bench/overhead_bench.cpp tests/bench/noise_bench.cpp tests/bench/checkpoint_bench.cpp
-    tests/consumer/main.cpp"
+    tests/consumer/main.cpp)
 fi
 build_one() {
   src=$1
   name=$(echo "$src" | sed 's|/|_|g; s|\.cpp$||')
   extra=""
   case $src in tests/*_test.cpp) extra="$B/gtest-all.o $B/gtest_main.o" ;; esac
+  rm -f "$B/$name"
   if g++ $CXXFLAGS "$src" $extra $LIBS -o "$B/$name" >"$B/$name.clog" 2>&1; then
     echo "BUILT $src ($(grep -c 'warning:' "$B/$name.clog") warnings)"
   else
@@ -66,24 +74,34 @@ build_one() {
   fi
 }
 export -f build_one
-echo $SRCS | tr ' ' '\n' | xargs -P "$NPROC" -I{} bash -c 'build_one {}'
+printf '%s\n' "${srcs[@]}" | xargs -P "$NPROC" -I{} bash -c 'build_one "$1"' _ {} |
+  tee "$B/build_summary.txt"
+failures=$((failures + $(grep -c '^FAILED' "$B/build_summary.txt")))
 cat $B/*.clog >"$OUTD/compile_log.txt"
 stamp "build done"
 grep -h 'warning:' $B/*.clog | sort | uniq -c | sort -rn | head -20
 for t in $B/tests_*_test; do
   [ -x "$t" ] || continue
   stamp "CUDA tests of $(basename $t)"
-  timeout 200 "$t" --gtest_filter='*_CUDA' 2>&1 | grep -v '^\[       OK\|^\[ RUN' | tail -60
+  timeout 200 "$t" --gtest_filter='*_CUDA' >"$t.cuda" 2>&1
+  rc=$?
+  grep -v '^\[       OK\|^\[ RUN' "$t.cuda" | tail -60
+  [ $rc = 0 ] || { echo "FAILED: $(basename $t) *_CUDA exit $rc"; failures=$((failures + 1)); }
 done
 stamp "all tests"
 ls $B/tests_*_test | xargs -P "$NPROC" -I{} bash -c \
-  'OMP_NUM_THREADS=1 timeout 240 {} --gtest_brief=1 > {}.run 2>&1; rc=$?; echo "$(basename {}) exit $rc"'
+  'OMP_NUM_THREADS=1 timeout 240 "$1" --gtest_brief=1 > "$1.run" 2>&1; rc=$?; echo "$(basename "$1") exit $rc"' \
+  _ {} | tee "$B/run_summary.txt"
+failures=$((failures + $(grep -c ' exit [1-9]' "$B/run_summary.txt")))
 for t in $B/tests_*_test; do
   [ -f $t.run ] && echo "$(basename $t): $(grep -E 'PASSED|SKIPPED|FAILED' $t.run | tr '\n' ' ')"
 done
 cat $B/*.run >"$OUTD/tests_log.txt" 2>/dev/null
 if [ -x $B/examples_quick_start_main ]; then
   stamp "quick start"
-  timeout 120 $B/examples_quick_start_main 2>&1 | tail -8
+  timeout 120 $B/examples_quick_start_main >"$B/quick_start.txt" 2>&1 ||
+    { echo "FAILED: quick start"; failures=$((failures + 1)); }
+  tail -8 "$B/quick_start.txt"
 fi
-stamp "end"
+stamp "end: $failures failure(s)"
+[ "$failures" = 0 ]
