@@ -4,6 +4,7 @@
 #include <diffq/checkpoint.h>
 #include <diffq/lsq.h>
 
+#include "test_models.h"
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -20,6 +21,7 @@ namespace {
 using diffq_test::BitEqual;
 using diffq_test::Close;
 using diffq_test::ExpectError;
+using diffq_test::MLP;
 
 namespace F = torch::nn::functional;
 using diffq::LSQOptions;
@@ -32,15 +34,6 @@ struct DotImpl : torch::nn::Module {
   torch::Tensor weight;
 };
 TORCH_MODULE(Dot);
-
-struct MLPImpl : torch::nn::Module {
-  MLPImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
-        fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(MLP);
 
 /// Sets the step of `name` to `s`.
 template <typename Q>

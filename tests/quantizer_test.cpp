@@ -3,6 +3,7 @@
 // hand-quantized weights, and the size formula computed by hand.
 #include <diffq/quantizer.h>
 
+#include "test_models.h"
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -19,7 +20,9 @@ namespace {
 using diffq_test::BitEqual;
 using diffq_test::Close;
 using diffq_test::ExpectError;
+using diffq_test::MLP;
 using diffq_test::NoTF32;
+using diffq_test::Tied;
 
 namespace F = torch::nn::functional;
 using diffq::DiffQOptions;
@@ -45,15 +48,6 @@ torch::Tensor RefNoisy(const torch::Tensor& w, const torch::Tensor& logit, const
   return w + (w.max() - w.min()) * unit_e * u.to(w.scalar_type());
 }
 
-struct MLPImpl : torch::nn::Module {
-  MLPImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
-        fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(MLP);
-
 struct ConvNetImpl : torch::nn::Module {
   ConvNetImpl()
       : conv(register_module("conv",
@@ -64,25 +58,6 @@ struct ConvNetImpl : torch::nn::Module {
   torch::nn::Linear fc;
 };
 TORCH_MODULE(ConvNet);
-
-/// Output projection reusing a given weight tensor.
-struct ProjImpl : torch::nn::Module {
-  explicit ProjImpl(const torch::Tensor& w) : weight(register_parameter("weight", w)) {}
-  torch::Tensor forward(const torch::Tensor& x) { return F::linear(x, weight); }
-  torch::Tensor weight;
-};
-TORCH_MODULE(Proj);
-
-/// Embedding whose weight is tied to the output projection.
-struct TiedImpl : torch::nn::Module {
-  TiedImpl()
-      : emb(register_module("emb", torch::nn::Embedding(7, 5))),
-        out(register_module("out", Proj(emb->weight))) {}
-  torch::Tensor forward(const torch::Tensor& idx) { return out(torch::tanh(emb(idx))); }
-  torch::nn::Embedding emb;
-  Proj out;
-};
-TORCH_MODULE(Tied);
 
 torch::Tensor FirstTensor(const torch::Tensor& t) {
   return t;

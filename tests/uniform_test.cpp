@@ -5,6 +5,7 @@
 #include <diffq/checkpoint.h>
 #include <diffq/uniform.h>
 
+#include "test_models.h"
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -20,7 +21,9 @@ namespace {
 using diffq_test::BitEqual;
 using diffq_test::Close;
 using diffq_test::ExpectError;
+using diffq_test::MLP;
 using diffq_test::NoTF32;
+using diffq_test::Tied;
 
 namespace F = torch::nn::functional;
 using diffq::UniformOptions;
@@ -44,32 +47,6 @@ torch::Tensor HandQuantize(const torch::Tensor& w, int64_t bits) {
   }
   return out.view(w.sizes());
 }
-
-struct MLPImpl : torch::nn::Module {
-  MLPImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(10, 6))),
-        fc2(register_module("fc2", torch::nn::Linear(6, 3))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(MLP);
-
-struct ProjImpl : torch::nn::Module {
-  explicit ProjImpl(const torch::Tensor& w) : weight(register_parameter("weight", w)) {}
-  torch::Tensor forward(const torch::Tensor& x) { return F::linear(x, weight); }
-  torch::Tensor weight;
-};
-TORCH_MODULE(Proj);
-
-struct TiedImpl : torch::nn::Module {
-  TiedImpl()
-      : emb(register_module("emb", torch::nn::Embedding(7, 5))),
-        out(register_module("out", Proj(emb->weight))) {}
-  torch::Tensor forward(const torch::Tensor& idx) { return out(torch::tanh(emb(idx))); }
-  torch::nn::Embedding emb;
-  Proj out;
-};
-TORCH_MODULE(Tied);
 
 TEST(UniformQuantizer, EvalForwardUsesHandQuantizedWeights) {
   for (int64_t bits : {1, 3, 8, 15}) {
