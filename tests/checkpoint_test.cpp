@@ -23,6 +23,11 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#ifndef _WIN32
+#include <sys/resource.h>
+
+#include <csignal>
+#endif
 
 namespace {
 
@@ -1461,6 +1466,10 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   // The folder does not exist: the temporary file cannot be created.
   EXPECT_ERROR_HAS(diffq::save_quantized_state(s, (dir / "no" / "m.ckpt").string()),
                    "cannot create the temporary file");
+#ifndef _WIN32
+  EXPECT_ERROR_HAS(diffq::save_quantized_state(s, (dir / "no" / "m.ckpt").string()),
+                   ": No such file or directory");
+#endif
   std::ifstream g(path, std::ios::binary);
   const Bytes after((std::istreambuf_iterator<char>(g)), std::istreambuf_iterator<char>());
   EXPECT_EQ(after, before);
@@ -1472,6 +1481,59 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + 56 + 6);
   EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
+
+#ifndef _WIN32
+// A write(2) that fails half way (here: the file size limit, EFBIG) is reported with the system's
+// reason, the temporary file is removed and the previous checkpoint stays as it was.
+TEST(Checkpoint, AtomicWriteReportsAFailedWriteAndKeepsThePreviousFile) {
+  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_write_fails";
+  ASSERT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
+  fs::create_directories(dir);
+  const std::string path = (dir / "m.ckpt").string();
+  const auto s = small_state();
+  const size_t n = diffq::save_quantized_state(s, path);
+  ASSERT_GT(n, 200u);
+  std::ifstream f(path, std::ios::binary);
+  const Bytes before((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(before.size(), n);
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  ASSERT_TRUE(old.rlim_max == RLIM_INFINITY || old.rlim_max > 100);
+  {
+    // Restores the limit and the signal's disposition even if a check below fails.
+    struct Restore {
+      rlimit limit;
+      void (*handler)(int);
+      ~Restore() {
+        setrlimit(RLIMIT_FSIZE, &limit);
+        std::signal(SIGXFSZ, handler);
+      }
+    } restore{old, std::signal(SIGXFSZ, SIG_IGN)};  // ignored: write(2) returns EFBIG instead
+    rlimit small = old;
+    small.rlim_cur = 100;  // bytes: the first 100 are written, the next write(2) fails
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+    try {
+      diffq::save_quantized_state(s, path);
+      ADD_FAILURE() << "save_quantized_state did not throw past the file size limit";
+    } catch (const c10::Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("diffq::save_quantized: " + path + ": writing the temporary file '"),
+                std::string::npos)
+          << what;
+      EXPECT_NE(what.find("' failed: File too large"), std::string::npos) << what;
+    }
+  }
+  std::ifstream g(path, std::ios::binary);
+  const Bytes after((std::istreambuf_iterator<char>(g)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(after, before);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  EXPECT_EQ(names, (std::vector<std::string>{"m.ckpt"})) << "no temporary left";
+  // With the limit back, the same save succeeds.
+  EXPECT_EQ(diffq::save_quantized_state(s, path), n);
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
+}
+#endif
 
 // ---- With the quantizer
 // --------------------------------------------------------------------------

@@ -68,6 +68,9 @@
 #include <vector>
 #ifdef _WIN32
 #include <filesystem>
+#else
+#include <fcntl.h>
+#include <unistd.h>
 #endif
 
 namespace diffq {
@@ -282,14 +285,52 @@ inline EncodedCheckpoint encode_state(const QuantizedState& state,
   return encode_checkpoint(in, aten_parallel_for(), where);
 }
 
-/// Writes `enc` to `path` atomically: to a temporary file in the same folder, flushed and closed
-/// (errors checked), then renamed over `path` (POSIX rename(2) replaces it in one step). On any
-/// failure the temporary file is removed and a previous file at `path` is left as it was.
-/// On POSIX systems it uses the C library's `std::rename`/`std::remove`, not `std::filesystem`:
-/// PyTorch 2.11's pip wheel for Linux exports its own copy of the `std::filesystem` functions from
-/// libtorch, which binds ahead of libstdc++'s in programs built by a newer GCC, and some of those
-/// copies crash there (remove_all). On Windows, where `std::rename` does not replace an existing
-/// file, it uses `std::filesystem::rename`.
+#ifndef _WIN32
+/// Writes all `size` bytes of `data` to `fd`, retrying after EINTR and short writes; returns 0 or
+/// the errno value of the failure.
+inline int write_all(int fd, const uint8_t* data, size_t size) {
+  while (size > 0) {
+    const size_t chunk = std::min<size_t>(size, size_t{1} << 30);
+    const ssize_t n = ::write(fd, data, chunk);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+/// The message of errno value `err` (thread-safe, unlike `strerror`).
+inline std::string errno_message(int err) {
+  return err != 0 ? std::generic_category().message(err) : std::string("unknown error");
+}
+
+/// Flushes the folder entry of `path` (after a rename into it) to the disk, best effort: some file
+/// systems refuse `fsync` on folders, and the new file is in place whatever happens here.
+inline void sync_parent_folder(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  const std::string dir =
+      slash == std::string::npos ? std::string(".") : (slash == 0 ? "/" : path.substr(0, slash));
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  (void)::fsync(fd);
+  (void)::close(fd);
+}
+#endif
+
+/// Writes `enc` to `path` atomically and durably: to a new temporary file in the same folder,
+/// written, flushed to the disk (`fsync`) and closed, every step checked, then renamed over `path`
+/// (POSIX rename(2) replaces it in one step), then the folder entry is flushed (best effort). On
+/// any failure the temporary file is removed and a previous file at `path` is left as it was; the
+/// message names the step and the system's reason (e.g. "No space left on device").
+/// On POSIX systems it uses `open`/`write`/`fsync`/`rename`, not `std::filesystem`: PyTorch 2.11's
+/// pip wheel for Linux exports its own copy of the `std::filesystem` functions from libtorch,
+/// which binds ahead of libstdc++'s in programs built by a newer GCC, and some of those copies
+/// crash there (remove_all). On Windows, where `std::rename` does not replace an existing file, it
+/// writes with `std::ofstream` and renames with `std::filesystem::rename` (no flush to the disk).
 inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& path,
                               const std::string& where) {
   static std::atomic<uint64_t> counter{0};
@@ -298,10 +339,13 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
   const size_t tid = std::hash<std::thread::id>()(std::this_thread::get_id());
   const std::string tmp = path + ".tmp-" + std::to_string(stamp % 1000000007u) + "-" +
                           std::to_string(tid % 1000003u) + "-" + std::to_string(counter++);
+  bool created = false;
+#ifdef _WIN32
   try {
     {
       std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
       TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot create the temporary file '", tmp, "'");
+      created = true;
       for (const auto& p : enc.pieces) {
         f.write(reinterpret_cast<const char*>(p.data()), static_cast<std::streamsize>(p.size()));
       }
@@ -310,23 +354,52 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
       f.close();
       TORCH_CHECK(!f.fail(), where, ": ", path, ": closing the temporary file '", tmp, "' failed");
     }
-#ifdef _WIN32
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     TORCH_CHECK(!ec, where, ": ", path,
                 ": cannot rename the temporary file into place: ", ec.message());
-#else
-    errno = 0;
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-      const int err = errno;
-      TORCH_CHECK(false, where, ": ", path, ": cannot rename the temporary file into place: ",
-                  err != 0 ? std::generic_category().message(err) : "unknown error");
-    }
-#endif
   } catch (...) {
-    std::remove(tmp.c_str());
+    if (created) std::remove(tmp.c_str());
     throw;
   }
+#else
+  int fd = -1;
+  try {
+    // O_EXCL: never write into a file that someone else created under this name.
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0) {
+      const int err = errno;
+      TORCH_CHECK(false, where, ": ", path, ": cannot create the temporary file '", tmp,
+                  "': ", errno_message(err));
+    }
+    created = true;
+    for (const auto& p : enc.pieces) {
+      const int err = write_all(fd, p.data(), p.size());
+      TORCH_CHECK(err == 0, where, ": ", path, ": writing the temporary file '", tmp,
+                  "' failed: ", errno_message(err));
+    }
+    if (::fsync(fd) != 0) {
+      const int err = errno;
+      TORCH_CHECK(false, where, ": ", path, ": flushing the temporary file '", tmp,
+                  "' to the disk failed: ", errno_message(err));
+    }
+    const int closed = ::close(fd);
+    const int close_err = errno;
+    fd = -1;
+    TORCH_CHECK(closed == 0, where, ": ", path, ": closing the temporary file '", tmp,
+                "' failed: ", errno_message(close_err));
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+      const int err = errno;
+      TORCH_CHECK(false, where, ": ", path,
+                  ": cannot rename the temporary file into place: ", errno_message(err));
+    }
+  } catch (...) {
+    if (fd >= 0) (void)::close(fd);
+    if (created) std::remove(tmp.c_str());
+    throw;
+  }
+  sync_parent_folder(path);
+#endif
 }
 
 inline at::Tensor bits_tensor(const RecordView& rv) {
@@ -628,9 +701,10 @@ inline CheckpointInfo info_from_source(const ByteSource& src) {
 // -------------------------------------------------------------------------------------------------
 // Writing.
 
-/// Writes `state` as a checkpoint to `path`, atomically (temporary file in the same folder, then
-/// rename; on failure a previous file is left intact). `options`, when given, are stored in the
-/// header (informational). Returns the exact size of the file in bytes. Throws `c10::Error`
+/// Writes `state` as a checkpoint to `path`, atomically (temporary file in the same folder, flushed
+/// to the disk, then rename; on failure a previous file is left intact). `options`, when given, are
+/// stored in the header (informational). Returns the exact size of the file in bytes. Throws
+/// `c10::Error`
 /// (`"diffq::save_quantized: ..."`) on invalid state (duplicate names, bit widths outside
 /// [1, 15], levels out of range, non-finite min/max, ...) or I/O failure.
 inline size_t save_quantized_state(const QuantizedState& state, const std::string& path,
