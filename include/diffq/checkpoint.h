@@ -303,7 +303,7 @@ inline int write_all(int fd, const uint8_t* data, size_t size) {
   return 0;
 }
 
-/// The message of errno value `err` (thread-safe, unlike `strerror`).
+/// The system's message for errno value `err`.
 inline std::string errno_message(int err) {
   return err != 0 ? std::generic_category().message(err) : std::string("unknown error");
 }
@@ -315,7 +315,8 @@ inline std::string errno_message(int err) {
 /// the message names the step and the system's reason (e.g. "No space left on device"). A crash of
 /// the process never leaves a partial file at `path`. The data is not flushed to the disk
 /// (no `fsync`, as `torch::save`): that would add about a third to the export's time (18 ms for a
-/// 5 MB checkpoint on the project's machine); after a power loss the file may be the previous one.
+/// 9 MB checkpoint on the project's machine). So after a power loss the file at `path` may be the
+/// previous one, or on some file systems an empty or truncated new one (which the loader rejects).
 /// On POSIX systems it uses `open`/`write`/`rename`, not `std::filesystem`: PyTorch 2.11's pip
 /// wheel for Linux exports its own copy of the `std::filesystem` functions from libtorch, which
 /// binds ahead of libstdc++'s in programs built by a newer GCC, and some of those copies crash
@@ -502,9 +503,16 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   for (const auto& b : model.named_buffers(/*recurse=*/true)) {
     if (b.value().defined()) targets.emplace(b.key(), b.value());
   }
+  // Stored logits fill the model's parameters of the same name when it has them (a model wrapped
+  // by a quantizer again, to resume training); a model without a quantizer ignores them.
+  auto used_logit = [&](const RecordView& rv) {
+    return rv.kind == kKindLogit && targets.count(rv.name) != 0;
+  };
   std::unordered_map<std::string, size_t> record_of;
   for (size_t r = 0; r < pc.records.size(); ++r) {
-    if (pc.records[r].kind != kKindLogit) record_of.emplace(pc.records[r].name, r);
+    if (pc.records[r].kind != kKindLogit || used_logit(pc.records[r])) {
+      record_of.emplace(pc.records[r].name, r);
+    }
   }
   // Index of the record holding the values of record `r` (its target for a tied name).
   auto stored_index = [&](size_t r) {
@@ -516,7 +524,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   }
   for (size_t r = 0; r < pc.records.size(); ++r) {
     const RecordView& rv = pc.records[r];
-    if (rv.kind == kKindLogit) continue;
+    if (rv.kind == kKindLogit && !used_logit(rv)) continue;
     auto it = targets.find(rv.name);
     if (it == targets.end()) {
       unexpected.push_back(rv.name);
@@ -545,6 +553,19 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     list("missing from the checkpoint", missing, true);
     list("unexpected in the checkpoint", unexpected, true);
     list("mismatched shape or dtype", mismatched, false);
+    // A model still wrapped by the quantizer that saved the checkpoint has its logits as
+    // parameters (named with the suffix the checkpoint's options record).
+    const std::string& suffix = pc.options.suffix();
+    const bool logits_missing =
+        pc.has_options && !suffix.empty() &&
+        std::any_of(missing.begin(), missing.end(), [&](const std::string& n) {
+          return n.size() > suffix.size() &&
+                 n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+        });
+    if (logits_missing) {
+      os << " the model carries a quantizer's logits ('*" << suffix
+         << "'): load into a model without a quantizer, or save with include_logits = true;";
+    }
     TORCH_CHECK(false, os.str());
   }
   // Phase 1: everything that can fail (checks, decoding, allocations), with the model untouched:
@@ -568,7 +589,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
   std::vector<at::Tensor> values = decode_all_levels(pc);
   for (size_t r = 0; r < pc.records.size(); ++r) {
     const RecordView& rv = pc.records[r];
-    if (rv.kind == kKindFloat || rv.kind == kKindBuffer) {
+    if (rv.kind == kKindFloat || rv.kind == kKindBuffer || used_logit(rv)) {
       values[r] = decode_float_tensor(pc, r).to(scalar_type_of(rv.dtype));
     }
   }
@@ -755,9 +776,12 @@ size_t save_quantized(const Quantizer& q, std::vector<uint8_t>& out, bool includ
 /// Fills `model` (a freshly built model of the same architecture, no quantizer needed) from a
 /// checkpoint, by the full dotted names of its parameters and buffers (`named_parameters()` and
 /// `named_buffers()`, recursive). Quantized tensors get exactly the quantizer's eval-mode weights;
-/// tied names get their target's value; stored logits are ignored. Every parameter and buffer of
-/// the model must be in the checkpoint and vice versa, with the same shape and dtype: all the
-/// missing, unexpected and mismatched names are listed in one `c10::Error`. Corrupt input throws
+/// tied names get their target's value. Stored logits (`save_quantized(q, path, true)`) fill the
+/// model's parameters of the same name when it has them, i.e. when the model is wrapped by a
+/// quantizer again (e.g. to resume training from the quantized weights), and are ignored
+/// otherwise. Every parameter and buffer of the model must be in the checkpoint and vice versa,
+/// with the same shape and dtype: all the missing, unexpected and mismatched names are listed in
+/// one `c10::Error`. Corrupt input throws
 /// (see the file comment). On any error the model is left untouched.
 inline void load_quantized(torch::nn::Module& model, const std::string& path) {
   detail::load_into_module(model, detail::source_from_file(path, "diffq::load_quantized"));
