@@ -1443,15 +1443,26 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
   EXPECT_NE(save_error(s).find("tensor 'u' is undefined"), std::string::npos);
 }
 
-TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
-  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_atomic";
-  ASSERT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
+/// An empty folder `name` in the system's temporary folder (cleared first if it exists).
+fs::path fresh_temp_dir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / name;
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
   fs::create_directories(dir);
+  return dir;
+}
+
+/// The bytes of the file at `path` (empty if it cannot be read).
+Bytes read_file_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return Bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_atomic");
   const std::string path = (dir / "m.ckpt").string();
   const auto s = small_state();
   const size_t n = diffq::save_quantized_state(s, path);
-  std::ifstream f(path, std::ios::binary);
-  const Bytes before((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const Bytes before = read_file_bytes(path);
   ASSERT_EQ(before.size(), n);
   // Encoding fails: nothing written.
   auto bad = s;
@@ -1477,9 +1488,7 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
     EXPECT_NE(what.find("': No such file or directory"), std::string::npos) << what;
   }
 #endif
-  std::ifstream g(path, std::ios::binary);
-  const Bytes after((std::istreambuf_iterator<char>(g)), std::istreambuf_iterator<char>());
-  EXPECT_EQ(after, before);
+  EXPECT_EQ(read_file_bytes(path), before);
   std::vector<std::string> names;
   for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
   std::sort(names.begin(), names.end());
@@ -1493,15 +1502,12 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
 // A write(2) that fails half way (here: the file size limit, EFBIG) is reported with the system's
 // reason, the temporary file is removed and the previous checkpoint stays as it was.
 TEST(Checkpoint, AtomicWriteReportsAFailedWriteAndKeepsThePreviousFile) {
-  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_write_fails";
-  ASSERT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
-  fs::create_directories(dir);
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_write_fails");
   const std::string path = (dir / "m.ckpt").string();
   const auto s = small_state();
   const size_t n = diffq::save_quantized_state(s, path);
   ASSERT_GT(n, 200u);
-  std::ifstream f(path, std::ios::binary);
-  const Bytes before((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const Bytes before = read_file_bytes(path);
   ASSERT_EQ(before.size(), n);
   rlimit old{};
   ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
@@ -1534,9 +1540,7 @@ TEST(Checkpoint, AtomicWriteReportsAFailedWriteAndKeepsThePreviousFile) {
             std::string::npos)
       << what;
   EXPECT_NE(what.find("' failed: File too large"), std::string::npos) << what;
-  std::ifstream g(path, std::ios::binary);
-  const Bytes after((std::istreambuf_iterator<char>(g)), std::istreambuf_iterator<char>());
-  EXPECT_EQ(after, before);
+  EXPECT_EQ(read_file_bytes(path), before);
   std::vector<std::string> names;
   for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
   EXPECT_EQ(names, (std::vector<std::string>{"m.ckpt"})) << "no temporary left";
