@@ -1596,8 +1596,9 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
 }
 
 // A model wrapped by a quantizer again (to resume training) gets the stored logits with the
-// quantized weights; a checkpoint without logits is refused with the names and the way out.
-TEST(Checkpoint, LoadFillsTheLogitsOfAModelWrappedAgain) {
+// quantized weights, even while its quantizer holds substituted weights; a checkpoint without
+// logits is refused with the names and the way out, and so is a load under quantize().
+TEST(Checkpoint, RestoreQuantizedFillsTheWeightsAndLogitsOfAWrappedModel) {
   torch::manual_seed(14);
   Net model;
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
@@ -1622,33 +1623,51 @@ TEST(Checkpoint, LoadFillsTheLogitsOfAModelWrappedAgain) {
 
   torch::manual_seed(15);
   Net again;
+  torch::optim::Adam opt2(again->parameters(), torch::optim::AdamOptions(1e-2));
   diffq::DiffQuantizer<Net> q2(again, options);  // fresh logits: init_bits everywhere
+  q2.setup_optimizer(opt2, 1e-1);
   for (const auto& kv : trained_logits) {
     ASSERT_FALSE(torch::equal(again->named_parameters()[kv.first], kv.second)) << kv.first;
   }
-  std::map<std::string, at::Tensor> snapshot;
+  // Warm the quantizer's caches (the penalty's pass over the logits, the eval weights), and
+  // leave the eval weights in place: an eval forward with grad mode on keeps them until its graph
+  // is released.
+  const double fresh_penalty = q2.penalty().item<double>();
+  std::map<std::string, at::Tensor> snapshot;  // the clean weights and the fresh logits
   for (const auto& p : again->named_parameters()) snapshot[p.key()] = p.value().detach().clone();
-  EXPECT_ERROR_HAS(diffq::load_quantized(again, without_logits),
+  again->eval();
+  at::Tensor pending = q2.forward(x);
+  EXPECT_ERROR_HAS(diffq::restore_quantized(q2, without_logits),
                    "missing from the checkpoint (6): 'bn.bias_diffq', 'bn.weight_diffq', "
                    "'conv.bias_diffq', 'conv.weight_diffq', 'fc.bias_diffq', 'fc.weight_diffq';");
-  EXPECT_ERROR_HAS(diffq::load_quantized(again, without_logits),
-                   "the model carries a quantizer's logits ('*_diffq'): load into a model without "
-                   "a quantizer, or save with include_logits = true;");
-  for (const auto& p : again->named_parameters()) {
+  EXPECT_ERROR_HAS(diffq::restore_quantized(q2, without_logits),
+                   "the model carries a quantizer's logits ('*_diffq'), which the checkpoint does "
+                   "not store: load into a model without a quantizer, or save with "
+                   "include_logits = true;");
+  {
+    diffq::QuantizedGuard<diffq::DiffQuantizer<Net>> guard(q2);
+    EXPECT_ERROR_HAS(
+        diffq::restore_quantized(q2, with_logits),
+        "diffq::DiffQuantizer::restore_clean_weights: the weights are quantized by "
+        "quantize() or a QuantizedGuard; call unquantize() (or leave the guard) first");
+  }
+  for (const auto& p : again->named_parameters()) {  // clean weights and logits as they were
     EXPECT_TRUE(torch::equal(p.value(), snapshot[p.key()])) << p.key() << " was touched";
   }
-  diffq::load_quantized(again, with_logits);
+  pending = q2.forward(x);  // the eval weights in place again
+  diffq::restore_quantized(q2, with_logits);
   auto loaded = again->named_parameters();
   for (const auto& kv : trained_logits) {
     EXPECT_TRUE(torch::equal(loaded[kv.first], kv.second)) << kv.first;
   }
-  again->eval();
   torch::NoGradGuard no_grad;
   EXPECT_TRUE(torch::equal(again->forward(x), expected));  // the module's own forward
-  // The new quantizer sees the loaded logits: its bit widths are the trained ones.
+  // The new quantizer sees the loaded logits: its bit widths and penalty are the trained ones.
   for (const auto& name : q.quantized_names()) {
     EXPECT_TRUE(torch::equal(q2.bits(name), q.bits(name))) << name;
   }
+  EXPECT_EQ(q2.penalty().item<double>(), q.penalty().item<double>());
+  EXPECT_NE(q2.penalty().item<double>(), fresh_penalty);
   // A plain model ignores the stored logits.
   Net plain;
   diffq::load_quantized(plain, with_logits);

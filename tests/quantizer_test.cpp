@@ -24,6 +24,13 @@ using diffq_test::MLP;
 using diffq_test::NoTF32;
 using diffq_test::Tied;
 
+/// Copies of a module's parameters by full dotted name (recursive).
+std::map<std::string, torch::Tensor> ParamSnapshot(const torch::nn::Module& module) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& p : module.named_parameters()) out[p.key()] = p.value().detach().clone();
+  return out;
+}
+
 namespace F = torch::nn::functional;
 using diffq::DiffQOptions;
 using diffq::DiffQuantizer;
@@ -90,8 +97,7 @@ std::string Describe(const Case& c) {
 template <typename Holder, typename RefForward, typename Input, typename... Extra>
 void CheckGradients(Holder model, const DiffQOptions& options, bool reference_kernels,
                     const Input& input, RefForward ref_forward, const Extra&... extra) {
-  std::map<std::string, torch::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  auto before = ParamSnapshot(*model);
   DiffQuantizer<Holder> q(model, options);
   q.use_reference_kernels(reference_kernels);
   q.no_optimizer();
@@ -176,8 +182,7 @@ TEST(DiffQuantizer, GradientsMatchExplicitComputationLSTM) {
     auto h0 = torch::randn({1, 2, 5});
     auto c0 = torch::randn({1, 2, 5});
     auto options = DiffQOptions().group_size(c.group_size).min_size_mb(0);
-    std::map<std::string, torch::Tensor> before;
-    for (const auto& p : lstm->named_parameters()) before[p.key()] = p.value().detach().clone();
+    auto before = ParamSnapshot(*lstm);
     DiffQuantizer<torch::nn::LSTM> q(lstm, options);
     q.use_reference_kernels(c.reference_kernels);
     q.no_optimizer();
@@ -419,8 +424,7 @@ TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
   torch::manual_seed(8);
   MLP model;
   auto options = DiffQOptions().group_size(8).min_size_mb(0);
-  std::map<std::string, torch::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  auto before = ParamSnapshot(*model);
   DiffQuantizer<MLP> q(model, options);
   q.no_optimizer();
   auto x1 = torch::randn({3, 10}), x2 = torch::randn({5, 10});
@@ -459,8 +463,7 @@ TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
 TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
   torch::manual_seed(9);
   MLP model;
-  std::map<std::string, torch::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+  auto before = ParamSnapshot(*model);
   DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
   q.no_optimizer();
   auto x = torch::randn({2, 10});
@@ -484,6 +487,44 @@ TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
       EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
     }
   }
+}
+
+TEST(DiffQuantizer, RestoreCleanWeightsEndsASubstitution) {
+  torch::manual_seed(19);
+  MLP model;
+  auto before = ParamSnapshot(*model);
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  auto x = torch::randn({2, 10});
+  auto clean = [&] {
+    for (const auto& kv : before) {
+      if (!BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) return false;
+    }
+    return true;
+  };
+  // A training forward leaves the noisy weights in place until its backward.
+  auto loss = q.forward(x).pow(2).sum();
+  ASSERT_FALSE(clean());
+  q.restore_clean_weights();
+  EXPECT_TRUE(clean());
+  // The backward then still runs; the hook adds no logit gradient.
+  loss.backward();
+  EXPECT_FALSE(model->named_parameters()["fc1.weight_diffq"].grad().defined());
+  EXPECT_TRUE(clean());
+  // An eval forward with grad mode on leaves the quantized weights until its graph is released.
+  model->eval();
+  auto y = q.forward(x);
+  ASSERT_FALSE(clean());
+  q.restore_clean_weights();
+  EXPECT_TRUE(clean());
+  // Under quantize() it refuses and leaves the quantized weights.
+  q.quantize();
+  ExpectError([&] { q.restore_clean_weights(); },
+              "diffq::DiffQuantizer::restore_clean_weights: the weights are quantized by "
+              "quantize() or a QuantizedGuard; call unquantize() (or leave the guard) first");
+  EXPECT_FALSE(clean());
+  q.unquantize();
+  EXPECT_TRUE(clean());
 }
 
 struct PartlyUsedImpl : torch::nn::Module {
@@ -539,8 +580,7 @@ void CheckEvalForwardUsesHandQuantizedWeights(const torch::Device& device) {
     MLP model;
     model->to(device);
     auto options = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.4);
-    std::map<std::string, torch::Tensor> before;
-    for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
+    auto before = ParamSnapshot(*model);
     DiffQuantizer<MLP> q(model, options);
     {
       torch::NoGradGuard ng;

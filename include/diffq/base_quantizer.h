@@ -214,6 +214,20 @@ class BaseQuantizer {
   /// Whether `quantize()` is in force.
   bool is_quantized() const { return manual_quantized_; }
 
+  /// Gives every quantized parameter its clean data back now, ending any substitution: the noisy
+  /// weights of a training forward awaiting its backward (which then adds no gradient to the
+  /// auxiliary tensors), or the quantized weights an eval forward leaves in place while its graph
+  /// is alive (grad mode on). Call it before writing into the parameters, e.g. loading a
+  /// checkpoint (`diffq::restore_quantized` does). Throws under `quantize()` (call `unquantize()`
+  /// first).
+  void restore_clean_weights() {
+    check_attached("restore_clean_weights");
+    TORCH_CHECK(!manual_quantized_, traits_.name,
+                "::restore_clean_weights: the weights are quantized by quantize() or a "
+                "QuantizedGuard; call unquantize() (or leave the guard) first");
+    restore_all();
+  }
+
   /// Restores the clean weights, removes the hooks and the auxiliary tensors: the model is as it
   /// was before the quantizer. The quantizer is unusable afterwards.
   void detach() {

@@ -553,8 +553,8 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     list("missing from the checkpoint", missing, true);
     list("unexpected in the checkpoint", unexpected, true);
     list("mismatched shape or dtype", mismatched, false);
-    // A model still wrapped by the quantizer that saved the checkpoint has its logits as
-    // parameters (named with the suffix the checkpoint's options record).
+    // A model wrapped by a quantizer has its logits as parameters (named with the suffix the
+    // checkpoint's options record, when it has options).
     const std::string& suffix = pc.options.suffix();
     const bool logits_missing =
         pc.has_options && !suffix.empty() &&
@@ -562,9 +562,15 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
           return n.size() > suffix.size() &&
                  n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
         });
-    if (logits_missing) {
+    const bool has_logits = std::any_of(pc.records.begin(), pc.records.end(),
+                                        [](const RecordView& rv) { return rv.kind == kKindLogit; });
+    if (logits_missing && !has_logits) {
       os << " the model carries a quantizer's logits ('*" << suffix
-         << "'): load into a model without a quantizer, or save with include_logits = true;";
+         << "'), which the checkpoint does not store: load into a model without a quantizer, or "
+            "save with include_logits = true;";
+    } else if (logits_missing) {
+      os << " the checkpoint's logits do not cover the model's ('*" << suffix
+         << "'): wrap the model with the options the checkpoint was saved with;";
     }
     TORCH_CHECK(false, os.str());
   }
@@ -779,9 +785,11 @@ size_t save_quantized(const Quantizer& q, std::vector<uint8_t>& out, bool includ
 /// tied names get their target's value. Stored logits (`save_quantized(q, path, true)`) fill the
 /// model's parameters of the same name when it has them, i.e. when the model is wrapped by a
 /// quantizer again (e.g. to resume training from the quantized weights), and are ignored
-/// otherwise. Every parameter and buffer of the model must be in the checkpoint and vice versa,
-/// with the same shape and dtype: all the missing, unexpected and mismatched names are listed in
-/// one `c10::Error`. Corrupt input throws
+/// otherwise; for a wrapped model use `restore_quantized(q, ...)`, which first ends any weight
+/// substitution of the quantizer (else the loaded weights could land in its noisy or quantized
+/// copy and be lost). Every parameter and buffer of the model must be in the checkpoint and vice
+/// versa, with the same shape and dtype: all the missing, unexpected and mismatched names are
+/// listed in one `c10::Error`. Corrupt input throws
 /// (see the file comment). On any error the model is left untouched.
 inline void load_quantized(torch::nn::Module& model, const std::string& path) {
   detail::load_into_module(model, detail::source_from_file(path, "diffq::load_quantized"));
@@ -802,6 +810,19 @@ void load_quantized(const std::shared_ptr<M>& model, Source&& source) {
 template <class M, class Source>
 void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
   load_quantized(model.ptr(), std::forward<Source>(source));
+}
+
+/// Loads a checkpoint into the model wrapped by quantizer `q` (`DiffQuantizer`, `UniformQuantizer`,
+/// `LSQQuantizer`): `load_quantized(*q.model(), source)` after `q.restore_clean_weights()`, so that
+/// nothing is written into a copy the quantizer substituted. Stored logits (LSQ: step sizes), when
+/// the checkpoint has them (`save_quantized(q, path, true)`), replace the quantizer's: e.g. to
+/// resume training from the quantized weights (an optimizer's state is not restored). `source`: a
+/// path, a `std::istream&` or a `std::vector<uint8_t>`. Throws under `quantize()` or a
+/// `QuantizedGuard`, and like `load_quantized`; on failure the model's values are untouched.
+template <class Quantizer, class Source>
+void restore_quantized(Quantizer& q, Source&& source) {
+  q.restore_clean_weights();
+  load_quantized(static_cast<torch::nn::Module&>(*q.model()), std::forward<Source>(source));
 }
 
 /// Reads a checkpoint back into a `QuantizedState` (levels, bit widths, min/max, floats in their
