@@ -193,6 +193,18 @@ TEST(LSQQuantizer, TrainExportLoadIsBitExact) {
   torch::NoGradGuard ng;
   auto expected = q.forward(x);
   EXPECT_TRUE(BitEqual(fresh->forward(x), expected));
+  // With the step sizes stored, a model wrapped by a new LSQ quantizer gets them back.
+  std::vector<uint8_t> with_steps;
+  diffq::save_quantized(q, with_steps, /*include_logits=*/true);
+  torch::manual_seed(6);
+  MLP again;
+  LSQQuantizer<MLP> q2(again, LSQOptions().bits(3).min_size_mb(0).exclude({"*bias"}));
+  EXPECT_FALSE(BitEqual(q2.step("fc1.weight"), q.step("fc1.weight")));
+  diffq::restore_quantized(q2, with_steps);
+  for (const auto& name : {"fc1.weight", "fc2.weight"}) {
+    EXPECT_TRUE(BitEqual(q2.step(name), q.step(name))) << name;
+  }
+  EXPECT_TRUE(BitEqual(again->forward(x), expected));
   diffq::QuantizedGuard<LSQQuantizer<MLP>> guard(q);
   EXPECT_TRUE(BitEqual(fresh->fc1->weight, model->fc1->weight));
   EXPECT_TRUE(BitEqual(fresh->fc2->weight, model->fc2->weight));
