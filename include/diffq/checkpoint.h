@@ -789,8 +789,8 @@ size_t save_quantized(const Quantizer& q, std::vector<uint8_t>& out, bool includ
 /// substitution of the quantizer (else the loaded weights could land in its noisy or quantized
 /// copy and be lost). Every parameter and buffer of the model must be in the checkpoint and vice
 /// versa, with the same shape and dtype: all the missing, unexpected and mismatched names are
-/// listed in one `c10::Error`. Corrupt input throws
-/// (see the file comment). On any error the model is left untouched.
+/// listed in one `c10::Error`. Corrupt input throws (see the file comment). On any error the
+/// model is left untouched.
 inline void load_quantized(torch::nn::Module& model, const std::string& path) {
   detail::load_into_module(model, detail::source_from_file(path, "diffq::load_quantized"));
 }
@@ -818,7 +818,8 @@ void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
 /// the checkpoint has them (`save_quantized(q, path, true)`), replace the quantizer's: e.g. to
 /// resume training from the quantized weights (an optimizer's state is not restored). `source`: a
 /// path, a `std::istream&` or a `std::vector<uint8_t>`. Throws under `quantize()` or a
-/// `QuantizedGuard`, and like `load_quantized`; on failure the model's values are untouched.
+/// `QuantizedGuard`, and like `load_quantized`; on failure the clean weights and the logits are
+/// untouched (a substitution, if any, has ended all the same).
 template <class Quantizer, class Source>
 void restore_quantized(Quantizer& q, Source&& source) {
   q.restore_clean_weights();
