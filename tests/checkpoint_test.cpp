@@ -211,6 +211,14 @@ diffq::QuantizedState state_of(torch::nn::Module& m, int64_t group_size = 8) {
 }
 
 /// A small checkpoint exercising every record kind and encoding, for the corruption tests.
+/// An empty folder `name` in the system's temporary folder (cleared first if it exists).
+fs::path fresh_temp_dir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / name;
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
+  fs::create_directories(dir);
+  return dir;
+}
+
 diffq::QuantizedState small_state() {
   torch::manual_seed(7);
   diffq::QuantizedState s;
@@ -425,8 +433,7 @@ TEST(Checkpoint, SaveReturnsExactSizeForFileStreamAndBytes) {
   std::ostringstream os;
   EXPECT_EQ(diffq::save_quantized_state(s, os), n);
   EXPECT_EQ(os.str(), std::string(bytes.begin(), bytes.end()));
-  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_size";
-  fs::create_directories(dir);
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_size");
   const std::string path = (dir / "m.ckpt").string();
   EXPECT_EQ(diffq::save_quantized_state(s, path), n);
   EXPECT_EQ(fs::file_size(path), n);
@@ -613,8 +620,7 @@ TEST(Checkpoint, LoadAcceptsPathStreamSharedPtrAndHolder) {
   auto src = torch::nn::Linear(40, 30);
   const auto s = state_of(*src);
   const Bytes bytes = encode(s);
-  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_overloads";
-  fs::create_directories(dir);
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_overloads");
   const std::string path = (dir / "lin.ckpt").string();
   diffq::save_quantized_state(s, path);
   auto expect_loaded = [&](const torch::nn::Linear& m) {
@@ -1443,14 +1449,6 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
   EXPECT_NE(save_error(s).find("tensor 'u' is undefined"), std::string::npos);
 }
 
-/// An empty folder `name` in the system's temporary folder (cleared first if it exists).
-fs::path fresh_temp_dir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / name;
-  EXPECT_TRUE(diffq_test::RemoveTree(dir.string())) << "cannot clear " << dir;
-  fs::create_directories(dir);
-  return dir;
-}
-
 /// The bytes of the file at `path` (empty if it cannot be read).
 Bytes read_file_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -1574,8 +1572,7 @@ TEST(Checkpoint, QuantizerEvalOutputEqualsLoadedModelOutput) {
   train_three_steps(q, opt, x);
   model->eval();
   const at::Tensor expected = q.forward(x);
-  const fs::path dir = fs::temp_directory_path() / "diffq_ckpt_quantizer";
-  fs::create_directories(dir);
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_quantizer");
   const std::string path = (dir / "net.ckpt").string();
   const size_t n = diffq::save_quantized(q, path);
   EXPECT_EQ(fs::file_size(path), n);
