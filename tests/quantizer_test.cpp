@@ -31,6 +31,16 @@ std::map<std::string, torch::Tensor> ParamSnapshot(const torch::nn::Module& modu
   return out;
 }
 
+/// Sets every logit of `q` to `scale`·N(0, 1) (CPU draws, in the order of `quantized_names()`).
+template <typename Quantizer>
+void RandomLogits(Quantizer& q, double scale = 1.0) {
+  torch::NoGradGuard ng;
+  for (const auto& n : q.quantized_names()) {
+    auto l = q.logit(n);
+    l.copy_(torch::randn(l.sizes()) * scale);
+  }
+}
+
 namespace F = torch::nn::functional;
 using diffq::DiffQOptions;
 using diffq::DiffQuantizer;
@@ -712,13 +722,7 @@ TEST(DiffQuantizer, PenaltyEqualsFormulaByHand) {
           DiffQuantizer<MLP> q(model, o);
           q.use_reference_kernels(ref);
           EXPECT_EQ(q.quantized_names().size(), 3u);
-          {
-            torch::NoGradGuard ng;
-            for (const auto& n : q.quantized_names()) {
-              auto l = q.logit(n);
-              l.copy_(torch::randn(l.sizes()) * 2);
-            }
-          }
+          RandomLogits(q, 2.0);
           EXPECT_NEAR(q.penalty().item<double>(), HandSizeMB(*model, q, o, false),
                       1e-6 * HandSizeMB(*model, q, o, false));
           EXPECT_NEAR(q.true_model_size(), HandSizeMB(*model, q, o, true),
@@ -738,11 +742,7 @@ TEST(DiffQuantizer, FusedPenaltyGradientMatchesExplicitAutograd) {
       MLP model;
       auto o = DiffQOptions().group_size(gs).min_size_mb(0).param(param).extra_bits(0.3);
       DiffQuantizer<MLP> q(model, o);
-      {
-        torch::NoGradGuard ng;
-        for (const auto& n : q.quantized_names())
-          q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
-      }
+      RandomLogits(q);
       (3.0 * q.penalty()).backward();
       auto params = model->named_parameters();
       for (const auto& n : q.quantized_names()) {
@@ -765,10 +765,7 @@ TEST(DiffQuantizer, PenaltyReusesTheForwardPassOverTheLogitsOnlyWhileTheyAreUnch
     auto o = DiffQOptions().group_size(gs).min_size_mb(0).extra_bits(0.3);
     DiffQuantizer<MLP> q(model, o);
     q.no_optimizer();
-    {
-      torch::NoGradGuard ng;
-      for (const auto& n : q.quantized_names()) q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
-    }
+    RandomLogits(q);
     auto logit_grads = [&] {
       std::vector<torch::Tensor> g;
       for (const auto& n : q.quantized_names()) g.push_back(q.logit(n).grad().clone());
@@ -854,10 +851,7 @@ TEST(DiffQuantizer, PenaltyGradientMatchesFiniteDifferences) {
   model->to(torch::kDouble);  // logits follow the parameters' dtype: float64 finite differences
   auto o = DiffQOptions().group_size(7).min_size_mb(0);
   DiffQuantizer<MLP> q(model, o);
-  {
-    torch::NoGradGuard ng;
-    for (const auto& n : q.quantized_names()) q.logit(n).copy_(torch::randn(q.logit(n).sizes()));
-  }
+  RandomLogits(q);
   q.penalty().backward();
   const double h = 1e-6;
   for (const auto& n : q.quantized_names()) {
@@ -1181,11 +1175,7 @@ TEST(DiffQuantizer, PenaltyEqualsFormulaByHandAndItsGradient_CUDA) {
                    .param(param);
       DiffQuantizer<MLP> q(model, o);
       EXPECT_EQ(q.quantized_names().size(), 3u);
-      {
-        torch::NoGradGuard ng;
-        for (const auto& n : q.quantized_names())
-          q.logit(n).copy_(torch::randn(q.logit(n).sizes()) * 2);
-      }
+      RandomLogits(q, 2.0);
       auto p = q.penalty();
       EXPECT_TRUE(p.is_cuda());
       const double hand = HandSizeMB(*model, q, o, false);
