@@ -83,36 +83,51 @@ TEST(UniformQuantizer, PtqTrainingForwardSeesCleanWeights) {
   EXPECT_TRUE(BitEqual(y, expected));
 }
 
+/// QAT on `device` against the explicit computation `w + (w_q − w).detach()` with hand-quantized
+/// `w_q` (w_q − w is a constant, so autograd passes the gradient straight through): the training
+/// output, the weight and bias gradients, the clean weights after the backward, and the eval
+/// weights under a QuantizedGuard.
+void CheckQatAgainstHandQuantization(int64_t bits, const torch::Device& device) {
+  torch::manual_seed(3);
+  MLP model;
+  model->to(device);
+  UniformQuantizer<MLP> q(model,
+                          UniformOptions().bits(bits).min_size_mb(0).exclude({"*bias"}).qat(true));
+  ASSERT_EQ(q.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
+  auto x = torch::randn({5, 10}).to(device);
+  auto c = torch::randn({5, 3}).to(device);
+  auto w1 = model->fc1->weight.detach().clone().requires_grad_(true);
+  auto w2 = model->fc2->weight.detach().clone().requires_grad_(true);
+  // Clones of the biases: the reference's backward leaves the model's gradients alone.
+  auto b1 = model->fc1->bias.detach().clone().requires_grad_(true);
+  auto b2 = model->fc2->bias.detach().clone().requires_grad_(true);
+  auto h1 = HandQuantize(w1.cpu(), bits).to(torch::kFloat).to(device);
+  auto h2 = HandQuantize(w2.cpu(), bits).to(torch::kFloat).to(device);
+  auto ref_y = F::linear(torch::tanh(F::linear(x, w1 + (h1 - w1).detach(), b1)),
+                         w2 + (h2 - w2).detach(), b2);
+  (ref_y * c).sum().backward();
+
+  const auto clean1 = model->fc1->weight.detach().clone();
+  auto y = q.forward(x);
+  EXPECT_EQ(y.device().type(), device.type());
+  EXPECT_TRUE(Close(y, ref_y, 1e-5));
+  (y * c).sum().backward();
+  EXPECT_TRUE(BitEqual(model->fc1->weight, clean1));  // clean weights back after the backward
+  EXPECT_TRUE(Close(model->fc1->weight.grad(), w1.grad(), 1e-5));
+  EXPECT_TRUE(Close(model->fc2->weight.grad(), w2.grad(), 1e-5));
+  EXPECT_TRUE(Close(model->fc1->bias.grad(), b1.grad(), 1e-5));
+  EXPECT_TRUE(Close(model->fc2->bias.grad(), b2.grad(), 1e-5));
+  model->eval();
+  diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
+  EXPECT_TRUE(Close(model->fc1->weight, h1, 1e-6));
+  EXPECT_TRUE(Close(model->fc2->weight, h2, 1e-6));
+  EXPECT_EQ(model->fc1->weight.device().type(), device.type());
+}
+
 TEST(UniformQuantizer, QatForwardIsQuantizedAndGradientPassesStraightThrough) {
   for (int64_t bits : {2, 4}) {
     SCOPED_TRACE("bits=" + std::to_string(bits));
-    torch::manual_seed(3);
-    MLP model;
-    UniformQuantizer<MLP> q(
-        model, UniformOptions().bits(bits).min_size_mb(0).exclude({"*bias"}).qat(true));
-    ASSERT_EQ(q.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
-    auto x = torch::randn({5, 10});
-    auto c = torch::randn({5, 3});
-    // Explicit computation: w_q − w is a constant, so autograd passes the gradient straight
-    // through.
-    auto w1 = model->fc1->weight.detach().clone().requires_grad_(true);
-    auto w2 = model->fc2->weight.detach().clone().requires_grad_(true);
-    auto b1 = model->fc1->bias.detach().clone().requires_grad_(true);
-    auto b2 = model->fc2->bias.detach().clone().requires_grad_(true);
-    auto q1 = w1 + (HandQuantize(w1, bits).to(torch::kFloat) - w1).detach();
-    auto q2 = w2 + (HandQuantize(w2, bits).to(torch::kFloat) - w2).detach();
-    auto ref_y = F::linear(torch::tanh(F::linear(x, q1, b1)), q2, b2);
-    (ref_y * c).sum().backward();
-
-    const auto clean1 = model->fc1->weight.detach().clone();
-    auto y = q.forward(x);
-    EXPECT_TRUE(Close(y, ref_y, 1e-5));
-    (y * c).sum().backward();
-    EXPECT_TRUE(BitEqual(model->fc1->weight, clean1));  // clean weights back after the backward
-    EXPECT_TRUE(Close(model->fc1->weight.grad(), w1.grad(), 1e-5));
-    EXPECT_TRUE(Close(model->fc2->weight.grad(), w2.grad(), 1e-5));
-    EXPECT_TRUE(Close(model->fc1->bias.grad(), b1.grad(), 1e-5));
-    EXPECT_TRUE(Close(model->fc2->bias.grad(), b2.grad(), 1e-5));
+    CheckQatAgainstHandQuantization(bits, torch::kCPU);
   }
 }
 
@@ -235,36 +250,7 @@ TEST(UniformQuantizer, ErrorPaths) {
 TEST(UniformQuantizer, QatOnCudaMatchesHandQuantization_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   NoTF32 no_tf32;  // float32 products, as the reference's
-  torch::manual_seed(3);
-  MLP model;
-  model->to(torch::kCUDA);
-  UniformQuantizer<MLP> q(model,
-                          UniformOptions().bits(4).min_size_mb(0).exclude({"*bias"}).qat(true));
-  auto x = torch::randn({5, 10}, torch::kCUDA);
-  auto c = torch::randn({5, 3}, torch::kCUDA);
-  auto w1 = model->fc1->weight.detach().clone().requires_grad_(true);
-  auto w2 = model->fc2->weight.detach().clone().requires_grad_(true);
-  auto h1 = HandQuantize(w1.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
-  auto h2 = HandQuantize(w2.cpu(), 4).to(torch::kFloat).to(torch::kCUDA);
-  // Clones of the biases: the reference's backward leaves the model's gradients alone.
-  auto b1 = model->fc1->bias.detach().clone();
-  auto b2 = model->fc2->bias.detach().clone();
-  auto ref_y = F::linear(torch::tanh(F::linear(x, w1 + (h1 - w1).detach(), b1)),
-                         w2 + (h2 - w2).detach(), b2);
-  (ref_y * c).sum().backward();
-  const auto clean1 = model->fc1->weight.detach().clone();
-  auto y = q.forward(x);
-  EXPECT_TRUE(y.is_cuda());
-  EXPECT_TRUE(Close(y, ref_y, 1e-5));
-  (y * c).sum().backward();
-  EXPECT_TRUE(BitEqual(model->fc1->weight, clean1));
-  EXPECT_TRUE(Close(model->fc1->weight.grad(), w1.grad(), 1e-5));
-  EXPECT_TRUE(Close(model->fc2->weight.grad(), w2.grad(), 1e-5));
-  model->eval();
-  diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
-  EXPECT_TRUE(Close(model->fc1->weight, h1, 1e-6));
-  EXPECT_TRUE(Close(model->fc2->weight, h2, 1e-6));
-  EXPECT_TRUE(model->fc1->weight.is_cuda());
+  CheckQatAgainstHandQuantization(4, torch::kCUDA);
 }
 
 }  // namespace
