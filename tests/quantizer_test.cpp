@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -559,6 +560,375 @@ TEST(DiffQuantizer, UnusedParametersAreRestoredAfterForward) {
   y.sum().backward();
   EXPECT_TRUE(BitEqual(model->a->weight.detach(), a_before));
   EXPECT_TRUE(BitEqual(model->b->weight.detach(), b_before));
+}
+
+/// The MLP's loss `Σ out²` with the noisy weights built explicitly from `before` (clean weights),
+/// the logits of `model` and the noise samples `noise` (by name), over each input of `xs`;
+/// its gradients are compared with what the quantizer's backward left in `model`'s parameters,
+/// and the quantized weights must be clean again.
+void ExpectMlpGradientsMatchExplicit(MLP& model, const DiffQOptions& options,
+                                     const std::map<std::string, torch::Tensor>& before,
+                                     const std::map<std::string, torch::Tensor>& noise,
+                                     const std::vector<torch::Tensor>& xs) {
+  auto params = model->named_parameters();
+  std::map<std::string, torch::Tensor> w, l, nw;
+  for (const auto& kv : noise) {
+    const auto& n = kv.first;
+    w[n] = before.at(n).clone().requires_grad_(true);
+    l[n] = params[n + options.suffix()].detach().clone().requires_grad_(true);
+    nw[n] = RefNoisy(w[n], l[n], kv.second, options);
+  }
+  torch::Tensor ref;
+  for (const auto& x : xs) {
+    auto out = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])),
+                         nw["fc2.weight"], nw["fc2.bias"]);
+    ref = ref.defined() ? ref + out.pow(2).sum() : out.pow(2).sum();
+  }
+  ref.backward();
+  for (const auto& kv : noise) {
+    const auto& n = kv.first;
+    EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << n;
+    EXPECT_TRUE(Close(params[n + options.suffix()].grad(), l[n].grad())) << n;
+    EXPECT_TRUE(BitEqual(params[n].detach(), before.at(n))) << n;
+  }
+}
+
+/// Copies of the noise samples of every quantized parameter of `q`.
+template <typename Quantizer>
+std::map<std::string, torch::Tensor> NoiseSnapshot(Quantizer& q) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& n : q.quantized_names()) out[n] = q.noise(n).clone();
+  return out;
+}
+
+TEST(DiffQuantizer, NoGradEvalForwardBeforeTheBackwardKeepsTheGradientsExact) {
+  for (bool ref_kernels : {false, true}) {
+    SCOPED_TRACE(ref_kernels);
+    torch::manual_seed(20);
+    MLP model;
+    const auto options = DiffQOptions().group_size(4).min_size_mb(0);
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<MLP> q(model, options);
+    q.use_reference_kernels(ref_kernels);
+    q.no_optimizer();
+    RandomLogits(q);
+    auto x = torch::randn({3, 10}), x_eval = torch::randn({2, 10});
+    auto loss = q.forward(x).pow(2).sum();
+    const auto noise = NoiseSnapshot(q);
+    model->eval();
+    torch::Tensor y_eval;
+    {
+      torch::NoGradGuard ng;
+      y_eval = q.forward(x_eval);  // sees the quantized weights; the noisy ones wait aside
+    }
+    model->train();
+    loss.backward();
+    ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+    model->eval();
+    torch::NoGradGuard ng;
+    EXPECT_TRUE(BitEqual(y_eval, q.forward(x_eval)));  // the same eval weights after the backward
+  }
+}
+
+TEST(DiffQuantizer, EvalForwardWithGradModeBeforeTheBackwardThrows) {
+  torch::manual_seed(21);
+  MLP model;
+  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
+  const auto before = ParamSnapshot(*model);
+  DiffQuantizer<MLP> q(model, options);
+  q.no_optimizer();
+  auto x = torch::randn({3, 10});
+  auto loss = q.forward(x).pow(2).sum();
+  const auto noise = NoiseSnapshot(q);
+  model->eval();
+  ExpectError([&] { q.forward(x); },
+              "diffq::DiffQuantizer::forward: an eval forward with grad mode on while parameter "
+              "'fc1.weight' holds the substitute of a training forward whose backward is still to "
+              "come; run the eval forward under torch::NoGradGuard, call backward() first, or "
+              "restore_clean_weights() to drop that training forward");
+  model->train();
+  loss.backward();  // unharmed by the refused forward
+  ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+}
+
+TEST(DiffQuantizer, ForwardThatThrowsLeavesThePendingForwardItsNoise) {
+  torch::manual_seed(22);
+  MLP model;
+  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
+  const auto before = ParamSnapshot(*model);
+  DiffQuantizer<MLP> q(model, options);
+  q.no_optimizer();
+  RandomLogits(q);
+  auto x = torch::randn({3, 10});
+  auto loss = q.forward(x).pow(2).sum();
+  const auto noise = NoiseSnapshot(q);
+  EXPECT_THROW(q.forward(torch::randn({3, 11})), c10::Error);  // 11 inputs for 10: fc1 throws
+  loss.backward();
+  ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+  // A failed forward with no pending one before it leaves the weights clean.
+  EXPECT_THROW(q.forward(torch::randn({3, 11})), c10::Error);
+  for (const auto& kv : before) {
+    EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
+  }
+}
+
+TEST(DiffQuantizer, SecondBackwardThroughOneForwardThrows) {
+  torch::manual_seed(23);
+  MLP model;
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  // The first hook to fire names its parameter (the order is the engine's).
+  auto expect_refused = [](const std::function<void()>& backward) {
+    ExpectError(backward, "diffq::DiffQuantizer::backward: a gradient reached parameter 'fc");
+    ExpectError(backward,
+                "' after an earlier backward had restored its clean weights: this backward would "
+                "see them instead of the forward's substitute, and give the logit no gradient. A "
+                "second backward through the same forward (retain_graph), or through a second "
+                "forward that shared the substitute, is not supported: add the losses and call "
+                "backward() once");
+  };
+  auto x = torch::randn({3, 10});
+  auto loss = q.forward(x).pow(2).sum();
+  loss.backward({}, /*retain_graph=*/true);
+  expect_refused([&] { loss.backward({}, /*retain_graph=*/true); });
+  // Two forwards sharing one noise sample, then a backward each.
+  auto y1 = q.forward(x), y2 = q.forward(x);
+  y1.sum().backward();
+  expect_refused([&] { y2.sum().backward({}, /*retain_graph=*/true); });
+  // The sum of the losses, backpropagated once, is what works.
+  auto z1 = q.forward(x), z2 = q.forward(x);
+  EXPECT_NO_THROW((z1.sum() + z2.pow(2).sum()).backward());
+}
+
+struct BranchImpl : torch::nn::Module {
+  BranchImpl()
+      : a(register_module("a", torch::nn::Linear(4, 4))),
+        b(register_module("b", torch::nn::Linear(4, 4))) {}
+  torch::Tensor forward(const torch::Tensor& x, bool use_b) { return use_b ? b(a(x)) : a(x); }
+  torch::nn::Linear a, b;
+};
+TORCH_MODULE(Branch);
+
+TEST(DiffQuantizer, ParameterUnusedWhileAnOlderGraphLivesIsRestoredByTheBackward) {
+  torch::manual_seed(24);
+  Branch model;
+  const auto before = ParamSnapshot(*model);
+  DiffQuantizer<Branch> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  torch::Tensor loss;  // held across steps: its graph keeps b's gradient accumulator alive
+  loss = q.forward(torch::randn({2, 4}), true).sum();
+  loss.backward();
+  loss = q.forward(torch::randn({2, 4}), false).sum();  // b unused, yet in a live graph
+  loss.backward();
+  for (const auto& kv : before) {
+    EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
+  }
+}
+
+TEST(DiffQuantizer, WritesIntoASubstituteAreReportedNotLostSilently) {
+  torch::manual_seed(25);
+  MLP model;
+  torch::optim::SGD optimizer(model->parameters(), 0.1);
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.setup_optimizer(optimizer);
+  auto x = torch::randn({3, 10});
+  auto params = model->named_parameters();
+  const std::string what =
+      " written in place while holding a substitute (the noisy or quantized weights of a "
+      "training forward awaiting its backward, the quantized weights of an eval forward run with "
+      "grad mode on, or of quantize()); ";
+  // An eval forward with grad mode on whose output is dropped leaves the quantized weights; an
+  // optimizer step then writes into them.
+  auto step_into_quantized_weights = [&] {
+    model->train();
+    optimizer.zero_grad();
+    q.forward(x).pow(2).sum().backward();
+    model->eval();
+    q.forward(x);
+    optimizer.step();
+  };
+  step_into_quantized_weights();
+  auto clean = ParamSnapshot(*model);
+  ExpectError([&] { q.quantized_state(); },
+              "diffq::DiffQuantizer::quantized_state: parameters 'fc1.weight', 'fc1.bias', "
+              "'fc2.weight', 'fc2.bias' were" +
+                  what + "the clean weights do not hold the write");
+  ExpectError([&] { q.forward(x); },
+              "diffq::DiffQuantizer::forward: parameters 'fc1.weight', "
+              "'fc1.bias', 'fc2.weight', 'fc2.bias' were" +
+                  what +
+                  "the write is lost: the clean weights were "
+                  "restored. Run eval forwards under "
+                  "torch::NoGradGuard, and call "
+                  "restore_clean_weights() before writing");
+  // `clean` was read while the parameters held the (stepped) quantized weights: they differ.
+  for (const auto& kv : clean) {
+    if (kv.first.find("_diffq") != std::string::npos) continue;
+    EXPECT_FALSE(BitEqual(params[kv.first].detach(), kv.second)) << kv.first;
+  }
+  step_into_quantized_weights();
+  ExpectError([&] { q.restore_clean_weights(); },
+              "diffq::DiffQuantizer::restore_clean_weights: parameters");
+  step_into_quantized_weights();
+  ExpectError([&] { q.quantize(); }, "diffq::DiffQuantizer::quantize: parameters");
+  EXPECT_FALSE(q.is_quantized());
+  // The remedy: give the clean weights back before stepping; the step then lands on them.
+  model->train();
+  optimizer.zero_grad();
+  q.forward(x).pow(2).sum().backward();
+  model->eval();
+  q.forward(x);
+  q.restore_clean_weights();
+  const auto w = params["fc1.weight"].detach().clone();
+  const auto g = params["fc1.weight"].grad().clone();
+  optimizer.step();
+  EXPECT_TRUE(Close(params["fc1.weight"].detach(), w - 0.1 * g, 1e-6));
+  EXPECT_NO_THROW(q.forward(x));
+}
+
+TEST(DiffQuantizer, ModuleToWhileSubstitutedConvertsTheCleanWeights) {
+  torch::manual_seed(26);
+  MLP model;
+  const auto before = ParamSnapshot(*model);
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  model->eval();
+  auto x = torch::randn({3, 10});
+  q.forward(x);  // grad mode on, output dropped: the quantized weights stay
+  model->to(torch::kDouble);
+  auto y = q.forward(x.to(torch::kDouble));
+  EXPECT_EQ(y.scalar_type(), torch::kDouble);
+  q.restore_clean_weights();
+  for (const auto& kv : before) {
+    EXPECT_TRUE(
+        BitEqual(model->named_parameters()[kv.first].detach(), kv.second.to(torch::kDouble)))
+        << kv.first;
+  }
+}
+
+TEST(DiffQuantizer, FrozenParameters) {
+  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
+  // With trained logits, a frozen quantized weight is refused: its logit cannot learn.
+  {
+    torch::manual_seed(27);
+    MLP model;
+    torch::optim::Adam optimizer(model->parameters());
+    DiffQuantizer<MLP> q(model, options);
+    q.setup_optimizer(optimizer);
+    model->fc1->weight.set_requires_grad(false);
+    const auto before = ParamSnapshot(*model);
+    ExpectError(
+        [&] {
+          q.forward(torch::randn({3, 10}));
+        },
+        "diffq::DiffQuantizer::forward: parameter 'fc1.weight' does not require grad, so "
+        "its logit cannot learn (its gradient comes from the parameter's); set "
+        "requires_grad(true) and leave the parameter out of the optimizer to keep it "
+        "fixed, exclude it from quantization, or run the forward under "
+        "torch::NoGradGuard");
+    for (const auto& kv : before) {
+      EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
+    }
+    torch::NoGradGuard ng;
+    EXPECT_NO_THROW(q.forward(torch::randn({3, 10})));
+  }
+  // Without trained logits it keeps its noisy weights for the backward: the input gradient
+  // matches the explicit computation, and the weight is clean after the backward.
+  {
+    torch::manual_seed(28);
+    MLP model;
+    model->fc2->weight.set_requires_grad(false);
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<MLP> q(model, options);
+    q.no_optimizer();
+    RandomLogits(q);
+    auto x = torch::randn({3, 10}).requires_grad_(true);
+    q.forward(x).pow(2).sum().backward();
+    auto params = model->named_parameters();
+    std::map<std::string, torch::Tensor> nw;
+    for (const auto& n : q.quantized_names()) {
+      nw[n] = RefNoisy(before.at(n), params[n + "_diffq"].detach(), q.noise(n), options);
+    }
+    auto xr = x.detach().clone().requires_grad_(true);
+    F::linear(torch::tanh(F::linear(xr, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
+              nw["fc2.bias"])
+        .pow(2)
+        .sum()
+        .backward();
+    EXPECT_TRUE(Close(x.grad(), xr.grad()));
+    EXPECT_TRUE(BitEqual(params["fc2.weight"].detach(), before.at("fc2.weight")));
+  }
+  // Frozen when wrapped, unfrozen later: its logit learns like the others'.
+  {
+    torch::manual_seed(29);
+    MLP model;
+    model->fc2->weight.set_requires_grad(false);
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<MLP> q(model, options);
+    q.no_optimizer();
+    RandomLogits(q);
+    model->fc2->weight.set_requires_grad(true);
+    auto x = torch::randn({3, 10});
+    q.forward(x).pow(2).sum().backward();
+    ExpectMlpGradientsMatchExplicit(model, options, before, NoiseSnapshot(q), {x});
+  }
+}
+
+struct SparseEmbeddingImpl : torch::nn::Module {
+  SparseEmbeddingImpl()
+      : emb(register_module("emb",
+                            torch::nn::Embedding(torch::nn::EmbeddingOptions(20, 6).sparse(true)))),
+        fc(register_module("fc", torch::nn::Linear(6, 3))) {}
+  torch::Tensor forward(const torch::Tensor& idx) { return fc(torch::tanh(emb(idx))); }
+  torch::nn::Embedding emb;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(SparseEmbedding);
+
+TEST(DiffQuantizer, SparseEmbeddingGradientsMatchExplicitComputation) {
+  for (bool ref_kernels : {false, true}) {
+    SCOPED_TRACE(ref_kernels);
+    torch::manual_seed(30);
+    SparseEmbedding model;
+    const auto options = DiffQOptions().group_size(7).min_size_mb(0).exclude({"*bias"});
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<SparseEmbedding> q(model, options);
+    q.use_reference_kernels(ref_kernels);
+    q.no_optimizer();
+    RandomLogits(q);
+    // Rows 0 and 19 hold the extremes of emb.weight, so that the gradient through max − min
+    // lands inside and outside the rows the batch uses (a row outside gets it alone).
+    {
+      torch::NoGradGuard ng;
+      model->emb->weight[0][2] = 5.0;
+      model->emb->weight[19][4] = -5.0;
+    }
+    const auto clean = ParamSnapshot(*model);
+    auto idx = torch::tensor({{0, 3, 3}, {7, 1, 0}}, torch::kLong);
+    auto loss = q.forward(idx).pow(2).sum();
+    const auto noise = NoiseSnapshot(q);
+    loss.backward();
+    auto params = model->named_parameters();
+    ASSERT_TRUE(params["emb.weight"].grad().is_sparse());
+    std::map<std::string, torch::Tensor> w, l, nw;
+    for (const auto& n : q.quantized_names()) {
+      w[n] = clean.at(n).clone().requires_grad_(true);
+      l[n] = params[n + "_diffq"].detach().clone().requires_grad_(true);
+      nw[n] = RefNoisy(w[n], l[n], noise.at(n), options);
+    }
+    F::linear(torch::tanh(F::embedding(idx, nw["emb.weight"])), nw["fc.weight"],
+              clean.at("fc.bias"))
+        .pow(2)
+        .sum()
+        .backward();
+    for (const auto& n : q.quantized_names()) {
+      auto g = params[n].grad();
+      EXPECT_TRUE(Close(g.is_sparse() ? g.to_dense() : g, w[n].grad())) << n;
+      EXPECT_TRUE(Close(params[n + "_diffq"].grad(), l[n].grad())) << n;
+      EXPECT_TRUE(BitEqual(params[n].detach(), clean.at(n))) << n;
+    }
+    EXPECT_NE(w["emb.weight"].grad()[19][4].item<double>(), 0.0);  // the lone extreme's row
+  }
 }
 
 /// Hand quantization: b = clamp(round(bits + extra), 1, 15); levels = round((w − min)/(max −

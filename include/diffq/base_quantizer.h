@@ -12,9 +12,11 @@
 /// - the forward wrapper: before a training forward the derived quantizer may give a parameter a
 ///   substitute (`Tensor::set_data`: DiffQ's noisy weights, QAT's or LSQ's quantized weights); a
 ///   gradient hook registered once per parameter calls the derived backward when the parameter's
-///   gradient is complete and gives the parameter back its clean values, bit for bit; eval
-///   forwards (and `quantize()`) see the true quantized weights, cached until the weights or the
-///   auxiliary tensor change;
+///   gradient is complete and gives the parameter back its clean values, bit for bit (a sweep at
+///   the end of that backward pass restores the parameters it did not reach); eval forwards (and
+///   `quantize()`) see the true quantized weights, cached until the weights or the auxiliary tensor
+///   change; a substitute written in place (a write that restoring would lose) is detected by the
+///   version counter or, for quantized weights that outlive the forward, by comparing a copy;
 /// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
 ///   the others 32 bits, or 16 with `float16`, per element), `mean_bits()`;
 /// - `quantized_state()`, the method-independent export of `diffq/checkpoint.h`.
@@ -41,6 +43,7 @@
 
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/optim.h>
@@ -90,11 +93,33 @@ struct QParamBase {
   WeightState state = WeightState::kClean;
   bool pending = false;  ///< a backward is expected to restore the clean values
   at::Tensor clean;      ///< the clean data while `state != kClean`
+  /// `param._version()` when the substitute was given: a different value at `restore` means the
+  /// substitute was written in place (e.g. `optimizer.step()`), a write that restoring loses.
+  int64_t substitute_version = 0;
+  /// A training substitute awaiting its backward, set aside while a no-grad eval forward runs.
+  at::Tensor parked;
+  bool touched = false;  ///< the current forward gave a new substitute (undone if it throws)
+  /// The parameter holds a copy of the cached quantized weights `quantized` that outlives the
+  /// forward (`quantize()`, an eval forward with grad mode on): the cache stays out of reach of
+  /// writes, and a write that bypasses the version counter (LibTorch's SGD writes through
+  /// `.data()`) shows as a difference from it.
+  bool guarded = false;
+  /// The last substitute was ended by the gradient hook: a later gradient of the same substitute
+  /// (a second backward through its graph) finds the clean weights.
+  bool ended_by_backward = false;
   // Eval-mode cache of the true quantized weights.
   at::Tensor quantized;
   int64_t cached_param_version = -1;
   int64_t cached_aux_version = -1;
   const void* cached_data_ptr = nullptr;
+};
+
+/// What the gradient hooks of one quantizer share: its parameters, so that the first hook to fire
+/// in a backward pass can queue one sweep, run once the pass is done, that restores the parameters
+/// the pass did not reach (substituted by a forward that did not use them, or frozen).
+struct HookShared {
+  std::vector<std::weak_ptr<QParamBase>> params;
+  bool sweep_queued = false;
 };
 
 /// How a quantizer names itself and its auxiliary tensors, for discovery and messages.
@@ -162,9 +187,24 @@ class BaseQuantizer {
 
   /// Calls the model's forward with any arguments. Training mode: the quantizer's training
   /// substitute (if any; one per step, shared by several forwards before one backward). Eval
-  /// mode, or after `quantize()`: true quantized weights. Throws in training mode if the quantizer
-  /// needs an optimizer and neither `setup_optimizer` nor `no_optimizer` was called, and on
-  /// NaN/Inf weights.
+  /// mode, or after `quantize()`: true quantized weights. An eval forward under
+  /// `torch::NoGradGuard` between a training forward and its backward leaves that training
+  /// forward's substitute for its backward.
+  ///
+  /// One backward per training forward: the first backward gives the parameters their clean values
+  /// back, so a second backward through the same graph (`retain_graph`) would see the clean weights
+  /// and add nothing to the auxiliary tensors' gradients; not supported.
+  ///
+  /// Throws:
+  /// - in training mode, if the quantizer needs an optimizer and neither `setup_optimizer` nor
+  ///   `no_optimizer` was called;
+  /// - in a training forward with grad mode on, if a quantized parameter does not require grad
+  ///   while its auxiliary tensor is trained (DiffQ's logits learn from the parameter's gradient);
+  /// - in an eval forward with grad mode on while a training forward awaits its backward;
+  /// - if a substituted parameter was written in place (the write would be lost);
+  /// - on NaN/Inf weights.
+  /// If it throws, the substitutes it gave are undone (a training forward awaiting its backward
+  /// keeps its own).
   template <typename... Args>
   decltype(auto) forward(Args&&... args) {
     check_attached("forward");
@@ -174,7 +214,7 @@ class BaseQuantizer {
       post_forward();
       return out;
     } catch (...) {
-      restore_all();
+      roll_back_forward();
       throw;
     }
   }
@@ -195,9 +235,12 @@ class BaseQuantizer {
   /// use them in both modes. Throws on NaN/Inf weights.
   void quantize() {
     check_attached("quantize");
-    restore_all();
+    restore_all_checked("quantize");
     try {
-      for (auto& q : params_) set_quantized(*q);
+      for (auto& q : params_) {
+        set_quantized(*q);
+        guard(*q);
+      }
     } catch (...) {
       restore_all();  // all clean again, as before the call
       throw;
@@ -205,10 +248,13 @@ class BaseQuantizer {
     manual_quantized_ = true;
   }
 
-  /// Gives back the clean weights after `quantize()`.
+  /// Gives back the clean weights after `quantize()`. Does not throw (it ends a
+  /// `QuantizedGuard`): a write into the quantized weights, which is lost, gets a warning.
   void unquantize() {
     manual_quantized_ = false;
+    const auto lost = overwritten_substitutes();
     restore_all();
+    if (!lost.empty()) TORCH_WARN(overwritten_message("unquantize", lost));
   }
 
   /// Whether `quantize()` is in force.
@@ -219,13 +265,14 @@ class BaseQuantizer {
   /// auxiliary tensors), or the quantized weights an eval forward leaves in place while its graph
   /// is alive (grad mode on). Call it before writing into the parameters, e.g. loading a
   /// checkpoint (`diffq::restore_quantized` does). Throws under `quantize()` (call `unquantize()`
-  /// first).
+  /// first), and if a substitute was written in place (after restoring the clean weights: that
+  /// write is lost).
   void restore_clean_weights() {
     check_attached("restore_clean_weights");
     TORCH_CHECK(!manual_quantized_, traits_.name,
                 "::restore_clean_weights: the weights are quantized by quantize() or a "
                 "QuantizedGuard; call unquantize() (or leave the guard) first");
-    restore_all();
+    restore_all_checked("restore_clean_weights");
   }
 
   /// Restores the clean weights, removes the hooks and the auxiliary tensors: the model is as it
@@ -278,9 +325,12 @@ class BaseQuantizer {
   /// The quantized state for a checkpoint (`diffq/checkpoint.h`): levels, bit widths and min/max of
   /// each quantized parameter (dequantizing to the eval-mode weights bit for bit), the other
   /// parameters (fp16 with `float16`), all buffers, tied names, and the auxiliary tensors (stored
-  /// as logits) if `include_logits`. Tensors are copied to the CPU. Throws on NaN/Inf weights.
+  /// as logits) if `include_logits`. Tensors are copied to the CPU. Throws on NaN/Inf weights,
+  /// and if a substitute was written in place (the clean weights would not hold that write).
   QuantizedState quantized_state(bool include_logits = false) const {
     check_attached("quantized_state");
+    const auto lost = overwritten_substitutes();
+    TORCH_CHECK(lost.empty(), overwritten_message("quantized_state", lost, /*restored=*/false));
     QuantizedState state;
     std::unordered_map<const void*, std::string> stored;  // TensorImpl -> stored name
     for (const auto& q : params_) {
@@ -391,6 +441,7 @@ class BaseQuantizer {
     }
     detail::add_param_group_without_decay(optimizer, std::move(aux), lr, where);
     optimizer_ready_ = true;
+    aux_trained_ = true;
   }
 
   /// Discovers the quantized parameters; called by the derived constructor once it is ready. On
@@ -461,58 +512,207 @@ class BaseQuantizer {
         params_.push_back(q);
       }
     }
-    for (auto& q : params_) register_hook(q);
+    for (auto& q : params_) {
+      hook_shared_->params.push_back(q);
+      register_hook(q);
+    }
   }
 
-  /// Registers the gradient hook; it holds a weak reference to the parameter state.
-  static void register_hook(const std::shared_ptr<Param>& q) {
+  /// Registers the gradient hook (if the parameter requires grad); it holds weak references to the
+  /// parameter state and to what the hooks share. The first hook to fire in a backward pass queues
+  /// the sweep that restores, once the pass is done, the parameters it did not reach.
+  void register_hook(const std::shared_ptr<Param>& q) {
     if (!q->param.requires_grad()) return;
     std::weak_ptr<Param> weak = q;
-    q->hook = q->param.register_hook([weak](const at::Tensor& grad) -> at::Tensor {
-      auto q = weak.lock();
-      if (!q || !q->pending) return at::Tensor();
-      at::Tensor result;
-      if (q->state == WeightState::kNoisy) result = Derived::training_backward(*q, grad);
-      restore(*q);
-      return result;
-    });
+    std::weak_ptr<detail::HookShared> shared = hook_shared_;
+    std::string name = traits_.name;
+    std::string aux_kind = traits_.aux_kind;
+    q->hook = q->param.register_hook(
+        [weak, shared, name, aux_kind](const at::Tensor& grad) -> at::Tensor {
+          auto q = weak.lock();
+          if (!q) return at::Tensor();
+          if (!q->pending) {
+            TORCH_CHECK(
+                !q->ended_by_backward, name, "::backward: a gradient reached parameter '", q->name,
+                "' after an earlier backward had restored its clean weights: this "
+                "backward would see them instead of the forward's substitute",
+                aux_kind.empty() ? std::string() : ", and give the " + aux_kind + " no gradient",
+                ". A second backward through the same forward (retain_graph), or "
+                "through a second forward that shared the substitute, is not supported: add "
+                "the losses and call backward() once. A forward through the model's own "
+                "forward() instead of the quantizer's also gets here: call detach() to train "
+                "without the quantizer");
+            return at::Tensor();
+          }
+          at::Tensor result;
+          const bool overwritten = is_overwritten(*q);
+          if (q->state == WeightState::kNoisy && !overwritten) {
+            result = Derived::training_backward(*q, grad);
+          }
+          restore(*q);
+          q->ended_by_backward = true;
+          TORCH_CHECK(!overwritten, overwritten_message(name, "backward", {q->name}));
+          auto s = shared.lock();
+          if (s && !s->sweep_queued) {
+            s->sweep_queued = true;
+            torch::autograd::Engine::get_default_engine().queue_callback([shared] {
+              auto s = shared.lock();
+              if (!s) return;
+              s->sweep_queued = false;
+              for (const auto& w : s->params) {
+                auto p = w.lock();
+                if (p && p->pending) restore(*p);
+              }
+            });
+          }
+          return result;
+        });
     q->hooked = true;
   }
 
   /// The clean values of a parameter (its data when clean, the saved handle otherwise).
-  static at::Tensor clean_of(const Param& q) {
+  static at::Tensor clean_of(const detail::QParamBase& q) {
     return q.state == WeightState::kClean ? q.param.detach() : q.clean;
   }
 
-  /// Gives the parameter back its clean data (bit for bit).
-  static void restore(Param& q) {
+  /// Whether the parameter's substitute was written in place since it was given: its version
+  /// counter moved or, for a guarded copy of the quantized weights, its values differ.
+  static bool is_overwritten(const detail::QParamBase& q) {
+    if (q.state == WeightState::kClean) return false;
+    if (q.param._version() != q.substitute_version) return true;
+    if (!q.guarded) return false;
+    at::NoGradGuard no_grad;
+    const auto now = q.param.detach();
+    return !at::equal(now.to(q.quantized.device(), q.quantized.scalar_type()), q.quantized);
+  }
+
+  /// Gives `q`, which holds the cached quantized weights, a copy of them instead (see `guarded`).
+  static void guard(detail::QParamBase& q) {
+    TORCH_INTERNAL_ASSERT(q.state == WeightState::kQuantized && q.quantized.defined());
+    at::NoGradGuard no_grad;
+    q.param.set_data(q.quantized.clone());
+    q.guarded = true;
+  }
+
+  /// Gives the parameter back its clean data (bit for bit). If `Module::to` changed the
+  /// substitute's dtype or device meanwhile, the clean data is converted the same way.
+  static void restore(detail::QParamBase& q) {
     if (q.state != WeightState::kClean) {
-      q.param.set_data(q.clean);
+      at::Tensor clean = q.clean;
+      if (q.param.scalar_type() != clean.scalar_type() || q.param.device() != clean.device()) {
+        clean = clean.to(q.param.device(), q.param.scalar_type());
+      }
+      q.param.set_data(clean);
       q.clean = at::Tensor();
+      q.parked = at::Tensor();
       q.state = WeightState::kClean;
     }
     q.pending = false;
+    q.guarded = false;
   }
 
   void restore_all() {
     for (auto& q : params_) restore(*q);
   }
 
+  /// Names of the parameters whose substitute was written in place.
+  std::vector<std::string> overwritten_substitutes() const {
+    std::vector<std::string> names;
+    for (const auto& q : params_) {
+      if (is_overwritten(*q)) names.push_back(q->name);
+    }
+    return names;
+  }
+
+  std::string overwritten_message(const char* what, const std::vector<std::string>& names,
+                                  bool restored = true) const {
+    return overwritten_message(traits_.name, what, names, restored);
+  }
+
+  /// The message for substitutes written in place; `restored`: the clean weights are back.
+  static std::string overwritten_message(const std::string& quantizer, const char* what,
+                                         const std::vector<std::string>& names,
+                                         bool restored = true) {
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "'" : ", '") + n + "'";
+    const bool one = names.size() == 1;
+    return quantizer + "::" + what + (one ? ": parameter " : ": parameters ") + list +
+           (one ? " was" : " were") +
+           " written in place while holding a substitute (the noisy or quantized weights of "
+           "a training forward awaiting its backward, the quantized weights of an eval forward "
+           "run with grad mode on, or of quantize()); " +
+           (restored ? "the write is lost: the clean weights were restored"
+                     : "the clean weights do not hold the write") +
+           ". Run eval forwards under torch::NoGradGuard, and call "
+           "restore_clean_weights() before writing into the parameters (optimizer.step(), "
+           "loading)";
+  }
+
+  /// `restore_all`, then throws if a substitute had been written in place (that write is lost).
+  void restore_all_checked(const char* what) {
+    const auto lost = overwritten_substitutes();
+    restore_all();
+    TORCH_CHECK(lost.empty(), overwritten_message(what, lost));
+  }
+
   /// Gives the (clean) parameter `values` (same shape, dtype and device) until the backward or
   /// `restore`; `state` tells what they are.
-  static void substitute(Param& q, const at::Tensor& values,
+  static void substitute(detail::QParamBase& q, const at::Tensor& values,
                          WeightState state = WeightState::kNoisy) {
     TORCH_INTERNAL_ASSERT(q.state == WeightState::kClean);
     q.clean = q.param.detach();
     q.param.set_data(values);
     q.state = state;
+    q.substitute_version = q.param._version();
+    q.ended_by_backward = false;
+  }
+
+  /// Whether `q` holds a training substitute whose backward is still to come: a grad-mode forward
+  /// left it pending, and the parameter is in a live graph.
+  static bool awaiting_backward(const detail::QParamBase& q) {
+    return q.state == WeightState::kNoisy && q.pending && q.param.requires_grad() &&
+           torch::autograd::impl::try_get_grad_accumulator(q.param) != nullptr;
+  }
+
+  /// `awaiting_backward`, or a frozen parameter's pending training substitute (no hook or graph
+  /// tells whether its backward is still to come).
+  static bool may_await_backward(const detail::QParamBase& q) {
+    return awaiting_backward(q) ||
+           (q.state == WeightState::kNoisy && q.pending && !q.param.requires_grad());
+  }
+
+  /// Sets aside `q`'s training substitute (awaiting its backward) and gives it the true quantized
+  /// weights for a no-grad eval forward; `unpark` puts the substitute back.
+  void park(Param& q) {
+    const at::Tensor& quantized = cached_quantized(q);
+    q.parked = q.param.detach();
+    q.param.set_data(quantized);
+    q.state = WeightState::kQuantized;
+  }
+
+  static void unpark(detail::QParamBase& q) {
+    q.param.set_data(q.parked);
+    q.parked = at::Tensor();
+    q.state = WeightState::kNoisy;
+  }
+
+  /// After a forward threw: undoes the substitutes it gave, puts back what it set aside.
+  void roll_back_forward() {
+    for (auto& q : params_) {
+      if (q->parked.defined()) {
+        unpark(*q);
+      } else if (q->touched) {
+        restore(*q);
+      }
+      q->touched = false;
+    }
   }
 
   /// The true quantized weights of `q`'s clean values, from the cache while the weights and the
-  /// auxiliary tensor are unchanged. `q` must be clean.
+  /// auxiliary tensor are unchanged.
   const at::Tensor& cached_quantized(Param& q) {
     at::NoGradGuard no_grad;
-    const auto w = q.param.detach();
+    const auto w = clean_of(q);
     const int64_t aux_version = q.aux.defined() ? q.aux._version() : 0;
     const bool valid = q.quantized.defined() && q.cached_param_version == q.param._version() &&
                        q.cached_aux_version == aux_version && q.cached_data_ptr == w.data_ptr() &&
@@ -562,37 +762,75 @@ class BaseQuantizer {
 
   void pre_forward() {
     const bool training = model_->is_training();
+    const bool grad = at::GradMode::is_enabled();
     if (training && !manual_quantized_ && traits_.needs_optimizer) {
       TORCH_CHECK(optimizer_ready_, traits_.name,
                   "::forward: call setup_optimizer(optimizer) (or no_optimizer()) before a ",
                   "training forward");
     }
+    for (auto& q : params_) q->touched = false;
+    if (!overwritten_substitutes().empty()) restore_all_checked("forward");  // throws
+    hook_shared_->sweep_queued = false;  // a backward that failed did not run its sweep
     for (auto& q : params_) {
       if (manual_quantized_) {
-        if (q->state != WeightState::kQuantized) set_quantized(*q);
-      } else if (training) {
-        // Several forwards before one backward share one training substitute.
-        const bool shared = q->state == WeightState::kNoisy && q->pending &&
-                            torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr;
-        if (!shared) {
-          restore(*q);
-          derived().set_training(*q);
+        if (q->state != WeightState::kQuantized) {
+          q->touched = true;
+          set_quantized(*q);
         }
+      } else if (training) {
+        if (!q->hooked && q->param.requires_grad()) register_hook(q);
+        // Several forwards before one backward share one training substitute.
+        if (!awaiting_backward(*q)) {
+          restore(*q);
+          q->touched = true;
+          derived().set_training(*q);
+          TORCH_CHECK(!grad || q->state == WeightState::kClean || q->param.requires_grad() ||
+                          !aux_trained_ || !q->aux.defined() || !q->aux.requires_grad(),
+                      traits_.name, "::forward: parameter '", q->name,
+                      "' does not require grad, so its ", traits_.aux_kind,
+                      " cannot learn (its gradient comes from the parameter's); set "
+                      "requires_grad(true) and leave the parameter out of the optimizer to keep "
+                      "it fixed, exclude it from quantization, or run the forward under "
+                      "torch::NoGradGuard");
+        }
+      } else if (awaiting_backward(*q)) {
+        TORCH_CHECK(!grad, traits_.name,
+                    "::forward: an eval forward with grad mode on while "
+                    "parameter '",
+                    q->name,
+                    "' holds the substitute of a training forward whose "
+                    "backward is still to come; run the eval forward under torch::NoGradGuard, "
+                    "call backward() first, or restore_clean_weights() to drop that training "
+                    "forward");
+        park(*q);
+      } else if (!grad && may_await_backward(*q)) {
+        park(*q);
       } else {
+        q->touched = true;
         set_quantized(*q);
       }
     }
   }
 
   void post_forward() {
+    for (auto& q : params_) q->touched = false;
     if (manual_quantized_) return;
     const bool grad = at::GradMode::is_enabled();
     for (auto& q : params_) {
+      if (q->parked.defined()) {
+        unpark(*q);
+        continue;
+      }
       if (q->state == WeightState::kClean) continue;
-      // A backward will restore the weights only if the parameter is in a live graph.
-      const bool in_graph = grad && q->hooked && q->param.requires_grad() &&
-                            torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr;
+      // A backward will restore the weights if the parameter is in a live graph (its hook or,
+      // after a frozen parameter's backward, the sweep; else the next call of the quantizer).
+      const bool in_graph =
+          grad &&
+          (!q->param.requires_grad() ||
+           (q->hooked && torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr));
       if (in_graph) {
+        // An eval forward's quantized weights stay for its backward: as a guarded copy.
+        if (!q->pending && q->state == WeightState::kQuantized) guard(*q);
         q->pending = true;
       } else if (!q->pending) {
         restore(*q);
@@ -604,7 +842,9 @@ class BaseQuantizer {
   Options options_;
   detail::QuantizerTraits traits_;
   std::vector<std::shared_ptr<Param>> params_;
+  std::shared_ptr<detail::HookShared> hook_shared_ = std::make_shared<detail::HookShared>();
   bool optimizer_ready_ = false;
+  bool aux_trained_ = false;  ///< `setup_optimizer` was called (not only `no_optimizer`)
   bool manual_quantized_ = false;
   bool detached_ = false;
 };

@@ -11,10 +11,14 @@
 /// `Σ g·u·scale·∂unit/∂logit`, plus the term through `max w − min w`), adds it to the logit's
 /// gradient, and gives the parameter back its clean values, bit for bit. Forwards that will see no
 /// backward (grad mode off, or the parameter unused by the forward) restore the clean values right
-/// after the forward. A forward with grad enabled whose graph is never backpropagated leaves the
-/// substituted values in place until the next call of the quantizer (`forward`, `quantize`,
-/// `unquantize`, `detach`): evaluate under `torch::NoGradGuard`, or call `unquantize()` before
-/// `torch::save(model)` in that case.
+/// after the forward; a parameter that a forward left substituted but its backward did not reach
+/// is restored once that backward pass is done. A forward with grad enabled whose graph is never
+/// backpropagated leaves the substituted values in place until the next call of the quantizer
+/// (`forward`, `quantize`, `unquantize`, `restore_clean_weights`, `detach`): evaluate under
+/// `torch::NoGradGuard`, or call `restore_clean_weights()` before `torch::save(model)` or an
+/// optimizer step in that case. A write into substituted values (which restoring would lose) is
+/// reported by the next such call, and a second backward through one training forward
+/// (`retain_graph`) is refused; see `BaseQuantizer::forward`.
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -450,8 +454,11 @@ class DiffQuantizer
     auto w = q.clean.reshape(-1);
     auto at_max = (w == q.hi).to(g.scalar_type());
     auto at_min = (w == q.lo).to(g.scalar_type());
-    auto corr = s * (at_max / at_max.sum() - at_min / at_min.sum());
-    return grad + corr.view(grad.sizes()).to(grad.scalar_type());
+    auto corr = (s * (at_max / at_max.sum() - at_min / at_min.sum()))
+                    .view(grad.sizes())
+                    .to(grad.scalar_type());
+    // A sparse gradient stays sparse (the hook must not change its layout).
+    return incoming.is_sparse() ? incoming + corr.to_sparse(incoming.sparse_dim()) : grad + corr;
   }
 
   /// Adds `s/n_max` to the weight gradient at the `n_max` positions of the maximum and `−s/n_min`
@@ -462,6 +469,13 @@ class DiffQuantizer
     if (!grad.defined()) return;  // autograd::grad(): nothing was accumulated into param.grad
     const double up = s / static_cast<double>(q.extremes.argmax.size());
     const double down = s / static_cast<double>(q.extremes.argmin.size());
+    if (grad.is_sparse()) {  // e.g. Embedding(sparse): add a sparse correction, stay sparse
+      auto corr = at::zeros({q.numel}, grad.options().layout(at::kStrided));
+      for (auto i : q.extremes.argmax) corr[i].add_(up);
+      for (auto i : q.extremes.argmin) corr[i].sub_(down);
+      grad = grad + corr.view(grad.sizes()).to_sparse(grad.sparse_dim());
+      return;
+    }
     if (grad.is_contiguous() && grad.device().is_cpu() && grad.scalar_type() == at::kFloat) {
       auto* g = grad.data_ptr<float>();
       for (auto i : q.extremes.argmax) g[i] += static_cast<float>(up);
