@@ -1436,6 +1436,42 @@ TEST(DiffQuantizer, QuantizedStateDescribesTheEvalWeights) {
   EXPECT_TRUE(BitEqual(model->out->weight.detach(), w));
 }
 
+TEST(DiffQuantizer, EvalWeightsAndPenaltyFollowSgdSteps) {
+  // LibTorch's SGD writes through `.data()`: the version counters do not move.
+  torch::manual_seed(31);
+  MLP model;
+  torch::optim::SGD optimizer(model->parameters(), 0.5);
+  const auto options = DiffQOptions().min_size_mb(0).group_size(4);
+  DiffQuantizer<MLP> q(model, options);
+  q.setup_optimizer(optimizer, /*lr=*/5.0);
+  auto x = torch::randn({2, 10});
+  model->eval();
+  {
+    torch::NoGradGuard ng;
+    q.forward(x);  // fills the eval cache
+  }
+  model->train();
+  auto loss = q.forward(x).pow(2).sum() + q.penalty();
+  optimizer.zero_grad();
+  loss.backward();
+  optimizer.step();
+  // The eval forward uses the stepped weights and logits.
+  model->eval();
+  torch::NoGradGuard ng;
+  auto y = q.forward(x);
+  auto params = model->named_parameters();
+  std::map<std::string, torch::Tensor> wq;
+  for (const auto& n : q.quantized_names()) {
+    wq[n] = HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
+  }
+  auto expected = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
+                            wq["fc2.weight"], wq["fc2.bias"]);
+  EXPECT_TRUE(Close(y, expected, 1e-6));
+  // The penalty uses the stepped logits (the size formula by hand).
+  const double by_hand = HandSizeMB(*model, q, options, false);
+  EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
+}
+
 TEST(DiffQuantizer, EvalCacheFollowsWeightUpdates) {
   torch::manual_seed(19);
   MLP model;

@@ -778,6 +778,9 @@ class BaseQuantizer {
           set_quantized(*q);
         }
       } else if (training) {
+        // The optimizer step that follows a training step may write through `.data()` (LibTorch's
+        // SGD does), which leaves the version counters alone: the eval cache cannot trust them.
+        q->cached_param_version = -1;
         if (!q->hooked && q->param.requires_grad()) register_hook(q);
         // Several forwards before one backward share one training substitute.
         if (!awaiting_backward(*q)) {

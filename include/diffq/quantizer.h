@@ -174,7 +174,8 @@ struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
   double scale = 0;    ///< `max w − min w` (CPU kernels)
   // The penalty's terms of the logit (`Param::kBits`, CPU float32 logits), from the last pass over
   // it (`bits_terms_cpu`, run by the training forward or by `penalty()`): valid while the logit
-  // keeps the data pointer and version counter value of `terms_source`.
+  // keeps the data pointer and version counter value of `terms_source`, and until the training
+  // backward (an optimizer step that follows may write through `.data()`, unseen).
   at::Tensor slope;         ///< `[num_groups]` float: db/dl
   BitsStats bits_stats;     ///< Σ b and max b
   at::Tensor terms_source;  ///< the logit data the terms were computed from
@@ -417,6 +418,9 @@ class DiffQuantizer
   /// for the path through `max w − min w` (the base then restores the clean weights).
   static at::Tensor training_backward(QParam& q, const at::Tensor& incoming) {
     at::NoGradGuard no_grad;
+    // An optimizer step may follow and write the logits through `.data()` (LibTorch's SGD),
+    // unseen by their version counter: `penalty()` must not reuse this forward's terms after it.
+    q.terms_version = -1;
     auto& lg = q.aux.mutable_grad();
     if (!lg.defined()) lg = at::zeros_like(q.aux);
     // Sparse (Embedding) or strided (expanded, permuted) gradients: a dense contiguous copy.
