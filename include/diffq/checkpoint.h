@@ -27,9 +27,10 @@
 /// Readers trust no size: truncations, flipped bytes, wrong magic or version, inconsistent
 /// counts or sizes, shapes that do not match the model each throw a `c10::Error` naming the
 /// source (the file name, `"<stream>"` or `"<bytes>"`), the record and the byte offset, e.g.
-/// `"diffq::load_quantized: model.ckpt: record 3 ('fc1.weight') at byte 1234: record CRC
-/// mismatch (...)"`; nothing is allocated beyond what the bytes present can justify, and a model
-/// is left untouched when loading fails.
+/// `"diffq::load_quantized: model.ckpt: record 3 at byte 1234: record CRC mismatch (stored ...,
+/// computed ...)"` (a record that fails its CRC is not named: its name bytes are not trusted);
+/// nothing is allocated beyond what the bytes present can justify, and a model is left untouched
+/// when loading fails.
 
 #include <diffq/bits.h>
 #include <diffq/detail/format.h>

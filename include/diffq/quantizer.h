@@ -216,7 +216,9 @@ class DiffQuantizer
   using Impl = typename Base::Impl;
 
   /// Wraps `model`. Throws on bad options (see `diffq::check_options`), on a model that already
-  /// carries logits with this suffix, and on tied parameters when `detect_bound` is false.
+  /// carries logits with this suffix, and on tied parameters when `detect_bound` is false. A model
+  /// wrapped by another quantizer under another suffix is not recognised: that quantizer's
+  /// tensors would be quantized like weights (exclude them, e.g. `"*_lsq"`).
   explicit DiffQuantizer(std::shared_ptr<Impl> model, DiffQOptions options = {})
       : Base(std::move(model), options, traits(options)) {
     check_options(this->options_);
