@@ -326,6 +326,24 @@ TEST(Bits, RoundedBitsClampToStoredRange) {
   EXPECT_TRUE(torch::equal(r, torch::tensor({1, 2, 8, 8, 14, 15}, torch::kByte)));  // half to even
   EXPECT_TRUE(torch::equal(diffq::rounded_bits(b, 1.0),
                            torch::tensor({1, 3, 8, 10, 15, 15}, torch::kByte)));
+  b[4] = std::nan("");
+  ExpectError([&] { diffq::rounded_bits(b, 0.0); },
+              "diffq::rounded_bits: the bit width of group 4 is NaN (a NaN logit: did the "
+              "training diverge?)");
+  ExpectError([&] { diffq::rounded_bits(b, 0.0, "fc.weight"); },
+              "diffq::rounded_bits: the bit width of group 4 of 'fc.weight' is NaN");
+}
+
+TEST(Bits, AnyNanFindsNaNAnywhere) {
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{1000}}) {
+    auto x = torch::randn({n});
+    EXPECT_FALSE(diffq::detail::any_nan(x.data_ptr<float>(), n)) << n;
+    for (int64_t at : {int64_t{0}, n / 2, n - 1}) {
+      auto v = x.clone();
+      v[at] = std::nanf("");
+      EXPECT_TRUE(diffq::detail::any_nan(v.data_ptr<float>(), n)) << "NaN at " << at << " of " << n;
+    }
+  }
 }
 
 TEST(Bits, SizeFormulaByHand) {

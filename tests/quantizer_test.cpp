@@ -1472,6 +1472,35 @@ TEST(DiffQuantizer, EvalWeightsAndPenaltyFollowSgdSteps) {
   EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
 }
 
+TEST(DiffQuantizer, NanLogitIsReportedNotPropagated) {
+  for (auto param : {diffq::Param::kBits, diffq::Param::kNoise}) {
+    SCOPED_TRACE(param == diffq::Param::kBits ? "bits" : "noise");
+    torch::manual_seed(32);
+    MLP model;
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0).group_size(4).param(param));
+    q.no_optimizer();
+    {
+      torch::NoGradGuard ng;
+      q.logit("fc2.weight")[3] = std::nan("");
+    }
+    auto x = torch::randn({2, 10});
+    ExpectError([&] { q.forward(x); },
+                "diffq::DiffQuantizer: the logit of parameter 'fc2.weight' holds NaN (did the "
+                "training diverge?)");
+    for (const auto& kv : before) {  // the failed forward left the clean weights
+      EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
+    }
+    const std::string rounded =
+        "diffq::rounded_bits: the bit width of group 3 of 'fc2.weight' is NaN";
+    ExpectError([&] { q.true_model_size(); }, rounded);
+    ExpectError([&] { q.quantized_state(); }, rounded);
+    model->eval();
+    torch::NoGradGuard ng;
+    ExpectError([&] { q.forward(x); }, rounded);
+  }
+}
+
 TEST(DiffQuantizer, EvalCacheFollowsWeightUpdates) {
   torch::manual_seed(19);
   MLP model;

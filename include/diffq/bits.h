@@ -150,8 +150,17 @@ inline std::pair<at::Tensor, at::Tensor> unit_from_logit(const at::Tensor& logit
 
 /// Bit widths of true quantization: `clamp(round(b + extra_bits), 1, 15)`, as uint8 `[num_groups]`.
 /// `b`: float tensor `[num_groups]` (e.g. from `bits_from_logit`). Source: reference
-/// implementation, `DiffQuantizer._quantize_param`.
-inline at::Tensor rounded_bits(const at::Tensor& b, double extra_bits) {
+/// implementation, `DiffQuantizer._quantize_param`. Throws if `b` holds NaN (a NaN logit), naming
+/// the group and `name` (the parameter, if given); this reads one flag back from the device.
+inline at::Tensor rounded_bits(const at::Tensor& b, double extra_bits,
+                               const std::string& name = "") {
+  const auto nan = at::isnan(b.detach()).reshape(-1);
+  if (nan.any().item<bool>()) {
+    const int64_t group = at::nonzero(nan)[0][0].item<int64_t>();
+    TORCH_CHECK(false, "diffq::rounded_bits: the bit width of group ", group,
+                name.empty() ? std::string() : " of '" + name + "'",
+                " is NaN (a NaN logit: did the training diverge?)");
+  }
   return (b.detach() + extra_bits).round().clamp(1, kMaxStoredBits).to(at::kByte);
 }
 

@@ -325,11 +325,19 @@ class DiffQuantizer
   /// logit changed since (other version or data pointer); with `units`, always recomputes them and
   /// also writes the noise's `q.unit` and `q.dunit`. A slope still held elsewhere (by a penalty
   /// node awaiting its backward) is left alone for a new one.
+  /// Throws if the (CPU float32) logit of `q` holds NaN; the fused kernels need finite logits.
+  static void check_logit_not_nan(const QParam& q) {
+    TORCH_CHECK(!detail::any_nan(q.aux.data_ptr<float>(), q.groups),
+                "diffq::DiffQuantizer: the logit of parameter '", q.name,
+                "' holds NaN (did the training diverge?)");
+  }
+
   void refresh_bits_terms(QParam& q, bool units) const {
     const bool valid = q.terms_source.defined() && q.slope.defined() &&
                        q.terms_source.data_ptr() == q.aux.data_ptr() &&
                        q.terms_version == q.aux._version();
     if (valid && !units) return;
+    if (!units) check_logit_not_nan(q);  // the training forward checked before the noise
     if (!q.slope.defined() || q.slope.use_count() > 1 || q.slope.numel() != q.groups) {
       q.slope = at::empty({q.groups}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
     }
@@ -392,13 +400,13 @@ class DiffQuantizer
   }
 
   at::Tensor quantized_weights(const QParam& q, const at::Tensor& w) const {
-    auto b = rounded_bits(bits_of(q), this->options_.extra_bits());
+    auto b = rounded_bits(bits_of(q), this->options_.extra_bits(), q.name);
     return quantize_dequantize(w, b, this->options_.group_size(), q.name);
   }
 
   void export_levels(const QParam& q, const at::Tensor& w, QuantizedTensor& t) const {
     t.group_size = this->options_.group_size();
-    t.bits = rounded_bits(bits_of(q), this->options_.extra_bits()).cpu();
+    t.bits = rounded_bits(bits_of(q), this->options_.extra_bits(), q.name).cpu();
     auto mm = finite_min_max(w, q.name);
     t.min = mm.first;
     t.max = mm.second;
@@ -409,7 +417,7 @@ class DiffQuantizer
     const auto& o = this->options_;
     auto b = bits_of(q);
     if (exact) {
-      b = rounded_bits(b, o.extra_bits()).to(b.scalar_type());
+      b = rounded_bits(b, o.extra_bits(), q.name).to(b.scalar_type());
     } else if (o.extra_bits() != 0) {
       b = b + o.extra_bits();
     }
@@ -510,7 +518,7 @@ class DiffQuantizer
   double sum_bits(const QParam& q, bool rounded) const {
     at::NoGradGuard no_grad;
     auto b = bits_of(q).to(at::kDouble);
-    if (rounded) b = rounded_bits(b, this->options_.extra_bits()).to(at::kDouble);
+    if (rounded) b = rounded_bits(b, this->options_.extra_bits(), q.name).to(at::kDouble);
     const int64_t last = q.numel - (q.groups - 1) * q.group_size;
     auto total = b.sum() * static_cast<double>(q.group_size) -
                  b[q.groups - 1] * static_cast<double>(q.group_size - last);
@@ -556,6 +564,7 @@ class DiffQuantizer
       q.scale = hi - lo;
       q.lo = at::scalar_tensor(mm.lo, w.options());
       q.hi = at::scalar_tensor(mm.hi, w.options());
+      check_logit_not_nan(q);
       if (this->options_.param() == Param::kBits) {
         refresh_bits_terms(q, /*units=*/true);  // the penalty reuses this pass over the logit
       } else {

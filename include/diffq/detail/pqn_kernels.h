@@ -48,7 +48,8 @@ struct Extremes {
 
 /// `2^x` in float for `x` in [-126, 126] (clamped outside), relative error below 2e-7: `2^floor(x)`
 /// from the exponent bits times a degree-6 Taylor polynomial of `2^f` around `f = 1/2`. Branch-free
-/// so that loops over it vectorize.
+/// so that loops over it vectorize. `x` must not be NaN (its conversion to int is undefined): the
+/// callers check the logits first (`any_nan`).
 DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
   const int32_t xi = static_cast<int32_t>(x + 127.0f) - 127;  // floor(x): x + 127 > 0
@@ -61,6 +62,13 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return scale * (poly * 1.41421356f);
+}
+
+/// Whether `x[0, n)` holds a NaN.
+DIFFQ_VECTORIZE_CLAMPS inline bool any_nan(const float* x, int64_t n) {
+  int nan = 0;
+  for (int64_t i = 0; i < n; ++i) nan |= x[i] != x[i];
+  return nan != 0;
 }
 
 /// Groups per block of `bits_terms_cpu`: the bit widths of a block are summed in float, the
