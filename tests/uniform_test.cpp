@@ -143,6 +143,15 @@ TEST(UniformQuantizer, QatTrainingStepUpdatesTheCleanWeights) {
   auto grad = model->fc1->weight.grad().clone();
   opt.step();
   EXPECT_TRUE(Close(model->fc1->weight, before - 0.1 * grad, 1e-6));
+  // The eval forward quantizes the stepped weights (LibTorch's SGD writes through .data(), so
+  // the version counters did not move; the training forward's cached quantization is stale).
+  model->eval();
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> hand;
+  for (const auto& p : model->parameters()) hand.push_back(HandQuantize(p, 3));
+  auto expected =
+      F::linear(torch::tanh(F::linear(x.to(torch::kDouble), hand[0], hand[1])), hand[2], hand[3]);
+  EXPECT_TRUE(Close(q.forward(x), expected, 1e-5));
 }
 
 TEST(UniformQuantizer, ModelSizeEqualsFormulaByHand) {

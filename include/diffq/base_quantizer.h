@@ -15,8 +15,8 @@
 ///   gradient is complete and gives the parameter back its clean values, bit for bit (a sweep at
 ///   the end of that backward pass restores the parameters it did not reach); eval forwards (and
 ///   `quantize()`) see the true quantized weights, cached until the weights or the auxiliary tensor
-///   change; a substitute written in place (a write that restoring would lose) is detected by the
-///   version counter or, for quantized weights that outlive the forward, by comparing a copy;
+///   change; a substitute written in place (a write that restoring would lose) is detected by its
+///   version counter (not a write through `.data()`, as LibTorch's SGD makes);
 /// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
 ///   the others 32 bits, or 16 with `float16`, per element), `mean_bits()`;
 /// - `quantized_state()`, the method-independent export of `diffq/checkpoint.h`.
@@ -99,11 +99,16 @@ struct QParamBase {
   /// A training substitute awaiting its backward, set aside while a no-grad eval forward runs.
   at::Tensor parked;
   bool touched = false;  ///< the current forward gave a new substitute (undone if it throws)
-  /// The parameter holds a copy of the cached quantized weights `quantized` that outlives the
-  /// forward (`quantize()`, an eval forward with grad mode on): the cache stays out of reach of
-  /// writes, and a write that bypasses the version counter (LibTorch's SGD writes through
-  /// `.data()`) shows as a difference from it.
-  bool guarded = false;
+  /// Use count of the gradient accumulator before the forward (0: none): a forward that uses the
+  /// parameter adds graph edges to it, so a count that did not grow means "maybe unused".
+  int64_t accumulator_uses = 0;
+  /// Pending although the forward may not have used it (an older graph keeps the accumulator
+  /// alive): the sweep at the end of the next backward pass restores it if the pass did not.
+  bool maybe_unused = false;
+  /// The accumulator and its use count when the hook ended the substitute: a later gradient
+  /// through that same accumulator with no new edge comes from the same graph.
+  std::weak_ptr<torch::autograd::Node> ended_accumulator;
+  int64_t ended_accumulator_uses = 0;
   /// The last substitute was ended by the gradient hook: a later gradient of the same substitute
   /// (a second backward through its graph) finds the clean weights.
   bool ended_by_backward = false;
@@ -179,7 +184,10 @@ class BaseQuantizer {
   /// registered (use `detach()` to remove them).
   ~BaseQuantizer() {
     for (auto& q : params_) {
-      restore(*q);
+      try {
+        restore(*q);
+      } catch (...) {  // a destructor must not throw (restore converts after a Module::to)
+      }
       if (q->hooked) q->param.remove_hook(q->hook);
       q->hooked = false;
     }
@@ -201,7 +209,8 @@ class BaseQuantizer {
   /// - in a training forward with grad mode on, if a quantized parameter does not require grad
   ///   while its auxiliary tensor is trained (DiffQ's logits learn from the parameter's gradient);
   /// - in an eval forward with grad mode on while a training forward awaits its backward;
-  /// - if a substituted parameter was written in place (the write would be lost);
+  /// - if a substituted parameter was written in place (the write would be lost), as far as its
+  ///   version counter shows (not through `.data()`, as LibTorch's SGD writes);
   /// - on NaN/Inf weights.
   /// If it throws, the substitutes it gave are undone (a training forward awaiting its backward
   /// keeps its own).
@@ -237,10 +246,7 @@ class BaseQuantizer {
     check_attached("quantize");
     restore_all_checked("quantize");
     try {
-      for (auto& q : params_) {
-        set_quantized(*q);
-        guard(*q);
-      }
+      for (auto& q : params_) set_quantized(*q);
     } catch (...) {
       restore_all();  // all clean again, as before the call
       throw;
@@ -527,46 +533,64 @@ class BaseQuantizer {
     std::weak_ptr<detail::HookShared> shared = hook_shared_;
     std::string name = traits_.name;
     std::string aux_kind = traits_.aux_kind;
-    q->hook = q->param.register_hook(
-        [weak, shared, name, aux_kind](const at::Tensor& grad) -> at::Tensor {
-          auto q = weak.lock();
-          if (!q) return at::Tensor();
-          if (!q->pending) {
-            TORCH_CHECK(
-                !q->ended_by_backward, name, "::backward: a gradient reached parameter '", q->name,
-                "' after an earlier backward had restored its clean weights: this "
-                "backward would see them instead of the forward's substitute",
-                aux_kind.empty() ? std::string() : ", and give the " + aux_kind + " no gradient",
-                ". A second backward through the same forward (retain_graph), or "
-                "through a second forward that shared the substitute, is not supported: add "
-                "the losses and call backward() once. A forward through the model's own "
-                "forward() instead of the quantizer's also gets here: call detach() to train "
-                "without the quantizer");
-            return at::Tensor();
-          }
-          at::Tensor result;
-          const bool overwritten = is_overwritten(*q);
-          if (q->state == WeightState::kNoisy && !overwritten) {
-            result = Derived::training_backward(*q, grad);
-          }
-          restore(*q);
-          q->ended_by_backward = true;
-          TORCH_CHECK(!overwritten, overwritten_message(name, "backward", {q->name}));
+    q->hook = q->param.register_hook([weak, shared, name,
+                                      aux_kind](const at::Tensor& grad) -> at::Tensor {
+      auto q = weak.lock();
+      if (!q) return at::Tensor();
+      if (!q->pending) {
+        // The same graph again: the accumulator the hook saw then, with no edge added since
+        // (a new graph, e.g. a regularizer on the clean weights, adds one).
+        const auto acc = torch::autograd::impl::try_get_grad_accumulator(q->param);
+        const bool same_accumulator = acc && q->ended_accumulator.lock().get() == acc.get();
+        const bool same_graph = q->ended_by_backward && same_accumulator &&
+                                static_cast<int64_t>(acc.use_count()) <= q->ended_accumulator_uses;
+        TORCH_CHECK(
+            !same_graph, name, "::backward: a gradient reached parameter '", q->name,
+            "' after an earlier backward had restored its clean weights: this "
+            "backward would see them instead of the forward's substitute",
+            aux_kind.empty() ? std::string() : ", and give the " + aux_kind + " no gradient",
+            ". A second backward through the same forward (retain_graph), or "
+            "through a second forward that shared the substitute, is not supported: add "
+            "the losses and call backward() once");
+        return at::Tensor();
+      }
+      at::Tensor result;
+      const bool overwritten = is_overwritten(*q);
+      if (q->state == WeightState::kNoisy && !overwritten) {
+        result = Derived::training_backward(*q, grad);
+      }
+      restore(*q);
+      q->ended_by_backward = true;
+      {
+        const auto acc = torch::autograd::impl::try_get_grad_accumulator(q->param);
+        q->ended_accumulator = acc;
+        q->ended_accumulator_uses = acc ? static_cast<int64_t>(acc.use_count()) : 0;
+      }
+      // An optimizer step follows and may write through `.data()` (LibTorch's SGD), unseen
+      // by the version counter: the eval cache must not outlive it.
+      q->cached_param_version = -1;
+      TORCH_CHECK(!overwritten, overwritten_message(name, "backward", {q->name}));
+      auto s = shared.lock();
+      if (s && !s->sweep_queued) {
+        s->sweep_queued = true;
+        torch::autograd::Engine::get_default_engine().queue_callback([shared] {
           auto s = shared.lock();
-          if (s && !s->sweep_queued) {
-            s->sweep_queued = true;
-            torch::autograd::Engine::get_default_engine().queue_callback([shared] {
-              auto s = shared.lock();
-              if (!s) return;
-              s->sweep_queued = false;
-              for (const auto& w : s->params) {
-                auto p = w.lock();
-                if (p && p->pending) restore(*p);
-              }
-            });
+          if (!s) return;
+          s->sweep_queued = false;
+          // Parameters the forward may not have used, and frozen ones: their backward is
+          // over. (A parameter the forward surely used stays for a later backward of that
+          // forward's graph, e.g. of another of its outputs.)
+          for (const auto& w : s->params) {
+            auto p = w.lock();
+            if (p && p->pending && (p->maybe_unused || !p->param.requires_grad())) {
+              restore(*p);
+              p->cached_param_version = -1;
+            }
           }
-          return result;
         });
+      }
+      return result;
+    });
     q->hooked = true;
   }
 
@@ -575,23 +599,17 @@ class BaseQuantizer {
     return q.state == WeightState::kClean ? q.param.detach() : q.clean;
   }
 
-  /// Whether the parameter's substitute was written in place since it was given: its version
-  /// counter moved or, for a guarded copy of the quantized weights, its values differ.
+  /// Whether the parameter's substitute was written in place since it was given (its version
+  /// counter moved). Writes through `.data()` or `data_ptr()` do not move it, and LibTorch's SGD
+  /// writes through `.data()`: those go unseen.
   static bool is_overwritten(const detail::QParamBase& q) {
-    if (q.state == WeightState::kClean) return false;
-    if (q.param._version() != q.substitute_version) return true;
-    if (!q.guarded) return false;
-    at::NoGradGuard no_grad;
-    const auto now = q.param.detach();
-    return !at::equal(now.to(q.quantized.device(), q.quantized.scalar_type()), q.quantized);
+    return q.state != WeightState::kClean && q.param._version() != q.substitute_version;
   }
 
-  /// Gives `q`, which holds the cached quantized weights, a copy of them instead (see `guarded`).
-  static void guard(detail::QParamBase& q) {
-    TORCH_INTERNAL_ASSERT(q.state == WeightState::kQuantized && q.quantized.defined());
-    at::NoGradGuard no_grad;
-    q.param.set_data(q.quantized.clone());
-    q.guarded = true;
+  /// Use count of the parameter's gradient accumulator, 0 if no graph holds one.
+  static int64_t accumulator_uses(const detail::QParamBase& q) {
+    const auto acc = torch::autograd::impl::try_get_grad_accumulator(q.param);
+    return acc ? static_cast<int64_t>(acc.use_count()) : 0;
   }
 
   /// Gives the parameter back its clean data (bit for bit). If `Module::to` changed the
@@ -608,7 +626,7 @@ class BaseQuantizer {
       q.state = WeightState::kClean;
     }
     q.pending = false;
-    q.guarded = false;
+    q.maybe_unused = false;
   }
 
   void restore_all() {
@@ -768,7 +786,10 @@ class BaseQuantizer {
                   "::forward: call setup_optimizer(optimizer) (or no_optimizer()) before a ",
                   "training forward");
     }
-    for (auto& q : params_) q->touched = false;
+    for (auto& q : params_) {
+      q->touched = false;
+      q->accumulator_uses = accumulator_uses(*q);
+    }
     if (!overwritten_substitutes().empty()) restore_all_checked("forward");  // throws
     hook_shared_->sweep_queued = false;  // a backward that failed did not run its sweep
     for (auto& q : params_) {
@@ -819,21 +840,34 @@ class BaseQuantizer {
     for (auto& q : params_) q->touched = false;
     if (manual_quantized_) return;
     const bool grad = at::GradMode::is_enabled();
-    for (auto& q : params_) {
+    // Substituted parameters in a live graph, with a hook to end their substitute: 2 if this
+    // forward surely used them (their accumulator gained edges), 1 if maybe (an older graph may
+    // be what keeps the accumulator alive).
+    std::vector<int> in_graph(params_.size(), 0);
+    bool surely_used = false;
+    for (std::size_t i = 0; grad && i < params_.size(); ++i) {
+      const auto& q = params_[i];
+      if (q->parked.defined() || q->state == WeightState::kClean || !q->hooked ||
+          !q->param.requires_grad()) {
+        continue;
+      }
+      const int64_t uses = accumulator_uses(*q);
+      if (uses == 0) continue;
+      in_graph[i] = uses > q->accumulator_uses ? 2 : 1;
+      surely_used = surely_used || in_graph[i] == 2;
+    }
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& q = params_[i];
       if (q->parked.defined()) {
         unpark(*q);
         continue;
       }
       if (q->state == WeightState::kClean) continue;
-      // A backward will restore the weights if the parameter is in a live graph (its hook or,
-      // after a frozen parameter's backward, the sweep; else the next call of the quantizer).
-      const bool in_graph =
-          grad &&
-          (!q->param.requires_grad() ||
-           (q->hooked && torch::autograd::impl::try_get_grad_accumulator(q->param) != nullptr));
-      if (in_graph) {
-        // An eval forward's quantized weights stay for its backward: as a guarded copy.
-        if (!q->pending && q->state == WeightState::kQuantized) guard(*q);
+      // A frozen parameter has no hook: it keeps its substitute for the backward only if a hook
+      // will fire in it (and queue the sweep that restores it), else it is restored now.
+      const bool frozen_kept = grad && !q->param.requires_grad() && surely_used;
+      if (in_graph[i] > 0 || frozen_kept) {
+        q->maybe_unused = (q->pending ? q->maybe_unused : true) && in_graph[i] != 2;
         q->pending = true;
       } else if (!q->pending) {
         restore(*q);

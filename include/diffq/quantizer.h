@@ -11,14 +11,16 @@
 /// `Σ g·u·scale·∂unit/∂logit`, plus the term through `max w − min w`), adds it to the logit's
 /// gradient, and gives the parameter back its clean values, bit for bit. Forwards that will see no
 /// backward (grad mode off, or the parameter unused by the forward) restore the clean values right
-/// after the forward; a parameter that a forward left substituted but its backward did not reach
-/// is restored once that backward pass is done. A forward with grad enabled whose graph is never
-/// backpropagated leaves the substituted values in place until the next call of the quantizer
-/// (`forward`, `quantize`, `unquantize`, `restore_clean_weights`, `detach`): evaluate under
-/// `torch::NoGradGuard`, or call `restore_clean_weights()` before `torch::save(model)` or an
-/// optimizer step in that case. A write into substituted values (which restoring would lose) is
-/// reported by the next such call, and a second backward through one training forward
-/// (`retain_graph`) is refused; see `BaseQuantizer::forward`.
+/// after the forward; a parameter that a forward may not have used (an older graph keeps it in a
+/// live graph) and that its backward did not reach is restored once that backward pass is done.
+/// A forward with grad enabled whose graph is never backpropagated leaves the substituted values
+/// in place until the next call of the quantizer (`forward`, `quantize`, `unquantize`,
+/// `restore_clean_weights`, `detach`): evaluate under `torch::NoGradGuard`, or call
+/// `restore_clean_weights()` before `torch::save(model)` or an optimizer step in that case. A
+/// write into substituted values (which restoring would lose) is reported by the next such call
+/// if it moved the version counter (LibTorch's SGD writes through `.data()`, unseen), and a second
+/// backward through one training forward (`retain_graph`) is refused; see
+/// `BaseQuantizer::forward`.
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
