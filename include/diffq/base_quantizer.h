@@ -13,10 +13,11 @@
 ///   substitute (`Tensor::set_data`: DiffQ's noisy weights, QAT's or LSQ's quantized weights); a
 ///   gradient hook registered once per parameter calls the derived backward when the parameter's
 ///   gradient is complete and gives the parameter back its clean values, bit for bit (a sweep at
-///   the end of that backward pass restores the parameters it did not reach); eval forwards (and
-///   `quantize()`) see the true quantized weights, cached until the weights or the auxiliary tensor
-///   change; a substitute written in place (a write that restoring would lose) is detected by its
-///   version counter (not a write through `.data()`, as LibTorch's SGD makes);
+///   the end of that backward pass restores the frozen ones and those the forward may not have
+///   used); eval forwards (and `quantize()`) see the true quantized weights, cached until the
+///   weights or the auxiliary tensor change or a backward ends a substitute; a substitute written
+///   in place (a write that restoring would lose) is detected by its version counter (not a write
+///   through `.data()`, as LibTorch's SGD makes);
 /// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
 ///   the others 32 bits, or 16 with `float16`, per element), `mean_bits()`;
 /// - `quantized_state()`, the method-independent export of `diffq/checkpoint.h`.
