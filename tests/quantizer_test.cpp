@@ -601,74 +601,76 @@ std::map<std::string, torch::Tensor> NoiseSnapshot(Quantizer& q) {
   return out;
 }
 
+MLP SeededMlp(uint64_t seed) {
+  torch::manual_seed(seed);
+  return MLP();
+}
+
+/// An MLP wrapped with group size 4 and random logits (no optimizer), after one training forward
+/// whose backward is still to come: its loss `Σ out²`, input, clean weights and noise samples.
+struct PendingMlpForward {
+  explicit PendingMlpForward(uint64_t seed, bool reference_kernels = false)
+      : model(SeededMlp(seed)), before(ParamSnapshot(*model)), q(model, options) {
+    q.use_reference_kernels(reference_kernels);
+    q.no_optimizer();
+    RandomLogits(q);
+    x = torch::randn({3, 10});
+    loss = q.forward(x).pow(2).sum();
+    noise = NoiseSnapshot(q);
+  }
+  /// Backpropagates the loss; its gradients must match the explicit computation.
+  void BackwardMatchesExplicit() {
+    loss.backward();
+    ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+  }
+
+  MLP model;
+  DiffQOptions options = DiffQOptions().group_size(4).min_size_mb(0);
+  std::map<std::string, torch::Tensor> before;
+  DiffQuantizer<MLP> q;
+  torch::Tensor x, loss;
+  std::map<std::string, torch::Tensor> noise;
+};
+
 TEST(DiffQuantizer, NoGradEvalForwardBeforeTheBackwardKeepsTheGradientsExact) {
   for (bool ref_kernels : {false, true}) {
     SCOPED_TRACE(ref_kernels);
-    torch::manual_seed(20);
-    MLP model;
-    const auto options = DiffQOptions().group_size(4).min_size_mb(0);
-    const auto before = ParamSnapshot(*model);
-    DiffQuantizer<MLP> q(model, options);
-    q.use_reference_kernels(ref_kernels);
-    q.no_optimizer();
-    RandomLogits(q);
-    auto x = torch::randn({3, 10}), x_eval = torch::randn({2, 10});
-    auto loss = q.forward(x).pow(2).sum();
-    const auto noise = NoiseSnapshot(q);
-    model->eval();
+    PendingMlpForward p(20, ref_kernels);
+    auto x_eval = torch::randn({2, 10});
+    p.model->eval();
     torch::Tensor y_eval;
     {
       torch::NoGradGuard ng;
-      y_eval = q.forward(x_eval);  // sees the quantized weights; the noisy ones wait aside
+      y_eval = p.q.forward(x_eval);  // sees the quantized weights; the noisy ones wait aside
     }
-    model->train();
-    loss.backward();
-    ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
-    model->eval();
+    p.model->train();
+    p.BackwardMatchesExplicit();
+    p.model->eval();
     torch::NoGradGuard ng;
-    EXPECT_TRUE(BitEqual(y_eval, q.forward(x_eval)));  // the same eval weights after the backward
+    EXPECT_TRUE(BitEqual(y_eval, p.q.forward(x_eval)));  // the same eval weights after backward
   }
 }
 
 TEST(DiffQuantizer, EvalForwardWithGradModeBeforeTheBackwardThrows) {
-  torch::manual_seed(21);
-  MLP model;
-  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
-  const auto before = ParamSnapshot(*model);
-  DiffQuantizer<MLP> q(model, options);
-  q.no_optimizer();
-  auto x = torch::randn({3, 10});
-  auto loss = q.forward(x).pow(2).sum();
-  const auto noise = NoiseSnapshot(q);
-  model->eval();
-  ExpectError([&] { q.forward(x); },
+  PendingMlpForward p(21);
+  p.model->eval();
+  ExpectError([&] { p.q.forward(p.x); },
               "diffq::DiffQuantizer::forward: an eval forward with grad mode on while parameter "
               "'fc1.weight' holds the substitute of a training forward whose backward is still to "
               "come; run the eval forward under torch::NoGradGuard, call backward() first, or "
               "restore_clean_weights() to drop that training forward");
-  model->train();
-  loss.backward();  // unharmed by the refused forward
-  ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+  p.model->train();
+  p.BackwardMatchesExplicit();  // unharmed by the refused forward
 }
 
 TEST(DiffQuantizer, ForwardThatThrowsLeavesThePendingForwardItsNoise) {
-  torch::manual_seed(22);
-  MLP model;
-  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
-  const auto before = ParamSnapshot(*model);
-  DiffQuantizer<MLP> q(model, options);
-  q.no_optimizer();
-  RandomLogits(q);
-  auto x = torch::randn({3, 10});
-  auto loss = q.forward(x).pow(2).sum();
-  const auto noise = NoiseSnapshot(q);
-  EXPECT_THROW(q.forward(torch::randn({3, 11})), c10::Error);  // 11 inputs for 10: fc1 throws
-  loss.backward();
-  ExpectMlpGradientsMatchExplicit(model, options, before, noise, {x});
+  PendingMlpForward p(22);
+  EXPECT_THROW(p.q.forward(torch::randn({3, 11})), c10::Error);  // 11 inputs for 10: fc1 throws
+  p.BackwardMatchesExplicit();
   // A failed forward with no pending one before it leaves the weights clean.
-  EXPECT_THROW(q.forward(torch::randn({3, 11})), c10::Error);
-  for (const auto& kv : before) {
-    EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
+  EXPECT_THROW(p.q.forward(torch::randn({3, 11})), c10::Error);
+  for (const auto& kv : p.before) {
+    EXPECT_TRUE(BitEqual(p.model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
   }
 }
 
