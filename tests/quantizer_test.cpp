@@ -32,6 +32,20 @@ std::map<std::string, torch::Tensor> ParamSnapshot(const torch::nn::Module& modu
   return out;
 }
 
+/// Every parameter named in `snapshot` (see `ParamSnapshot`) is still in `module` and equal to its
+/// snapshot bit for bit; the failure names the first that is not.
+::testing::AssertionResult MatchesSnapshot(const torch::nn::Module& module,
+                                           const std::map<std::string, torch::Tensor>& snapshot) {
+  auto params = module.named_parameters();
+  for (const auto& kv : snapshot) {
+    if (!params.contains(kv.first)) return ::testing::AssertionFailure() << "no " << kv.first;
+    if (!BitEqual(params[kv.first].detach(), kv.second)) {
+      return ::testing::AssertionFailure() << kv.first << " differs from its snapshot";
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 /// Sets every logit of `q` to `scale`·N(0, 1) (CPU draws, in the order of `quantized_names()`).
 template <typename Quantizer>
 void RandomLogits(Quantizer& q, double scale = 1.0) {
@@ -127,11 +141,7 @@ void CheckGradients(Holder model, const DiffQOptions& options, bool reference_ke
   loss.backward();
 
   // Weights are bit-for-bit clean after backward().
-  for (const auto& p : model->named_parameters()) {
-    if (before.count(p.key())) {
-      EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
-    }
-  }
+  EXPECT_TRUE(MatchesSnapshot(*model, before));
   // The explicit computation with the same noise sample.
   std::map<std::string, torch::Tensor> w, l, noisy;
   auto params = model->named_parameters();
@@ -493,11 +503,7 @@ TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
                        nw["fc2.weight"], nw["fc2.bias"]);
   EXPECT_TRUE(Close(y, ref));
   // ...and left the clean ones.
-  for (const auto& p : model->named_parameters()) {
-    if (before.count(p.key())) {
-      EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
-    }
-  }
+  EXPECT_TRUE(MatchesSnapshot(*model, before));
 }
 
 TEST(DiffQuantizer, RestoreCleanWeightsEndsASubstitution) {
@@ -507,12 +513,7 @@ TEST(DiffQuantizer, RestoreCleanWeightsEndsASubstitution) {
   DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0));
   q.no_optimizer();
   auto x = torch::randn({2, 10});
-  auto clean = [&] {
-    for (const auto& kv : before) {
-      if (!BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) return false;
-    }
-    return true;
-  };
+  auto clean = [&] { return MatchesSnapshot(*model, before); };
   // A training forward leaves the noisy weights in place until its backward.
   auto loss = q.forward(x).pow(2).sum();
   ASSERT_FALSE(clean());
@@ -669,9 +670,7 @@ TEST(DiffQuantizer, ForwardThatThrowsLeavesThePendingForwardItsNoise) {
   p.BackwardMatchesExplicit();
   // A failed forward with no pending one before it leaves the weights clean.
   EXPECT_THROW(p.q.forward(torch::randn({3, 11})), c10::Error);
-  for (const auto& kv : p.before) {
-    EXPECT_TRUE(BitEqual(p.model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
-  }
+  EXPECT_TRUE(MatchesSnapshot(*p.model, p.before));
 }
 
 TEST(DiffQuantizer, SecondBackwardThroughOneForwardThrows) {
@@ -722,9 +721,7 @@ TEST(DiffQuantizer, ParameterUnusedWhileAnOlderGraphLivesIsRestoredByTheBackward
   loss.backward();
   loss = q.forward(torch::randn({2, 4}), false).sum();  // b unused, yet in a live graph
   loss.backward();
-  for (const auto& kv : before) {
-    EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
-  }
+  EXPECT_TRUE(MatchesSnapshot(*model, before));
 }
 
 struct TwoHeadsImpl : torch::nn::Module {
@@ -910,9 +907,7 @@ TEST(DiffQuantizer, FrozenParameters) {
         "requires_grad(true) and leave the parameter out of the optimizer to keep it "
         "fixed, exclude it from quantization, or run the forward under "
         "torch::NoGradGuard");
-    for (const auto& kv : before) {
-      EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
-    }
+    EXPECT_TRUE(MatchesSnapshot(*model, before));
     torch::NoGradGuard ng;
     EXPECT_NO_THROW(q.forward(torch::randn({3, 10})));
   }
@@ -1076,20 +1071,12 @@ void CheckEvalForwardUsesHandQuantizedWeights(const torch::Device& device) {
         EXPECT_EQ(model->named_parameters()[n].device().type(), device.type()) << n;
       }
     }
-    for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key())) {
-        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
-      }
-    }
+    EXPECT_TRUE(MatchesSnapshot(*model, before));
     // Back in training, the exact clean weights are used.
     model->train();
     q.no_optimizer();
     auto yt = q.forward(x);
-    for (const auto& p : model->named_parameters()) {
-      if (before.count(p.key())) {
-        EXPECT_TRUE(BitEqual(p.value().detach(), before[p.key()])) << p.key();
-      }
-    }
+    EXPECT_TRUE(MatchesSnapshot(*model, before));
   }
 }
 
@@ -1578,9 +1565,7 @@ TEST(DiffQuantizer, NanLogitIsReportedNotPropagated) {
     ExpectError([&] { q.forward(x); },
                 "diffq::DiffQuantizer: the logit of parameter 'fc2.weight' holds NaN (did the "
                 "training diverge?)");
-    for (const auto& kv : before) {  // the failed forward left the clean weights
-      EXPECT_TRUE(BitEqual(model->named_parameters()[kv.first].detach(), kv.second)) << kv.first;
-    }
+    EXPECT_TRUE(MatchesSnapshot(*model, before));  // the failed forward left them clean
     const std::string rounded =
         "diffq::rounded_bits: the bit width of group 3 of 'fc2.weight' is NaN";
     ExpectError([&] { q.true_model_size(); }, rounded);
