@@ -398,6 +398,15 @@ TEST(Bits, CheckOptionsMessages) {
   diffq::check_options(DiffQOptions());  // defaults are valid
 }
 
+TEST(Glob, EndsWith) {
+  using diffq::detail::ends_with;
+  EXPECT_TRUE(ends_with("fc1.weight_diffq", "_diffq"));
+  EXPECT_TRUE(ends_with("_diffq", "_diffq"));
+  EXPECT_FALSE(ends_with("diffq", "_diffq"));
+  EXPECT_FALSE(ends_with("fc1.weight_diffq.x", "_diffq"));
+  EXPECT_TRUE(ends_with("anything", ""));
+}
+
 TEST(Glob, MatchesLikeTheShell) {
   using diffq::detail::glob_match;
   EXPECT_TRUE(glob_match("*bias", "fc1.bias"));

@@ -471,9 +471,8 @@ class BaseQuantizer {
     if (!suffix.empty()) {
       for (const auto& item : model_->named_parameters(true)) {
         const auto& n = item.key();
-        TORCH_CHECK(n.size() < suffix.size() ||
-                        n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0,
-                    traits_.name, ": the model already carries a ", traits_.aux_label, " ('", n,
+        TORCH_CHECK(!detail::ends_with(n, suffix), traits_.name, ": the model already carries a ",
+                    traits_.aux_label, " ('", n,
                     "'); wrap a model only once, or detach() the previous quantizer");
       }
     }

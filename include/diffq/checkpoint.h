@@ -34,6 +34,7 @@
 
 #include <diffq/bits.h>
 #include <diffq/detail/format.h>
+#include <diffq/detail/glob.h>
 #include <diffq/options.h>
 #include <diffq/packing.h>
 #include <diffq/state.h>
@@ -560,8 +561,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     const bool logits_missing =
         pc.has_options && !suffix.empty() &&
         std::any_of(missing.begin(), missing.end(), [&](const std::string& n) {
-          return n.size() > suffix.size() &&
-                 n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+          return n.size() > suffix.size() && detail::ends_with(n, suffix);
         });
     const bool has_logits = std::any_of(pc.records.begin(), pc.records.end(),
                                         [](const RecordView& rv) { return rv.kind == kKindLogit; });

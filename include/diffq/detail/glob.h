@@ -1,12 +1,19 @@
 #pragma once
 /// \file diffq/detail/glob.h
-/// Shell-style glob matching (`*`, `?`, `[abc]`, `[a-z]`, `[!abc]`) for the `exclude` option.
+/// Shell-style glob matching (`*`, `?`, `[abc]`, `[a-z]`, `[!abc]`) for the `exclude` option, and
+/// the suffix test of the auxiliary tensors' names.
 
 #include <cstddef>
 #include <string>
 
 namespace diffq {
 namespace detail {
+
+/// True when `text` ends with `suffix` (an empty suffix: always).
+inline bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
 
 /// True when `text` matches the glob `pattern` entirely. `*` matches any run of characters
 /// (dots included), `?` one character, `[...]` one character of a set (`[!...]` or `[^...]`
