@@ -953,6 +953,56 @@ TEST(DiffQuantizer, FrozenParameters) {
   }
 }
 
+TEST(DiffQuantizer, FrozenParameterSharesTheNoiseOfSeveralForwards) {
+  // Two forwards before one backward: the frozen weight keeps one noise sample for both, so the
+  // gradients of the first forward's inputs (and of fc1) match the explicit computation.
+  torch::manual_seed(36);
+  MLP model;
+  model->fc2->weight.set_requires_grad(false);
+  const auto before = ParamSnapshot(*model);
+  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
+  DiffQuantizer<MLP> q(model, options);
+  q.no_optimizer();
+  RandomLogits(q);
+  auto x1 = torch::randn({3, 10}).requires_grad_(true);
+  auto x2 = torch::randn({2, 10}).requires_grad_(true);
+  auto y1 = q.forward(x1);
+  const auto noise = NoiseSnapshot(q);
+  auto y2 = q.forward(x2);
+  for (const auto& kv : noise) EXPECT_TRUE(BitEqual(q.noise(kv.first), kv.second)) << kv.first;
+  auto loss = y1.pow(2).sum() + y2.sin().sum();
+  loss.backward();
+  auto params = model->named_parameters();
+  std::map<std::string, torch::Tensor> w, nw;
+  for (const auto& n : q.quantized_names()) {
+    w[n] = before.at(n).clone().requires_grad_(true);
+    nw[n] = RefNoisy(w[n], params[n + "_diffq"].detach(), noise.at(n), options);
+  }
+  auto r1 = x1.detach().clone().requires_grad_(true);
+  auto r2 = x2.detach().clone().requires_grad_(true);
+  auto f = [&](const torch::Tensor& x) {
+    return F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
+                     nw["fc2.bias"]);
+  };
+  auto ref = f(r1).pow(2).sum() + f(r2).sin().sum();
+  ref.backward();
+  EXPECT_TRUE(Close(loss, ref));
+  EXPECT_TRUE(Close(x1.grad(), r1.grad()));
+  EXPECT_TRUE(Close(x2.grad(), r2.grad()));
+  EXPECT_TRUE(Close(params["fc1.weight"].grad(), w["fc1.weight"].grad()));
+  EXPECT_TRUE(MatchesSnapshot(*model, before));
+  // Once no graph awaits a backward (the forward's output dropped, the older graphs gone), the
+  // next forward draws a new sample for the frozen weight as for the others.
+  y1 = y2 = loss = ref = torch::Tensor();
+  { auto dropped = q.forward(x1).sum(); }
+  const auto dropped_noise = NoiseSnapshot(q);
+  q.forward(x1).sum().backward();
+  for (const auto& kv : dropped_noise) {
+    EXPECT_FALSE(BitEqual(q.noise(kv.first), kv.second)) << kv.first;
+  }
+  EXPECT_TRUE(MatchesSnapshot(*model, before));
+}
+
 struct SparseEmbeddingImpl : torch::nn::Module {
   SparseEmbeddingImpl()
       : emb(register_module("emb",

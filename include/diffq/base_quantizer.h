@@ -792,6 +792,12 @@ class BaseQuantizer {
     }
     if (!overwritten_substitutes().empty()) restore_all_checked("forward");  // throws
     hook_shared_->sweep_queued = false;  // a backward that failed did not run its sweep
+    // A frozen parameter's pending substitute (no hook, no accumulator of its own) is shared with
+    // this forward while a hooked parameter's backward is still to come: the graph it was kept for
+    // may be that backward's.
+    const bool backward_to_come =
+        std::any_of(params_.begin(), params_.end(),
+                    [](const std::shared_ptr<Param>& p) { return awaiting_backward(*p); });
     for (auto& q : params_) {
       if (manual_quantized_) {
         if (q->state != WeightState::kQuantized) {
@@ -804,7 +810,7 @@ class BaseQuantizer {
         q->cached_param_version = -1;
         if (!q->hooked && q->param.requires_grad()) register_hook(q);
         // Several forwards before one backward share one training substitute.
-        if (!awaiting_backward(*q)) {
+        if (!awaiting_backward(*q) && !(backward_to_come && may_await_backward(*q))) {
           restore(*q);
           q->touched = true;
           derived().set_training(*q);
