@@ -425,6 +425,20 @@ TEST(Checkpoint, FloatsBuffersTiedAndLogitsRoundTrip) {
   EXPECT_EQ(info.tensors[3].dtype, at::kFloat);
 }
 
+TEST(Checkpoint, HighlyCompressibleFloatsRoundTrip) {
+  // Zeros and a causal mask deflate about 1000:1, far beyond 8 elements per byte of the file.
+  torch::manual_seed(4);
+  diffq::QuantizedState s;
+  auto bits = torch::full({4}, 5, at::kByte);
+  s.quantized.push_back(qt("q", {32}, 8, bits, random_levels(bits, 32, 8, true)));
+  s.floats.push_back({"zeros", torch::zeros({1024, 1024}), false, false});
+  s.floats.push_back(
+      {"mask", torch::ones({512, 512}, at::kBool).tril().view({1, 1, 512, 512}), false, true});
+  const Bytes bytes = encode(s);
+  ASSERT_LT(bytes.size() * 8, size_t{1} << 20);
+  expect_same_state(diffq::read_quantized_state(bytes), s);
+}
+
 TEST(Checkpoint, SaveReturnsExactSizeForFileStreamAndBytes) {
   const auto s = small_state();
   Bytes bytes;
@@ -1079,6 +1093,16 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
   wr(b, r0 + 24, uint64_t{1} << 40, 8);
   EXPECT_NE(info_error(b).find("shape declares more elements than the file can hold"),
             std::string::npos);
+  // After a zero dim the element count stays 0, but the other dims are bounded all the same (the
+  // strides of the empty tensor would overflow).
+  b = good;
+  wr(b, r0 + 24, 0, 8);
+  wr(b, r0 + 32, uint64_t{1} << 62, 8);
+  EXPECT_NE(info_error(b).find("record 0 ('a.weight') at byte " + std::to_string(r0 + 32) +
+                               ": shape declares more elements than the file can hold (dim " +
+                               std::to_string(uint64_t{1} << 62)),
+            std::string::npos)
+      << info_error(b);
   const size_t qh = r0 + 8 + 8 + 8 + 16;  // group size, min, max, bits encoding
   b = good;
   wr(b, qh, static_cast<uint64_t>(-1), 8);

@@ -1028,15 +1028,22 @@ inline ParsedCheckpoint parse_checkpoint(const uint8_t* data, size_t size, const
       b.fail(fixed_off + 3, std::to_string(ndim) + " dims, at most " + std::to_string(kMaxDims));
     }
     rv.numel = 1;
+    // No record holds more than kMaxDeflateRatio elements per byte of the file (a deflated float
+    // payload inflates at most that much; a quantized level takes at least a bit, checked below).
+    // The product of the non-zero dims is bounded too, so that the strides of an empty tensor
+    // cannot overflow.
+    const uint64_t max_elems = kMaxDeflateRatio * static_cast<uint64_t>(size);
+    uint64_t extent = 1;
     for (int d = 0; d < ndim; ++d) {
       const uint64_t d_off = b.offset();
       const int64_t dim = b.i64("shape");
       if (dim < 0) b.fail(d_off, "negative dim " + std::to_string(dim));
-      // Every element takes at least one bit of the file (checked per kind below); this also
-      // keeps the products small.
-      if (dim > 0 && rv.numel > (uint64_t{8} * size) / static_cast<uint64_t>(dim)) {
-        b.fail(d_off, "shape declares more elements than the file can hold");
+      if (dim > 0 && extent > max_elems / static_cast<uint64_t>(dim)) {
+        b.fail(d_off, "shape declares more elements than the file can hold (dim " +
+                          std::to_string(dim) + " makes more than " + std::to_string(max_elems) +
+                          ")");
       }
+      if (dim > 0) extent *= static_cast<uint64_t>(dim);
       rv.numel *= static_cast<uint64_t>(dim);
       rv.shape.push_back(dim);
     }
