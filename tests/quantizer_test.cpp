@@ -664,6 +664,18 @@ TEST(DiffQuantizer, EvalForwardWithGradModeBeforeTheBackwardThrows) {
   p.BackwardMatchesExplicit();  // unharmed by the refused forward
 }
 
+TEST(DiffQuantizer, QuantizeBeforeTheBackwardThrows) {
+  PendingMlpForward p(37);
+  ExpectError([&] { diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(p.q); },
+              "diffq::DiffQuantizer::quantize: parameter 'fc1.weight' holds the substitute of a "
+              "training forward whose backward is still to come; call backward() first, evaluate "
+              "in between with model->eval() under torch::NoGradGuard instead, or "
+              "restore_clean_weights() to drop that training forward");
+  EXPECT_FALSE(p.q.is_quantized());
+  p.BackwardMatchesExplicit();  // unharmed by the refused quantize()
+  EXPECT_NO_THROW(diffq::QuantizedGuard<DiffQuantizer<MLP>> guard(p.q));
+}
+
 TEST(DiffQuantizer, ForwardThatThrowsLeavesThePendingForwardItsNoise) {
   PendingMlpForward p(22);
   EXPECT_THROW(p.q.forward(torch::randn({3, 11})), c10::Error);  // 11 inputs for 10: fc1 throws

@@ -242,9 +242,18 @@ class BaseQuantizer {
   void no_optimizer() { optimizer_ready_ = true; }
 
   /// Gives every quantized parameter its true quantized values until `unquantize()`; forwards then
-  /// use them in both modes. Throws on NaN/Inf weights.
+  /// use them in both modes. Throws on NaN/Inf weights, and while a training forward awaits its
+  /// backward (quantizing would drop its noisy weights, so its backward would see the clean ones:
+  /// evaluate in between with `model->eval()` under `torch::NoGradGuard` instead).
   void quantize() {
     check_attached("quantize");
+    for (const auto& q : params_) {
+      TORCH_CHECK(!awaiting_backward(*q), traits_.name, "::quantize: parameter '", q->name,
+                  "' holds the substitute of a training forward whose backward is still to "
+                  "come; call backward() first, evaluate in between with model->eval() under "
+                  "torch::NoGradGuard instead, or restore_clean_weights() to drop that training "
+                  "forward");
+    }
     restore_all_checked("quantize");
     try {
       for (auto& q : params_) set_quantized(*q);
