@@ -850,8 +850,11 @@ TEST(DiffQuantizer, WritesIntoASubstituteAreReportedNotLostSilently) {
                   what +
                   "the write is lost: the clean weights were "
                   "restored. Run eval forwards under "
-                  "torch::NoGradGuard, and call "
-                  "restore_clean_weights() before writing");
+                  "torch::NoGradGuard, call "
+                  "restore_clean_weights() before writing into the parameters "
+                  "(optimizer.step(), loading), and take the gradients of training forwards "
+                  "with backward() (torch::autograd::grad does not run the quantizer's gradient "
+                  "hooks)");
   // `clean` was read while the parameters held the (stepped) quantized weights: they differ.
   for (const auto& kv : clean) {
     if (kv.first.find("_diffq") != std::string::npos) continue;
@@ -1409,6 +1412,33 @@ TEST(DiffQuantizer, MinSizeAndExcludeSelectQuantizedTensors) {
   MLP model2;
   DiffQuantizer<MLP> q2(model2, DiffQOptions().min_size_mb(0).exclude({"bias"}));
   EXPECT_EQ(q2.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
+}
+
+TEST(DiffQuantizer, ExcludeMatchesAnyNameOfATiedParameter) {
+  // One tensor under the names emb.weight and out.weight: excluding either name excludes it.
+  for (const std::string& name : {"emb.weight", "out.weight", "out.*"}) {
+    Tied model;
+    DiffQuantizer<Tied> q(model, DiffQOptions().min_size_mb(0).exclude({name}));
+    EXPECT_TRUE(q.quantized_names().empty()) << name;
+    EXPECT_EQ(model->named_parameters().size(), 2u) << name;  // its two names, no logit
+  }
+  Tied model;
+  DiffQuantizer<Tied> q(model, DiffQOptions().min_size_mb(0));
+  EXPECT_EQ(q.quantized_names(), std::vector<std::string>{"emb.weight"});
+}
+
+TEST(DiffQuantizer, ExcludePatternMatchingNothingWarns) {
+  MLP model;
+  testing::internal::CaptureStderr();
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0).exclude({"fc1.weights", "*bias"}));
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("diffq::DiffQuantizer: exclude pattern 'fc1.weights' matches no parameter "
+                     "(patterns match full dotted names such as 'fc1.weight' and leaf names "
+                     "such as 'weight')"),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(err.find("'*bias'"), std::string::npos) << err;
+  EXPECT_EQ(q.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
 }
 
 /// Change of the mean bit width over 30 Adam steps on `device` with penalty weight `lambda`.

@@ -428,13 +428,6 @@ class BaseQuantizer {
     return false;
   }
 
-  bool excluded(const std::string& full, const std::string& leaf) const {
-    for (const auto& pattern : options_.exclude()) {
-      if (detail::glob_match(pattern, full) || detail::glob_match(pattern, leaf)) return true;
-    }
-    return false;
-  }
-
   /// Adds the auxiliary tensors to `optimizer` as a param group (learning rate `lr`, weight decay
   /// 0). Throws if the optimizer already holds one of them, or is of an unsupported type.
   void setup_aux_optimizer(torch::optim::Optimizer& optimizer, double lr) {
@@ -485,8 +478,18 @@ class BaseQuantizer {
                     "'); wrap a model only once, or detach() the previous quantizer");
       }
     }
-    std::unordered_map<const void*, std::shared_ptr<Param>> by_impl;
-    std::unordered_map<const void*, std::string> seen;  // every parameter, first name
+    // Every parameter tensor once, with all its names (tied parameters have several): the
+    // first name gives the logit's owner and name; `exclude` applies if any name matches.
+    struct Found {
+      at::Tensor param;
+      std::shared_ptr<torch::nn::Module> owner;  ///< module of the first name
+      std::string leaf;                          ///< first name within its module
+      std::vector<std::string> names;            ///< full dotted names, first one first
+      bool excluded = false;
+    };
+    std::vector<Found> found;
+    std::unordered_map<const void*, size_t> by_impl;
+    std::vector<bool> pattern_used(options_.exclude().size(), false);
     for (const auto& mod : model_->named_modules("", /*include_self=*/true)) {
       const std::string& prefix = mod.key();
       const auto& module = mod.value();
@@ -495,37 +498,52 @@ class BaseQuantizer {
         if (!p.defined()) continue;
         const std::string full = prefix.empty() ? item.key() : prefix + "." + item.key();
         const void* impl = p.unsafeGetTensorImpl();
-        auto tied = seen.find(impl);
-        if (tied != seen.end()) {
+        auto tied = by_impl.find(impl);
+        if (tied == by_impl.end()) {
+          tied = by_impl.emplace(impl, found.size()).first;
+          found.push_back(Found{p, module, item.key(), {}, false});
+        } else {
           TORCH_CHECK(options_.detect_bound(), traits_.name, ": parameter '", full,
-                      "' is tied to '", tied->second, "'; tied parameters need detect_bound(true)");
-          auto it = by_impl.find(impl);
-          if (it != by_impl.end()) it->second->names.push_back(full);
-          continue;
+                      "' is tied to '", found[tied->second].names[0],
+                      "'; tied parameters need detect_bound(true)");
         }
-        seen[impl] = full;
-        const double fp32_mb = 4.0 * static_cast<double>(p.numel()) / 1048576.0;
-        if (!p.is_floating_point() || fp32_mb <= options_.min_size_mb() ||
-            excluded(full, item.key())) {
-          continue;
+        Found& f = found[tied->second];
+        f.names.push_back(full);
+        for (size_t k = 0; k < options_.exclude().size(); ++k) {
+          const std::string& pattern = options_.exclude()[k];
+          if (detail::glob_match(pattern, full) || detail::glob_match(pattern, item.key())) {
+            f.excluded = true;
+            pattern_used[k] = true;
+          }
         }
-        TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, traits_.name,
-                    ": parameter '", full, "' has dtype ", p.scalar_type(),
-                    "; expected float32 or float64");
-        auto q = std::make_shared<Param>();
-        q->name = full;
-        q->names = {full};
-        q->owner = module;
-        q->aux_name = item.key() + suffix;
-        q->param = p;
-        q->numel = p.numel();
-        at::Tensor aux = derived().init_param(*q);
-        if (aux.defined()) {
-          q->aux = module->register_parameter(q->aux_name, aux, /*requires_grad=*/true);
-        }
-        by_impl[impl] = q;
-        params_.push_back(q);
       }
+    }
+    for (size_t k = 0; k < pattern_used.size(); ++k) {
+      if (!pattern_used[k]) {
+        TORCH_WARN(traits_.name, ": exclude pattern '", options_.exclude()[k],
+                   "' matches no parameter (patterns match full dotted names such as "
+                   "'fc1.weight' and leaf names such as 'weight')");
+      }
+    }
+    for (auto& f : found) {
+      const at::Tensor& p = f.param;
+      const double fp32_mb = 4.0 * static_cast<double>(p.numel()) / 1048576.0;
+      if (!p.is_floating_point() || fp32_mb <= options_.min_size_mb() || f.excluded) continue;
+      TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, traits_.name,
+                  ": parameter '", f.names[0], "' has dtype ", p.scalar_type(),
+                  "; expected float32 or float64");
+      auto q = std::make_shared<Param>();
+      q->name = f.names[0];
+      q->names = f.names;
+      q->owner = f.owner;
+      q->aux_name = f.leaf + suffix;
+      q->param = p;
+      q->numel = p.numel();
+      at::Tensor aux = derived().init_param(*q);
+      if (aux.defined()) {
+        q->aux = f.owner->register_parameter(q->aux_name, aux, /*requires_grad=*/true);
+      }
+      params_.push_back(q);
     }
     for (auto& q : params_) {
       hook_shared_->params.push_back(q);
@@ -670,9 +688,10 @@ class BaseQuantizer {
            "run with grad mode on, or of quantize()); " +
            (restored ? "the write is lost: the clean weights were restored"
                      : "the clean weights do not hold the write") +
-           ". Run eval forwards under torch::NoGradGuard, and call "
+           ". Run eval forwards under torch::NoGradGuard, call "
            "restore_clean_weights() before writing into the parameters (optimizer.step(), "
-           "loading)";
+           "loading), and take the gradients of training forwards with backward() "
+           "(torch::autograd::grad does not run the quantizer's gradient hooks)";
   }
 
   /// `restore_all`, then throws if a substitute had been written in place (that write is lost).

@@ -55,7 +55,8 @@ struct DiffQOptions {
   /// What the logits parametrise.
   TORCH_ARG(Param, param) = Param::kBits;
   /// Glob patterns (`*`, `?`, `[...]`) of parameters never quantized, matched against the full
-  /// dotted name (`"encoder.0.bias"`) and the leaf name (`"bias"`).
+  /// dotted name (`"encoder.0.bias"`) and the leaf name (`"bias"`). A tied parameter is excluded
+  /// if any of its names matches. A pattern that matches no name gets a warning (`TORCH_WARN`).
   TORCH_ARG(std::vector<std::string>, exclude) = {};
   /// Tied parameters (one tensor registered under several names) share one logit and count once in
   /// the model size. With `false`, a model with tied parameters is refused.

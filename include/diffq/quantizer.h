@@ -20,7 +20,8 @@
 /// write into substituted values (which restoring would lose) is reported by the next such call
 /// if it moved the version counter (LibTorch's SGD writes through `.data()`, unseen), and a second
 /// backward through one training forward (`retain_graph`) is refused; see
-/// `BaseQuantizer::forward`.
+/// `BaseQuantizer::forward`. The gradients must come from `backward()`: `torch::autograd::grad`
+/// runs no hook of a leaf tensor on LibTorch 1.13 (not supported).
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -449,8 +450,8 @@ class DiffQuantizer
       // The path through max w − min w adds ±s, spread over the ties, to a few elements of the
       // weight gradient. Rather than copying the whole gradient, add it to `param.grad` once the
       // backward pass has accumulated it (the engine's final callbacks run once the whole graph
-      // is done). A gradient taken with torch::autograd::grad() instead of backward() has no
-      // `param.grad` to receive it and lacks this term.
+      // is done). torch::autograd::grad() is not supported (README): it runs no hook of a leaf
+      // on LibTorch 1.13, and has no `param.grad` to receive this term.
       std::weak_ptr<QParam> weak = q.shared_from_this();
       torch::autograd::Engine::get_default_engine().queue_callback([weak, s] {
         auto q = weak.lock();
