@@ -1018,6 +1018,43 @@ TEST(DiffQuantizer, FrozenParameterSharesTheNoiseOfSeveralForwards) {
   EXPECT_TRUE(MatchesSnapshot(*model, before));
 }
 
+/// A linear map whose weight is registered non-contiguous (the transpose of a [6, 10] tensor).
+struct StridedWeightImpl : torch::nn::Module {
+  StridedWeightImpl() : w(register_parameter("w", torch::randn({6, 10}).t())) {}
+  torch::Tensor forward(const torch::Tensor& x) { return x.matmul(w); }
+  torch::Tensor w;
+};
+TORCH_MODULE(StridedWeight);
+
+TEST(DiffQuantizer, NonContiguousParameterGradientsMatchExplicitComputation) {
+  for (bool ref_kernels : {false, true}) {
+    SCOPED_TRACE(ref_kernels);
+    torch::manual_seed(38);
+    StridedWeight model;
+    ASSERT_FALSE(model->w.is_contiguous());
+    const auto strides = model->w.strides().vec();
+    const auto clean = model->w.detach().clone();
+    const auto options = DiffQOptions().group_size(7).min_size_mb(0);
+    DiffQuantizer<StridedWeight> q(model, options);
+    q.use_reference_kernels(ref_kernels);
+    q.no_optimizer();
+    RandomLogits(q);
+    auto x = torch::randn({4, 10});
+    auto loss = q.forward(x).sin().sum();
+    const auto u = q.noise("w").clone();
+    loss.backward();
+    auto w = clean.clone().requires_grad_(true);
+    auto l = model->named_parameters()["w_diffq"].detach().clone().requires_grad_(true);
+    auto ref = x.matmul(RefNoisy(w, l, u, options)).sin().sum();
+    ref.backward();
+    EXPECT_TRUE(Close(loss, ref));
+    EXPECT_TRUE(Close(model->w.grad(), w.grad()));
+    EXPECT_TRUE(Close(model->named_parameters()["w_diffq"].grad(), l.grad()));
+    EXPECT_TRUE(BitEqual(model->w.detach(), clean));
+    EXPECT_EQ(model->w.strides().vec(), strides);  // the clean weight is the original tensor
+  }
+}
+
 struct SparseEmbeddingImpl : torch::nn::Module {
   SparseEmbeddingImpl()
       : emb(register_module("emb",

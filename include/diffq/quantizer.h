@@ -531,9 +531,9 @@ class DiffQuantizer
   /// Draws a new noise sample and gives the parameter `w + Δ·u`.
   void set_training(QParam& q) {
     at::NoGradGuard no_grad;
-    const auto w = q.param.detach();
-    TORCH_CHECK(w.is_contiguous(), "diffq::DiffQuantizer: parameter '", q.name,
-                "' is not contiguous");
+    // The kernels read the weights in row-major order: a non-contiguous parameter is read from a
+    // contiguous copy (its noisy substitute is contiguous; its clean tensor comes back as it was).
+    const auto w = q.param.detach().contiguous();
     q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
              q.aux.is_contiguous() && q.aux.scalar_type() == at::kFloat &&
              q.aux.device().is_cpu() && q.aux.numel() == q.groups;
