@@ -374,6 +374,21 @@ TEST(Bits, FiniteMinMaxRejectsNaNInfAndEmpty) {
       },
       "cannot quantize NaN or Inf weights");
   ExpectError([] { diffq::finite_min_max(torch::empty({0}), "e"); }, "diffq: tensor 'e' is empty");
+  // Finite values whose range max − min overflows the dtype (dequantization computes it there).
+  const float big = 3e38f;
+  ExpectError(
+      [&] {
+        diffq::finite_min_max(torch::tensor({-big, big}), "w");
+      },
+      "diffq: tensor 'w' spans [-3e+38, 3e+38]: max - min overflows Float; cannot "
+      "quantize it");
+  ExpectError(
+      [] {
+        diffq::finite_min_max(torch::tensor({-1e308, 1e308}, at::kDouble), "d");
+      },
+      "diffq: tensor 'd' spans [-1e+308, 1e+308]: max - min overflows Double");
+  EXPECT_EQ(diffq::finite_min_max(torch::tensor({0.0f, big}), "w"),
+            std::make_pair(0.0, static_cast<double>(big)));
 }
 
 TEST(Bits, QuantizeShapeChecks) {

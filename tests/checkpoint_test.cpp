@@ -1117,6 +1117,33 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
   EXPECT_NE(info_error(b).find("min and max must be finite with min <= max, got min=nan"),
             std::string::npos)
       << info_error(b);
+  // Finite doubles, but max − min overflows the tensor's dtype (float32 here), or a value lies
+  // beyond float32's range.
+  auto put_f64 = [](Bytes& bytes, size_t at, double v) {
+    uint64_t u;
+    std::memcpy(&u, &v, 8);
+    wr(bytes, at, u, 8);
+  };
+  b = good;
+  put_f64(b, qh + 8, -1e300);
+  put_f64(b, qh + 16, 1e300);
+  EXPECT_NE(info_error(b).find("record 0 ('a.weight') at byte " + std::to_string(qh + 8) +
+                               ": max - min must be finite in float32, got min=-1e+300 "
+                               "max=1e+300"),
+            std::string::npos)
+      << info_error(b);
+  b = good;
+  put_f64(b, qh + 8, 1e300);
+  put_f64(b, qh + 16, 1e300);
+  EXPECT_NE(info_error(b).find("max - min must be finite in float32, got min=1e+300"),
+            std::string::npos)
+      << info_error(b);
+  b = good;  // record 1 is float64: its max − min must be finite in double
+  put_f64(b, rec[1] + 8 + 8 + 8 + 8 * 3 + 8, -1e308);
+  put_f64(b, rec[1] + 8 + 8 + 8 + 8 * 3 + 16, 1e308);
+  EXPECT_NE(info_error(b).find("max - min must be finite in float64, got min=-1e+308"),
+            std::string::npos)
+      << info_error(b);
   b = good;
   b[qh + 24] = 7;
   EXPECT_NE(info_error(b).find("unknown bit widths encoding 7"), std::string::npos);
@@ -1438,6 +1465,13 @@ TEST(Checkpoint, WriterRejectsInvalidStates) {
   s = base();
   s.quantized[0].min = 2;
   EXPECT_NE(save_error(s).find("got min=2 max=1"), std::string::npos);
+  s = base();
+  s.quantized[0].min = -3e38;
+  s.quantized[0].max = 3e38;
+  EXPECT_NE(save_error(s).find("tensor 'w': max - min must be finite in float32, got min=-3e+38 "
+                               "max=3e+38"),
+            std::string::npos)
+      << save_error(s);
   s = base();
   s.quantized[0].levels = lv.to(at::kInt);
   EXPECT_NE(save_error(s).find("expected levels as int16 with 16 elements, got Int"),

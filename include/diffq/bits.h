@@ -174,7 +174,8 @@ inline at::Tensor expand_groups(const at::Tensor& per_group, int64_t numel, int6
 }
 
 /// Minimum and maximum of a tensor, as values of its own dtype stored in doubles. Throws, naming
-/// `name`, if the tensor is empty or holds NaN or ±Inf values.
+/// `name`, if the tensor is empty, holds NaN or ±Inf values, or spans a range `max − min` that
+/// overflows its dtype (dequantization could not compute it).
 inline std::pair<double, double> finite_min_max(const at::Tensor& w, const std::string& name) {
   TORCH_CHECK(w.numel() > 0, "diffq: tensor '", name, "' is empty");
   auto mm = at::aminmax(w.detach());
@@ -183,6 +184,12 @@ inline std::pair<double, double> finite_min_max(const at::Tensor& w, const std::
   TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "diffq: tensor '", name,
               "' holds non-finite values (min=", lo, ", max=", hi,
               "); cannot quantize NaN or Inf weights");
+  const bool is_float = w.scalar_type() == at::kFloat;
+  const double range = hi - lo;
+  TORCH_CHECK(is_float ? range <= static_cast<double>(std::numeric_limits<float>::max())
+                       : std::isfinite(range),
+              "diffq: tensor '", name, "' spans [", lo, ", ", hi, "]: max - min overflows ",
+              w.scalar_type(), "; cannot quantize it");
   return {lo, hi};
 }
 

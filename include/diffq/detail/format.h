@@ -117,6 +117,18 @@ inline const char* dtype_name(uint8_t dt) {
                                            "int8",     "uint8",   "bool"};
   return dt < kNumDtypes ? kNames[dt] : "unknown";
 }
+
+/// Whether `max − min` of a quantized tensor of dtype `dt` (`kDtFloat32` or `kDtFloat64`) is
+/// finite in that dtype, as dequantization computes it (finite `min <= max` given); for float32,
+/// `min` and `max` must also be float32 values in range.
+inline bool range_fits(uint8_t dt, double min, double max) {
+  if (dt == kDtFloat32) {
+    const double top = static_cast<double>(std::numeric_limits<float>::max());
+    return std::abs(min) <= top && std::abs(max) <= top && max - min <= top;
+  }
+  return std::isfinite(max - min);
+}
+
 inline bool dtype_is_floating(uint8_t dt) {
   return dt == kDtFloat32 || dt == kDtFloat64 || dt == kDtFloat16 || dt == kDtBFloat16;
 }
@@ -546,6 +558,9 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
     TORCH_CHECK(std::isfinite(q.min) && std::isfinite(q.max) && q.min <= q.max, where, ": tensor '",
                 q.name, "': min and max must be finite with min <= max, got min=", q.min,
                 " max=", q.max);
+    TORCH_CHECK(range_fits(q.dtype, q.min, q.max), where, ": tensor '", q.name,
+                "': max - min must be finite in ", dtype_name(q.dtype), ", got min=", q.min,
+                " max=", q.max);
     groups[r] = groups_of(numels[r], static_cast<uint64_t>(q.group_size));
     for (uint64_t g = 0; g < groups[r]; ++g) {
       TORCH_CHECK(q.bits[g] >= 1 && q.bits[g] <= 15, where, ": tensor '", q.name,
@@ -853,6 +868,12 @@ inline void parse_quantized(ByteReader& b, RecordView& rv, uint32_t segment_elem
   if (!(std::isfinite(rv.min) && std::isfinite(rv.max) && rv.min <= rv.max)) {
     std::ostringstream os;
     os << "min and max must be finite with min <= max, got min=" << rv.min << " max=" << rv.max;
+    b.fail(mm_off, os.str());
+  }
+  if (!range_fits(rv.dtype, rv.min, rv.max)) {
+    std::ostringstream os;
+    os << "max - min must be finite in " << dtype_name(rv.dtype) << ", got min=" << rv.min
+       << " max=" << rv.max;
     b.fail(mm_off, os.str());
   }
   const uint64_t be_off = b.offset();
