@@ -72,6 +72,7 @@
 #include <filesystem>
 #else
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 
@@ -178,11 +179,38 @@ struct ByteSource {
   std::string name;
 };
 
+/// The system's message for errno value `err`.
+inline std::string errno_message(int err) {
+  return err != 0 ? std::generic_category().message(err) : std::string("unknown error");
+}
+
 inline ByteSource source_from_file(const std::string& path, const std::string& where) {
   ByteSource s;
   s.name = path;
+  // Only regular files: a directory would report a huge size, a pipe none.
+#ifdef _WIN32
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  TORCH_CHECK(ec || !std::filesystem::exists(status) || std::filesystem::is_regular_file(status),
+              where, ": ", path,
+              ": not a regular file; expected a checkpoint file (read other sources through the "
+              "std::istream overload)");
+#else
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) {
+    TORCH_CHECK(S_ISREG(st.st_mode), where, ": ", path, ": not a regular file (",
+                S_ISDIR(st.st_mode) ? "a directory" : "a device, pipe or socket",
+                "); expected a checkpoint file (read other sources through the std::istream "
+                "overload)");
+  }
+#endif
+  errno = 0;
   std::ifstream f(path, std::ios::binary);
-  TORCH_CHECK(f.is_open(), where, ": ", path, ": cannot open the file for reading");
+  if (!f.is_open()) {
+    const int err = errno;
+    TORCH_CHECK(false, where, ": ", path,
+                ": cannot open the file for reading: ", errno_message(err));
+  }
   f.seekg(0, std::ios::end);
   const std::streamoff end = f.tellg();
   TORCH_CHECK(end >= 0, where, ": ", path, ": cannot determine the file size");
@@ -305,10 +333,6 @@ inline int write_all(int fd, const uint8_t* data, size_t size) {
   return 0;
 }
 
-/// The system's message for errno value `err`.
-inline std::string errno_message(int err) {
-  return err != 0 ? std::generic_category().message(err) : std::string("unknown error");
-}
 #endif
 
 /// Writes `enc` to `path` atomically: to a new temporary file in the same folder, written and
