@@ -1288,7 +1288,23 @@ TEST(Checkpoint, RejectsFloatAliasHeaderAndLayoutInconsistencies) {
   const Bytes with_options = encode(small_state(), diffq::DiffQOptions());
   b = with_options;
   b[56 + 48] = 2;  // float16 flag
-  EXPECT_HAS(fixed_error(b), "invalid option flags");
+  EXPECT_HAS(fixed_error(b),
+             "header at byte 104: invalid option flags (float16, noise, param, detect_bound must "
+             "each be 0 or 1, got 2, 0, 0, 1)");
+  // The options block is checked as a quantizer checks its options.
+  b = with_options;
+  wr(b, 56, static_cast<uint64_t>(-5), 8);  // group_size
+  EXPECT_HAS(fixed_error(b), "header at byte 56: options block: group_size must be >= 0, got -5");
+  b = with_options;
+  {
+    const double nan = std::nan("");
+    uint64_t u;
+    std::memcpy(&u, &nan, 8);
+    wr(b, 64, u, 8);  // min_bits
+  }
+  EXPECT_HAS(fixed_error(b), "header at byte 56: options block: min_bits must be >= 1, got nan");
+  EXPECT_HAS(error_of([] { encode(small_state(), diffq::DiffQOptions().max_bits(16)); }),
+             "diffq::save_quantized: options: max_bits must be <= 15, got 16");
   b = with_options;
   {
     const size_t hb = static_cast<size_t>(rd(b, 12, 4));

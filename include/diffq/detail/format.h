@@ -7,6 +7,7 @@
 /// be fuzzed (`tests/fuzz/checkpoint_fuzz.cpp`) and built with AddressSanitizer/UBSan without
 /// LibTorch's tensors. The tensor-level API is `diffq/checkpoint.h`.
 
+#include <diffq/bits.h>
 #include <diffq/detail/byte_io.h>
 #include <diffq/detail/huffman.h>
 #include <diffq/options.h>
@@ -506,6 +507,8 @@ inline EncodedCheckpoint encode_checkpoint(const WriterInput& in, const Parallel
                   (in.segment_elems & (in.segment_elems - 1)) == 0,
               where, ": segment_elems must be a power of two in [", kMinSegmentElems, ", ",
               kMaxSegmentElems, "], got ", in.segment_elems);
+  // The reader checks the options block as a quantizer checks its options.
+  if (in.options) check_options(*in.options, where + ": options");
   std::set<std::string> names;
   auto add_name = [&](const std::string& n, const char* what) {
     check_name(n, where, what);
@@ -827,6 +830,7 @@ inline void parse_header(ByteReader& r, ParsedCheckpoint& pc, uint32_t counts[5]
   }
   pc.has_options = (flags & kFlagOptions) != 0;
   if (pc.has_options) {
+    const uint64_t options_off = h.offset();
     DiffQOptions& o = pc.options;
     o.group_size(h.i64("options"));
     o.min_bits(h.f64("options"));
@@ -837,7 +841,13 @@ inline void parse_header(ByteReader& r, ParsedCheckpoint& pc, uint32_t counts[5]
     const uint64_t b_off = h.offset();
     const uint8_t f16 = h.u8("options"), noise = h.u8("options"), param = h.u8("options"),
                   bound = h.u8("options");
-    if (f16 > 1 || noise > 1 || param > 1 || bound > 1) h.fail(b_off, "invalid option flags");
+    if (f16 > 1 || noise > 1 || param > 1 || bound > 1) {
+      h.fail(b_off,
+             "invalid option flags (float16, noise, param, detect_bound must each be 0 or "
+             "1, got " +
+                 std::to_string(f16) + ", " + std::to_string(noise) + ", " + std::to_string(param) +
+                 ", " + std::to_string(bound) + ")");
+    }
     o.float16(f16 == 1);
     o.noise(noise == 0 ? Noise::kGaussian : Noise::kUniform);
     o.param(param == 0 ? Param::kBits : Param::kNoise);
@@ -851,6 +861,11 @@ inline void parse_header(ByteReader& r, ParsedCheckpoint& pc, uint32_t counts[5]
       ex.push_back(h.str(len, "exclude pattern"));
     }
     o.exclude(ex);
+    try {
+      check_options(o, "options block");
+    } catch (const c10::Error& e) {
+      h.fail(options_off, e.msg());
+    }
   }
   if (h.remaining() != 0) {
     h.fail(std::to_string(h.remaining()) + " unexpected bytes at the end of the header");
