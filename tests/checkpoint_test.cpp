@@ -1386,6 +1386,10 @@ TEST(Checkpoint, RejectsNamesDimsAndTrailingRecordsBehindValidCrcs) {
   b = good;
   b[rec[2] + 11] = 33;  // ndim
   EXPECT_HAS(fixed_error(b), "33 dims, at most 32");
+  b[rec[2] + 17] = 0x1b;  // an escape character in the name is printed escaped
+  b[rec[2] + 19] = '\n';
+  EXPECT_HAS(fixed_error(b), "record 2 ('a\\x1bb\\x0aas') at byte " + std::to_string(rec[2] + 11) +
+                                 ": 33 dims, at most 32");
   b = good;
   b[rec[2] + 10] = 99;
   EXPECT_HAS(fixed_error(b), "unknown stored dtype 99");

@@ -597,7 +597,7 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
       os << " the checkpoint's logits do not cover the model's ('*" << suffix
          << "'): wrap the model with the options the checkpoint was saved with;";
     }
-    TORCH_CHECK(false, os.str());
+    TORCH_CHECK(false, detail::escape_control(os.str()));
   }
   // Phase 1: everything that can fail (checks, decoding, allocations), with the model untouched:
   // every target must be fillable in place, every payload decodes and checks, and what phase 2

@@ -91,9 +91,29 @@ struct ErrorContext {
   }
 };
 
-/// Throws `c10::Error` with the context's prefix at byte `offset`, then `msg`.
+/// `text` with its control characters (bytes below 0x20, and 0x7f) written as `\xNN`, so that
+/// names read from a file cannot garble a terminal or a log line.
+inline std::string escape_control(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      static const char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[u >> 4];
+      out += kHex[u & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+/// Throws `c10::Error` with the context's prefix at byte `offset`, then `msg` (control characters
+/// escaped: the message may quote names read from the file).
 [[noreturn]] inline void fail_at(const ErrorContext& ctx, uint64_t offset, const std::string& msg) {
-  TORCH_CHECK(false, ctx.prefix(offset), msg);
+  TORCH_CHECK(false, escape_control(ctx.prefix(offset) + msg));
 }
 
 /// A bounded little-endian reader over `[data, data + size)`, whose positions are reported as
