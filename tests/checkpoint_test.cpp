@@ -25,6 +25,8 @@
 #include <vector>
 #ifndef _WIN32
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
 #endif
@@ -1580,6 +1582,33 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
 }
 
 #ifndef _WIN32
+TEST(Checkpoint, AtomicWriteFollowsSymlinksKeepsPermissionsAndTakesLongNames) {
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_links");
+  const auto s = small_state();
+  const std::string real = (dir / "real.ckpt").string();
+  const std::string link = (dir / "link.ckpt").string();
+  diffq::save_quantized_state(s, real);
+  ASSERT_EQ(::symlink("real.ckpt", link.c_str()), 0);
+  ASSERT_EQ(::chmod(real.c_str(), 0600), 0);
+  // Saving through the link replaces the file it points to; the link and the mode stay.
+  const size_t n = diffq::save_quantized_state(s, link, diffq::DiffQOptions());
+  struct stat lst;
+  ASSERT_EQ(::lstat(link.c_str(), &lst), 0);
+  EXPECT_TRUE(S_ISLNK(lst.st_mode));
+  EXPECT_EQ(read_file_bytes(real).size(), n);
+  struct stat st;
+  ASSERT_EQ(::stat(real.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  // A file name of 250 bytes (the temporary file's name is cut to fit the 255-byte limit).
+  const std::string long_path = (dir / (std::string(245, 'm') + ".ckpt")).string();
+  const size_t long_bytes = diffq::save_quantized_state(s, long_path);
+  EXPECT_EQ(read_file_bytes(long_path).size(), long_bytes);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  EXPECT_EQ(names.size(), 3u) << "no temporary left";
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
+}
+
 // A write(2) that fails half way (here: the file size limit, EFBIG) is reported with the system's
 // reason, the temporary file is removed and the previous checkpoint stays as it was.
 TEST(Checkpoint, AtomicWriteReportsAFailedWriteAndKeepsThePreviousFile) {

@@ -55,6 +55,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <istream>
@@ -337,6 +338,8 @@ inline int write_all(int fd, const uint8_t* data, size_t size) {
 
 /// Writes `enc` to `path` atomically: to a new temporary file in the same folder, written and
 /// closed, every step checked, then renamed over `path` (POSIX rename(2) replaces it in one step).
+/// On POSIX systems a symbolic link at `path` is followed (the file it points to is replaced, the
+/// link stays), and a replaced file's permission bits are kept (not its owner).
 /// On any failure the temporary file is removed and a previous file at `path` is left as it was;
 /// the message names the step and the system's reason (e.g. "No space left on device"). A crash of
 /// the process never leaves a partial file at `path`. The data is not flushed to the disk
@@ -354,8 +357,32 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
   const uint64_t stamp =
       static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   const size_t tid = std::hash<std::thread::id>()(std::this_thread::get_id());
-  const std::string tmp = path + ".tmp-" + std::to_string(stamp % 1000000007u) + "-" +
-                          std::to_string(tid % 1000003u) + "-" + std::to_string(counter++);
+  std::string target = path;
+#ifndef _WIN32
+  // A symbolic link is followed: the file it points to is replaced, the link stays.
+  struct stat lst;
+  if (::lstat(path.c_str(), &lst) == 0 && S_ISLNK(lst.st_mode)) {
+    if (char* resolved = ::realpath(path.c_str(), nullptr)) {
+      target = resolved;
+      std::free(resolved);
+    }
+  }
+  // A file replaced keeps its permission bits (a private checkpoint stays private).
+  struct stat old_st;
+  const bool keep_mode = ::stat(target.c_str(), &old_st) == 0 && S_ISREG(old_st.st_mode);
+#endif
+  // The temporary file sits beside the target; its name keeps at most 200 bytes of the target's
+  // (file names are limited to 255 bytes).
+#ifdef _WIN32
+  const size_t slash = target.find_last_of("/\\");
+#else
+  const size_t slash = target.find_last_of('/');
+#endif
+  const size_t base_begin = slash == std::string::npos ? 0 : slash + 1;
+  const std::string tmp =
+      target.substr(0, base_begin + std::min<size_t>(200, target.size() - base_begin)) + ".tmp-" +
+      std::to_string(stamp % 1000000007u) + "-" + std::to_string(tid % 1000003u) + "-" +
+      std::to_string(counter++);
   bool created = false;
 #ifdef _WIN32
   try {
@@ -390,6 +417,11 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
                   "': ", errno_message(err));
     }
     created = true;
+    if (keep_mode && ::fchmod(fd, old_st.st_mode & 07777) != 0) {
+      const int err = errno;
+      TORCH_CHECK(false, where, ": ", path, ": cannot give the temporary file '", tmp,
+                  "' the permissions of the file it replaces: ", errno_message(err));
+    }
     for (const auto& p : enc.pieces) {
       const int err = write_all(fd, p.data(), p.size());
       TORCH_CHECK(err == 0, where, ": ", path, ": writing the temporary file '", tmp,
@@ -400,7 +432,7 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
     fd = -1;
     TORCH_CHECK(closed == 0, where, ": ", path, ": closing the temporary file '", tmp,
                 "' failed: ", errno_message(close_err));
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (std::rename(tmp.c_str(), target.c_str()) != 0) {
       const int err = errno;
       TORCH_CHECK(false, where, ": ", path,
                   ": cannot rename the temporary file into place: ", errno_message(err));
