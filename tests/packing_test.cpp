@@ -270,6 +270,13 @@ TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
   const Bytes bad{0xFF, 0xFF, 0xFF, 0xFF};  // BTYPE = 11: invalid block type
   EXPECT_EQ(std::string(diffq::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10)),
             "corrupt deflate stream");
+  std::string reason;
+  EXPECT_EQ(std::string(diffq::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10, &reason)),
+            "corrupt deflate stream");
+  EXPECT_EQ(reason, "invalid block type");  // zlib's own message
+  // An empty stream for an empty output lacks its final block; it does not hold too much data.
+  EXPECT_EQ(std::string(diffq::inflate_raw_zlib(h.data(), 0, out.data(), 0)),
+            "deflate stream ends before its final block");
   const Bytes quad = diffq::deflate_huffman4(in.data(), in.size());
   EXPECT_EQ(std::string(diffq::inflate_huffman4(quad.data(), 11, out.data(), 3000)),
             "Huffman quad shorter than its 12-byte size table");
@@ -277,6 +284,23 @@ TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
   big[3] = 0x7F;  // first stream claims 2 GB
   EXPECT_EQ(std::string(diffq::inflate_huffman4(big.data(), big.size(), out.data(), 3000)),
             "Huffman quad stream sizes exceed the payload");
+  std::string detail;
+  diffq::inflate_huffman4(big.data(), big.size(), out.data(), 3000, &detail);
+  EXPECT_EQ(detail.find("the first three streams declare " +
+                        std::to_string(diffq::detail::load_le<uint32_t>(big.data())) + " + "),
+            0u)
+      << detail;
+  // Which stream fails, its size and symbol count, and zlib's reason.
+  Bytes corrupt = quad;
+  const uint32_t s1 = diffq::detail::load_le<uint32_t>(quad.data());
+  const uint32_t s2 = diffq::detail::load_le<uint32_t>(quad.data() + 4);
+  corrupt[12 + s1] = 0xFF;  // first byte of stream 2: BTYPE = 11
+  detail.clear();
+  EXPECT_EQ(std::string(
+                diffq::inflate_huffman4(corrupt.data(), corrupt.size(), out.data(), 3000, &detail)),
+            "corrupt deflate stream");
+  EXPECT_EQ(detail, "stream 2 of 4: " + std::to_string(s2) +
+                        " bytes for 750 symbols; zlib: invalid block type");
 }
 
 TEST(Packing, DeflateRawRoundTrip) {

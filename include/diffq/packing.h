@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace diffq {
@@ -312,9 +313,11 @@ inline std::vector<uint8_t> deflate_raw(const uint8_t* data, size_t n_bytes, int
 
 /// Decompresses the raw deflate stream `in` (`n_in` bytes) into exactly `n_out` bytes at `out`.
 /// Returns nullptr on success, else a description of the failure: a corrupt stream, a stream that
-/// ends early or would produce more than `n_out` bytes, or bytes left over after its end. Never
+/// ends early or would produce more than `n_out` bytes, or bytes left over after its end; `reason`,
+/// if given, then receives zlib's own message when it has one (e.g. "invalid block type"). Never
 /// writes past `out + n_out`.
-inline const char* inflate_raw_zlib(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out) {
+inline const char* inflate_raw_zlib(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out,
+                                    std::string* reason = nullptr) {
   z_stream s;
   std::memset(&s, 0, sizeof(s));
   if (inflateInit2(&s, -15) != Z_OK) return "inflateInit2 failed";
@@ -338,12 +341,16 @@ inline const char* inflate_raw_zlib(const uint8_t* in, size_t n_in, uint8_t* out
     if (rc != Z_OK) break;  // Z_DATA_ERROR, Z_BUF_ERROR (no progress possible), Z_MEM_ERROR
     if (out_left == 0 && s.avail_out == 0 && in_step == s.avail_in) break;  // output full
   }
+  if (reason != nullptr && rc != Z_STREAM_END && s.msg != nullptr) *reason = s.msg;
   inflateEnd(&s);
   if (rc == Z_DATA_ERROR) return "corrupt deflate stream";
   if (rc == Z_MEM_ERROR) return "out of memory in inflate";
   if (rc != Z_STREAM_END) {
-    return out_left == 0 ? "deflate stream holds more data than declared"
-                         : "deflate stream ends before the declared size";
+    if (in_left == 0) {
+      return out_left == 0 ? "deflate stream ends before its final block"
+                           : "deflate stream ends before the declared size";
+    }
+    return "deflate stream holds more data than declared";
   }
   if (out_left != 0) return "deflate stream holds less data than declared";
   if (in_left != 0) return "bytes left over after the end of the deflate stream";
@@ -352,9 +359,10 @@ inline const char* inflate_raw_zlib(const uint8_t* in, size_t n_in, uint8_t* out
 
 /// `inflate_raw_zlib`, after trying the fast decoder of literal-only Huffman blocks (what the
 /// checkpoint writer produces), which declines anything else.
-inline const char* inflate_raw_exact(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out) {
+inline const char* inflate_raw_exact(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out,
+                                     std::string* reason = nullptr) {
   if (detail::inflate_literals_fast(in, n_in, out, n_out)) return nullptr;
-  return inflate_raw_zlib(in, n_in, out, n_out);
+  return inflate_raw_zlib(in, n_in, out, n_out, reason);
 }
 
 /// Encodes `n` bytes as one literal-only raw deflate block with a dynamic Huffman code built from
@@ -382,16 +390,25 @@ inline std::vector<uint8_t> deflate_huffman4(const uint8_t* data, size_t n) {
 }
 
 /// Decodes a Huffman quad (`deflate_huffman4`) of `n_in` bytes into exactly `n_out` bytes.
-/// Returns nullptr on success, else a description of the failure. Never reads or writes out of
-/// bounds.
-inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out) {
+/// Returns nullptr on success, else a description of the failure; `detail`, if given, then
+/// receives which stream failed and the sizes involved (and zlib's message, if any). Never reads
+/// or writes out of bounds.
+inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out,
+                                    std::string* detail = nullptr) {
   if (n_in < 12) return "Huffman quad shorter than its 12-byte size table";
   uint64_t sizes[4], sum = 0;
   for (int k = 0; k < 3; ++k) {
     sizes[k] = detail::load_le<uint32_t>(in + 4 * k);
     sum += sizes[k];
   }
-  if (sum > n_in - 12) return "Huffman quad stream sizes exceed the payload";
+  if (sum > n_in - 12) {
+    if (detail != nullptr) {
+      *detail = "the first three streams declare " + std::to_string(sizes[0]) + " + " +
+                std::to_string(sizes[1]) + " + " + std::to_string(sizes[2]) + " bytes, " +
+                std::to_string(n_in - 12) + " follow the size table";
+    }
+    return "Huffman quad stream sizes exceed the payload";
+  }
   sizes[3] = n_in - 12 - sum;
   size_t begin[4], size[4];
   detail::quarters(n_out, begin, size);
@@ -399,8 +416,18 @@ inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out
   size_t n_ins[4];
   uint8_t* outs[4];
   size_t at = 12;
+  auto stream_detail = [&](int k, const std::string& extra) {
+    if (detail != nullptr) {
+      *detail = "stream " + std::to_string(k + 1) + " of 4: " + std::to_string(sizes[k]) +
+                " bytes for " + std::to_string(size[k]) + " symbols" +
+                (extra.empty() ? std::string() : "; zlib: " + extra);
+    }
+  };
   for (int k = 0; k < 4; ++k) {
-    if (sizes[k] < (size[k] + 7) / 8) return "Huffman quad stream too short for its symbols";
+    if (sizes[k] < (size[k] + 7) / 8) {
+      stream_detail(k, "");
+      return "Huffman quad stream too short for its symbols";
+    }
     ins[k] = in + at;
     n_ins[k] = static_cast<size_t>(sizes[k]);
     outs[k] = out + begin[k];
@@ -410,7 +437,11 @@ inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out
   detail::inflate_literals_fast4(ins, n_ins, outs, size, ok);
   for (int k = 0; k < 4; ++k) {
     if (ok[k]) continue;
-    if (const char* err = inflate_raw_zlib(ins[k], n_ins[k], outs[k], size[k])) return err;
+    std::string reason;
+    if (const char* err = inflate_raw_zlib(ins[k], n_ins[k], outs[k], size[k], &reason)) {
+      stream_detail(k, reason);
+      return err;
+    }
   }
   return nullptr;
 }

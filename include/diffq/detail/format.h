@@ -915,8 +915,10 @@ inline void parse_quantized(ByteReader& b, RecordView& rv, uint32_t segment_elem
                          " bytes cannot hold " + std::to_string(nib_bytes) + " bytes");
     }
     nib.resize(static_cast<size_t>(nib_bytes));
-    if (const char* err = inflate_raw_exact(bp, bits_payload, nib.data(), nib.size())) {
-      b.fail(bp_off, std::string("bit widths: ") + err);
+    std::string why;
+    if (const char* err = inflate_raw_exact(bp, bits_payload, nib.data(), nib.size(), &why)) {
+      b.fail(bp_off,
+             std::string("bit widths: ") + err + (why.empty() ? "" : " (zlib: " + why + ")"));
     }
   }
   rv.bits.resize(static_cast<size_t>(groups));
@@ -1170,7 +1172,10 @@ inline void decode_levels(const ChunkView& c, uint16_t* lv, uint8_t* sym, const 
   if (c.encoding == kChunkBitpack) {
     unpack_bits(c.payload, c.payload_bytes, n, b, lv);
   } else if (c.encoding == kChunkZlibBytes) {
-    if (const char* err = inflate_huffman4(c.payload, c.payload_bytes, sym, n)) chunk_fail(err);
+    std::string why;
+    if (const char* err = inflate_huffman4(c.payload, c.payload_bytes, sym, n, &why)) {
+      chunk_fail(std::string(err) + (why.empty() ? "" : " (" + why + ")"));
+    }
     uint8_t mx = 0;
     for (size_t i = 0; i < n; ++i) {
       mx = std::max(mx, sym[i]);
@@ -1187,7 +1192,10 @@ inline void decode_levels(const ChunkView& c, uint16_t* lv, uint8_t* sym, const 
       chunk_fail("high-byte plane of " + std::to_string(hb) + " bytes does not add up to the " +
                  std::to_string(c.payload_bytes) + "-byte payload");
     }
-    if (const char* err = inflate_huffman4(c.payload + 4, hb, sym, n)) chunk_fail(err);
+    std::string why;
+    if (const char* err = inflate_huffman4(c.payload + 4, hb, sym, n, &why)) {
+      chunk_fail(std::string("high-byte plane: ") + err + (why.empty() ? "" : " (" + why + ")"));
+    }
     unpack_bits(c.payload + 4 + hb, static_cast<size_t>(low), n, shift, lv);
     for (size_t i = 0; i < n; ++i) lv[i] = static_cast<uint16_t>(lv[i] | (sym[i] << shift));
   }
@@ -1264,9 +1272,11 @@ inline void decode_float(const RecordView& rv, uint8_t* out, const ErrorContext&
     if (raw > 0) std::memcpy(out, rv.payload, static_cast<size_t>(raw));
   } else {
     std::vector<uint8_t> planes(static_cast<size_t>(raw));
+    std::string why;
     if (const char* err = inflate_raw_exact(rv.payload, static_cast<size_t>(rv.payload_bytes),
-                                            planes.data(), planes.size())) {
-      fail_at(ctx, rv.payload_offset, std::string("float payload: ") + err);
+                                            planes.data(), planes.size(), &why)) {
+      fail_at(ctx, rv.payload_offset,
+              std::string("float payload: ") + err + (why.empty() ? "" : " (zlib: " + why + ")"));
     }
     for (int k = 0; k < eb; ++k) {
       const uint8_t* src = planes.data() + static_cast<size_t>(rv.numel) * static_cast<size_t>(k);
