@@ -1567,6 +1567,13 @@ TEST(DiffQuantizer, ErrorPaths) {
     torch::optim::Adam late(model->parameters());
     ExpectError([&] { q.setup_optimizer(late); },
                 "already holds the logit 'fc1.weight_diffq'; create the optimizer");
+    // Called twice on one optimizer: the same refusal, which names that cause too.
+    torch::optim::SGD first(std::vector<torch::Tensor>{model->fc1->bias}, 0.1);
+    q.setup_optimizer(first);
+    ExpectError([&] { q.setup_optimizer(first); },
+                "already holds the logit 'fc1.weight_diffq'; create the optimizer (on "
+                "model->parameters()) before the quantizer, and call setup_optimizer once per "
+                "optimizer");
     ExpectError([&] { q.logit("nope"); }, "no quantized parameter named 'nope'");
     // NaN weights at quantization.
     {

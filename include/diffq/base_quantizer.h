@@ -440,7 +440,8 @@ class BaseQuantizer {
           TORCH_CHECK(!q->aux.defined() || !p.is_same(q->aux), where,
                       ": the optimizer already holds the ", traits_.aux_kind, " '", q->name,
                       traits_.suffix,
-                      "'; create the optimizer (on model->parameters()) before the quantizer");
+                      "'; create the optimizer (on model->parameters()) before the quantizer, "
+                      "and call setup_optimizer once per optimizer");
         }
       }
     }

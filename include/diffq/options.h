@@ -48,7 +48,9 @@ struct DiffQOptions {
   /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
   /// quantized. Must be >= 0.
   TORCH_ARG(double, min_size_mb) = 0.01;
-  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32.
+  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32. The
+  /// quantizer's own eval forwards keep them in fp32, so a model loaded from the checkpoint can
+  /// differ from them slightly (by the fp16 rounding of those tensors).
   TORCH_ARG(bool, float16) = false;
   /// Distribution of the pseudo quantization noise.
   TORCH_ARG(Noise, noise) = Noise::kGaussian;
