@@ -338,8 +338,9 @@ inline int write_all(int fd, const uint8_t* data, size_t size) {
 
 /// Writes `enc` to `path` atomically: to a new temporary file in the same folder, written and
 /// closed, every step checked, then renamed over `path` (POSIX rename(2) replaces it in one step).
-/// On POSIX systems a symbolic link at `path` is followed (the file it points to is replaced, the
-/// link stays), and a replaced file's permission bits are kept (not its owner).
+/// On POSIX systems a symbolic link at `path` is followed (the file it points to is replaced or,
+/// for a dangling link, created; the link stays), and a replaced file's permission bits are kept
+/// where the file system allows (not its owner).
 /// On any failure the temporary file is removed and a previous file at `path` is left as it was;
 /// the message names the step and the system's reason (e.g. "No space left on device"). A crash of
 /// the process never leaves a partial file at `path`. The data is not flushed to the disk
@@ -365,6 +366,18 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
     if (char* resolved = ::realpath(path.c_str(), nullptr)) {
       target = resolved;
       std::free(resolved);
+    } else {
+      // A dangling link: its target is created (relative to the link's folder), as a shell
+      // redirection would; a link that cannot be read is replaced.
+      std::vector<char> buf(static_cast<size_t>(lst.st_size > 0 ? lst.st_size : 4095) + 1);
+      const ssize_t n = ::readlink(path.c_str(), buf.data(), buf.size());
+      if (n > 0 && static_cast<size_t>(n) < buf.size()) {
+        const std::string link_target(buf.data(), static_cast<size_t>(n));
+        const size_t dir_end = path.find_last_of('/');
+        target = link_target[0] == '/' || dir_end == std::string::npos
+                     ? link_target
+                     : path.substr(0, dir_end + 1) + link_target;
+      }
     }
   }
   // A file replaced keeps its permission bits (a private checkpoint stays private).
@@ -379,10 +392,14 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
   const size_t slash = target.find_last_of('/');
 #endif
   const size_t base_begin = slash == std::string::npos ? 0 : slash + 1;
-  const std::string tmp =
-      target.substr(0, base_begin + std::min<size_t>(200, target.size() - base_begin)) + ".tmp-" +
-      std::to_string(stamp % 1000000007u) + "-" + std::to_string(tid % 1000003u) + "-" +
-      std::to_string(counter++);
+  size_t cut = base_begin + std::min<size_t>(200, target.size() - base_begin);
+  // Not inside a UTF-8 sequence: back to the byte that starts one.
+  while (cut > base_begin && cut < target.size() &&
+         (static_cast<unsigned char>(target[cut]) & 0xC0) == 0x80) {
+    --cut;
+  }
+  const std::string tmp = target.substr(0, cut) + ".tmp-" + std::to_string(stamp % 1000000007u) +
+                          "-" + std::to_string(tid % 1000003u) + "-" + std::to_string(counter++);
   bool created = false;
 #ifdef _WIN32
   try {
@@ -417,11 +434,8 @@ inline void write_file_atomic(const EncodedCheckpoint& enc, const std::string& p
                   "': ", errno_message(err));
     }
     created = true;
-    if (keep_mode && ::fchmod(fd, old_st.st_mode & 07777) != 0) {
-      const int err = errno;
-      TORCH_CHECK(false, where, ": ", path, ": cannot give the temporary file '", tmp,
-                  "' the permissions of the file it replaces: ", errno_message(err));
-    }
+    // Best effort: some file systems (vfat, CIFS) refuse chmod; the save goes on.
+    if (keep_mode) (void)::fchmod(fd, old_st.st_mode & 0777);
     for (const auto& p : enc.pieces) {
       const int err = write_all(fd, p.data(), p.size());
       TORCH_CHECK(err == 0, where, ": ", path, ": writing the temporary file '", tmp,
@@ -731,6 +745,9 @@ inline CheckpointInfo info_from_source(const ByteSource& src) {
   info.version = pc.version;
   info.file_bytes = static_cast<int64_t>(pc.file_bytes);
   if (pc.has_options) info.options = pc.options;
+  if (!pc.options_problem.empty()) {
+    TORCH_WARN(pc.options_problem, "; the options are not reported");
+  }
   for (const RecordView& rv : pc.records) {
     TensorInfo t;
     t.name = rv.name;

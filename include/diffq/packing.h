@@ -390,11 +390,11 @@ inline std::vector<uint8_t> deflate_huffman4(const uint8_t* data, size_t n) {
 }
 
 /// Decodes a Huffman quad (`deflate_huffman4`) of `n_in` bytes into exactly `n_out` bytes.
-/// Returns nullptr on success, else a description of the failure; `detail`, if given, then
+/// Returns nullptr on success, else a description of the failure; `why`, if given, then
 /// receives which stream failed and the sizes involved (and zlib's message, if any). Never reads
 /// or writes out of bounds.
 inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out, size_t n_out,
-                                    std::string* detail = nullptr) {
+                                    std::string* why = nullptr) {
   if (n_in < 12) return "Huffman quad shorter than its 12-byte size table";
   uint64_t sizes[4], sum = 0;
   for (int k = 0; k < 3; ++k) {
@@ -402,10 +402,10 @@ inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out
     sum += sizes[k];
   }
   if (sum > n_in - 12) {
-    if (detail != nullptr) {
-      *detail = "the first three streams declare " + std::to_string(sizes[0]) + " + " +
-                std::to_string(sizes[1]) + " + " + std::to_string(sizes[2]) + " bytes, " +
-                std::to_string(n_in - 12) + " follow the size table";
+    if (why != nullptr) {
+      *why = "the first three streams declare " + std::to_string(sizes[0]) + " + " +
+             std::to_string(sizes[1]) + " + " + std::to_string(sizes[2]) + " bytes, " +
+             std::to_string(n_in - 12) + " follow the size table";
     }
     return "Huffman quad stream sizes exceed the payload";
   }
@@ -417,10 +417,10 @@ inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out
   uint8_t* outs[4];
   size_t at = 12;
   auto stream_detail = [&](int k, const std::string& extra) {
-    if (detail != nullptr) {
-      *detail = "stream " + std::to_string(k + 1) + " of 4: " + std::to_string(sizes[k]) +
-                " bytes for " + std::to_string(size[k]) + " symbols" +
-                (extra.empty() ? std::string() : "; zlib: " + extra);
+    if (why != nullptr) {
+      *why = "stream " + std::to_string(k + 1) + " of 4: " + std::to_string(sizes[k]) +
+             " bytes for " + std::to_string(size[k]) + " symbols" +
+             (extra.empty() ? std::string() : "; zlib: " + extra);
     }
   };
   for (int k = 0; k < 4; ++k) {

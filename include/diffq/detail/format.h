@@ -51,6 +51,8 @@ constexpr uint32_t kMaxSegmentElems = uint32_t{1} << 24;
 /// Largest header accepted by the reader (the options block with its exclude patterns).
 constexpr uint32_t kMaxHeaderBytes = uint32_t{1} << 20;
 constexpr int kMaxDims = 32;
+/// Largest product of the non-zero dims of a stored shape.
+constexpr uint64_t kMaxExtent = uint64_t{1} << 62;
 /// Largest ratio of decompressed to compressed bytes of a deflate stream (a 258-byte match coded
 /// in 2 bits); a declared size above it cannot be honest.
 constexpr uint64_t kMaxDeflateRatio = 1032;
@@ -317,14 +319,16 @@ inline uint64_t checked_numel(const std::vector<int64_t>& shape, const std::stri
                               const std::string& name) {
   TORCH_CHECK(shape.size() <= static_cast<size_t>(kMaxDims), where, ": tensor '", name, "' has ",
               shape.size(), " dims, at most ", kMaxDims, " supported");
-  uint64_t n = 1;
+  uint64_t extent = 1;  // product of the non-zero dims, bounded as the reader bounds it
+  bool empty = false;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, where, ": tensor '", name, "' has a negative dim ", d);
-    TORCH_CHECK(d == 0 || n <= (uint64_t{1} << 62) / static_cast<uint64_t>(d), where, ": tensor '",
+    TORCH_CHECK(d == 0 || extent <= kMaxExtent / static_cast<uint64_t>(d), where, ": tensor '",
                 name, "' has too many elements");
-    n *= static_cast<uint64_t>(d);
+    if (d > 0) extent *= static_cast<uint64_t>(d);
+    empty = empty || d == 0;
   }
-  return n;
+  return empty ? 0 : extent;
 }
 
 /// One encoded chunk: ChunkFixed + payload, and its CRC.
@@ -750,6 +754,9 @@ struct ParsedCheckpoint {
   uint32_t segment_elems = 0;
   bool has_options = false;
   DiffQOptions options;
+  /// Why a stored options block was set aside (values a quantizer refuses: files written before
+  /// the writer checked them); empty otherwise. The options are informational: the tensors load.
+  std::string options_problem;
   std::vector<RecordView> records;
   ErrorContext ctx;  ///< where/source, for errors of later decoding steps
 };
@@ -864,7 +871,9 @@ inline void parse_header(ByteReader& r, ParsedCheckpoint& pc, uint32_t counts[5]
     try {
       check_options(o, "options block");
     } catch (const c10::Error& e) {
-      h.fail(options_off, e.msg());
+      pc.has_options = false;
+      pc.options = DiffQOptions();
+      pc.options_problem = escape_control(pc.ctx.prefix(options_off) + e.msg());
     }
   }
   if (h.remaining() != 0) {
@@ -1068,22 +1077,28 @@ inline ParsedCheckpoint parse_checkpoint(const uint8_t* data, size_t size, const
     rv.numel = 1;
     // No record holds more than kMaxDeflateRatio elements per byte of the file (a deflated float
     // payload inflates at most that much; a quantized level takes at least a bit, checked below).
-    // The product of the non-zero dims is bounded too, so that the strides of an empty tensor
-    // cannot overflow.
-    const uint64_t max_elems = kMaxDeflateRatio * static_cast<uint64_t>(size);
+    // The product of the non-zero dims stays below 2^62 (as the writer's), so that the strides
+    // of an empty tensor cannot overflow.
+    const uint64_t shape_off = b.offset();
     uint64_t extent = 1;
+    bool empty = false;
     for (int d = 0; d < ndim; ++d) {
       const uint64_t d_off = b.offset();
       const int64_t dim = b.i64("shape");
       if (dim < 0) b.fail(d_off, "negative dim " + std::to_string(dim));
-      if (dim > 0 && extent > max_elems / static_cast<uint64_t>(dim)) {
-        b.fail(d_off, "shape declares more elements than the file can hold (dim " +
-                          std::to_string(dim) + " makes more than " + std::to_string(max_elems) +
-                          ")");
+      if (dim > 0 && extent > kMaxExtent / static_cast<uint64_t>(dim)) {
+        b.fail(d_off, "the non-zero dims of the shape multiply to more than 2^62");
       }
       if (dim > 0) extent *= static_cast<uint64_t>(dim);
-      rv.numel *= static_cast<uint64_t>(dim);
+      empty = empty || dim == 0;
       rv.shape.push_back(dim);
+    }
+    rv.numel = empty ? 0 : extent;
+    const uint64_t max_elems = kMaxDeflateRatio * static_cast<uint64_t>(size);
+    if (rv.numel > max_elems) {
+      b.fail(shape_off, "shape declares more elements than the file can hold (" +
+                            std::to_string(rv.numel) + " > " + std::to_string(max_elems) +
+                            ", 1032 per byte of the file)");
     }
     const uint8_t k = rv.kind;
     if (k == kKindAlias) {
