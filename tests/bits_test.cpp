@@ -403,16 +403,6 @@ TEST(Bits, QuantizeShapeChecks) {
       "diffq::dequantize_levels: expected bits of shape [3], got [1]");
 }
 
-TEST(Bits, CheckOptionsMessages) {
-  using diffq::DiffQOptions;
-  ExpectError([] { diffq::check_options(DiffQOptions().extra_bits(NAN)); },
-              "extra_bits must be finite");
-  ExpectError([] { diffq::check_options(DiffQOptions().suffix("")); }, "suffix must be non-empty");
-  ExpectError([] { diffq::check_options(DiffQOptions().group_size(-1), "where"); },
-              "where: group_size must be >= 0, got -1");
-  diffq::check_options(DiffQOptions());  // defaults are valid
-}
-
 TEST(Glob, EndsWith) {
   using diffq::detail::ends_with;
   EXPECT_TRUE(ends_with("fc1.weight_diffq", "_diffq"));

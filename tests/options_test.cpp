@@ -1,9 +1,15 @@
-// Tests of diffq/options.h: the documented defaults and chaining.
+// Tests of diffq/options.h: the documented defaults, chaining and the options check.
 #include <diffq/options.h>
+
+#include "test_util.h"
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 namespace {
+
+using diffq_test::ExpectError;
 
 TEST(DiffQOptions, DefaultsAreTheReferenceOnes) {
   diffq::DiffQOptions o;
@@ -47,6 +53,16 @@ TEST(DiffQOptions, SettersChain) {
   EXPECT_EQ(o.exclude(), std::vector<std::string>{"*bias"});
   EXPECT_FALSE(o.detect_bound());
   EXPECT_EQ(o.suffix(), "_q");
+}
+
+TEST(DiffQOptions, CheckOptionsMessages) {
+  using diffq::DiffQOptions;
+  ExpectError([] { diffq::check_options(DiffQOptions().extra_bits(NAN)); },
+              "extra_bits must be finite");
+  ExpectError([] { diffq::check_options(DiffQOptions().suffix("")); }, "suffix must be non-empty");
+  ExpectError([] { diffq::check_options(DiffQOptions().group_size(-1), "where"); },
+              "where: group_size must be >= 0, got -1");
+  diffq::check_options(DiffQOptions());  // defaults are valid
 }
 
 }  // namespace

@@ -20,9 +20,6 @@
 
 namespace diffq {
 
-/// Largest bit width a stored level may use. Levels of 15 bits fit in an int16.
-constexpr int64_t kMaxStoredBits = 15;
-
 /// Number of groups of a tensor of `numel` elements: `ceil(numel / group_size)`, or 1 when
 /// `group_size == 0` (one group per tensor). A tensor with no element has 0 groups.
 /// Throws if `numel < 0` or `group_size < 0`.
@@ -37,29 +34,6 @@ inline int64_t num_groups(int64_t numel, int64_t group_size) {
 /// Effective group size: `group_size`, or `numel` when `group_size == 0`.
 inline int64_t effective_group_size(int64_t numel, int64_t group_size) {
   return group_size == 0 ? std::max<int64_t>(numel, 1) : group_size;
-}
-
-/// Checks the option values shared by every quantizer; throws `c10::Error` naming the option,
-/// e.g. `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
-inline void check_options(const DiffQOptions& o,
-                          const std::string& where = "diffq::DiffQuantizer") {
-  TORCH_CHECK(o.group_size() >= 0, where, ": group_size must be >= 0, got ", o.group_size());
-  TORCH_CHECK(std::isfinite(o.min_bits()) && o.min_bits() >= 1, where,
-              ": min_bits must be >= 1, got ", o.min_bits());
-  TORCH_CHECK(std::isfinite(o.max_bits()) && o.max_bits() <= kMaxStoredBits, where,
-              ": max_bits must be <= ", kMaxStoredBits, ", got ", o.max_bits());
-  TORCH_CHECK(o.min_bits() < o.init_bits(), where,
-              ": min_bits must be < init_bits, got min_bits=", o.min_bits(),
-              " and init_bits=", o.init_bits());
-  TORCH_CHECK(o.init_bits() < o.max_bits(), where,
-              ": init_bits must be < max_bits, got init_bits=", o.init_bits(),
-              " and max_bits=", o.max_bits());
-  TORCH_CHECK(std::isfinite(o.extra_bits()), where, ": extra_bits must be finite, got ",
-              o.extra_bits());
-  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
-              ": min_size_mb must be >= 0, got ", o.min_size_mb());
-  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
-              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
 }
 
 /// Smallest (`min_noise`) and largest (`max_noise`) relative noise scales of `Param::kNoise`:

@@ -3,13 +3,18 @@
 /// Options of the DiffQ quantizer (Défossez, Adi, Synnaeve, "Differentiable Model Compression via
 /// Pseudo Quantization Noise", TMLR 2022, arXiv 2104.09987).
 
+#include <c10/util/Exception.h>
 #include <torch/arg.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace diffq {
+
+/// Largest bit width a stored level may use. Levels of 15 bits fit in an int16.
+constexpr int64_t kMaxStoredBits = 15;
 
 /// Distribution of the pseudo quantization noise `u` (paper, Section 3.1): the training forward
 /// sees `w + Δ·u` with `Δ = (max w − min w) / (2^b − 1)`.
@@ -66,5 +71,28 @@ struct DiffQOptions {
   /// Suffix of the logit parameters registered on the owning modules: `<name><suffix>`.
   TORCH_ARG(std::string, suffix) = "_diffq";
 };
+
+/// Checks the option values shared by every quantizer; throws `c10::Error` naming the option,
+/// e.g. `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
+inline void check_options(const DiffQOptions& o,
+                          const std::string& where = "diffq::DiffQuantizer") {
+  TORCH_CHECK(o.group_size() >= 0, where, ": group_size must be >= 0, got ", o.group_size());
+  TORCH_CHECK(std::isfinite(o.min_bits()) && o.min_bits() >= 1, where,
+              ": min_bits must be >= 1, got ", o.min_bits());
+  TORCH_CHECK(std::isfinite(o.max_bits()) && o.max_bits() <= kMaxStoredBits, where,
+              ": max_bits must be <= ", kMaxStoredBits, ", got ", o.max_bits());
+  TORCH_CHECK(o.min_bits() < o.init_bits(), where,
+              ": min_bits must be < init_bits, got min_bits=", o.min_bits(),
+              " and init_bits=", o.init_bits());
+  TORCH_CHECK(o.init_bits() < o.max_bits(), where,
+              ": init_bits must be < max_bits, got init_bits=", o.init_bits(),
+              " and max_bits=", o.max_bits());
+  TORCH_CHECK(std::isfinite(o.extra_bits()), where, ": extra_bits must be finite, got ",
+              o.extra_bits());
+  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
+              ": min_size_mb must be >= 0, got ", o.min_size_mb());
+  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
+              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
+}
 
 }  // namespace diffq

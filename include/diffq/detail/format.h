@@ -7,7 +7,6 @@
 /// be fuzzed (`tests/fuzz/checkpoint_fuzz.cpp`) and built with AddressSanitizer/UBSan without
 /// LibTorch's tensors. The tensor-level API is `diffq/checkpoint.h`.
 
-#include <diffq/bits.h>
 #include <diffq/detail/byte_io.h>
 #include <diffq/detail/huffman.h>
 #include <diffq/options.h>
