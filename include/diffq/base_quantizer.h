@@ -822,9 +822,10 @@ class BaseQuantizer {
     if (!overwritten_substitutes().empty()) restore_all_checked("forward");  // throws
     hook_shared_->sweep_queued = false;  // a backward that failed did not run its sweep
     // A frozen parameter's pending substitute (no hook, no accumulator of its own) is shared with
-    // this forward while a hooked parameter's backward is still to come: the graph it was kept for
-    // may be that backward's.
+    // this training forward while a hooked parameter's backward is still to come: the graph it was
+    // kept for may be that backward's.
     const bool backward_to_come =
+        training && !manual_quantized_ &&
         std::any_of(params_.begin(), params_.end(),
                     [](const std::shared_ptr<Param>& p) { return awaiting_backward(*p); });
     for (auto& q : params_) {
