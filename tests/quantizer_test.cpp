@@ -80,6 +80,12 @@ torch::Tensor RefNoisy(const torch::Tensor& w, const torch::Tensor& logit, const
   return w + (w.max() - w.min()) * unit_e * u.to(w.scalar_type());
 }
 
+/// The MLP's forward (fc2(tanh(fc1(x)))) with explicit weights `w` by parameter name.
+torch::Tensor ExplicitMlp(const torch::Tensor& x, std::map<std::string, torch::Tensor>& w) {
+  return F::linear(torch::tanh(F::linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"],
+                   w["fc2.bias"]);
+}
+
 struct ConvNetImpl : torch::nn::Module {
   ConvNetImpl()
       : conv(register_module("conv",
@@ -467,11 +473,7 @@ TEST(DiffQuantizer, SeveralForwardsBeforeOneBackwardShareTheNoise) {
     l[n] = params[n + "_diffq"].detach().clone().requires_grad_(true);
     nw[n] = RefNoisy(w[n], l[n], u_all[n], options);
   }
-  auto f = [&](const torch::Tensor& x) {
-    return F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
-                     nw["fc2.bias"]);
-  };
-  auto ref = f(x1).pow(2).sum() + f(x2).sin().sum();
+  auto ref = ExplicitMlp(x1, nw).pow(2).sum() + ExplicitMlp(x2, nw).sin().sum();
   ref.backward();
   EXPECT_TRUE(Close(loss, ref));
   for (const auto& n : q.quantized_names()) {
@@ -499,8 +501,7 @@ TEST(DiffQuantizer, WeightsCleanAfterNoGradForward) {
     nw[n] = RefNoisy(before[n], model->named_parameters()[n + "_diffq"].detach(), q.noise(n),
                      q.options());
   }
-  auto ref = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])),
-                       nw["fc2.weight"], nw["fc2.bias"]);
+  auto ref = ExplicitMlp(x, nw);
   EXPECT_TRUE(Close(y, ref));
   // ...and left the clean ones.
   EXPECT_TRUE(MatchesSnapshot(*model, before));
@@ -581,8 +582,7 @@ void ExpectMlpGradientsMatchExplicit(MLP& model, const DiffQOptions& options,
   }
   torch::Tensor ref;
   for (const auto& x : xs) {
-    auto out = F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])),
-                         nw["fc2.weight"], nw["fc2.bias"]);
+    auto out = ExplicitMlp(x, nw);
     ref = ref.defined() ? ref + out.pow(2).sum() : out.pow(2).sum();
   }
   ref.backward();
@@ -902,6 +902,24 @@ TEST(DiffQuantizer, ModuleToWhileSubstitutedConvertsTheCleanWeights) {
   }
 }
 
+/// An MLP whose fc2.weight is frozen, wrapped with group size 4 and random logits (no optimizer).
+struct FrozenFc2Mlp {
+  explicit FrozenFc2Mlp(uint64_t seed)
+      : model(Frozen(SeededMlp(seed))), before(ParamSnapshot(*model)), q(model, options) {
+    q.no_optimizer();
+    RandomLogits(q);
+  }
+  static MLP Frozen(MLP m) {
+    m->fc2->weight.set_requires_grad(false);
+    return m;
+  }
+
+  DiffQOptions options = DiffQOptions().group_size(4).min_size_mb(0);
+  MLP model;
+  std::map<std::string, torch::Tensor> before;
+  DiffQuantizer<MLP> q;
+};
+
 TEST(DiffQuantizer, FrozenParameters) {
   const auto options = DiffQOptions().group_size(4).min_size_mb(0);
   // With trained logits, a frozen quantized weight is refused: its logit cannot learn.
@@ -929,56 +947,37 @@ TEST(DiffQuantizer, FrozenParameters) {
   // Without trained logits it keeps its noisy weights for the backward: the input gradient
   // matches the explicit computation, and the weight is clean after the backward.
   {
-    torch::manual_seed(28);
-    MLP model;
-    model->fc2->weight.set_requires_grad(false);
-    const auto before = ParamSnapshot(*model);
-    DiffQuantizer<MLP> q(model, options);
-    q.no_optimizer();
-    RandomLogits(q);
+    FrozenFc2Mlp f(28);
     auto x = torch::randn({3, 10}).requires_grad_(true);
-    q.forward(x).pow(2).sum().backward();
-    auto params = model->named_parameters();
+    f.q.forward(x).pow(2).sum().backward();
+    auto params = f.model->named_parameters();
     std::map<std::string, torch::Tensor> nw;
-    for (const auto& n : q.quantized_names()) {
-      nw[n] = RefNoisy(before.at(n), params[n + "_diffq"].detach(), q.noise(n), options);
+    for (const auto& n : f.q.quantized_names()) {
+      nw[n] = RefNoisy(f.before.at(n), params[n + "_diffq"].detach(), f.q.noise(n), options);
     }
     auto xr = x.detach().clone().requires_grad_(true);
-    F::linear(torch::tanh(F::linear(xr, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
-              nw["fc2.bias"])
-        .pow(2)
-        .sum()
-        .backward();
+    ExplicitMlp(xr, nw).pow(2).sum().backward();
     EXPECT_TRUE(Close(x.grad(), xr.grad()));
-    EXPECT_TRUE(BitEqual(params["fc2.weight"].detach(), before.at("fc2.weight")));
+    EXPECT_TRUE(BitEqual(params["fc2.weight"].detach(), f.before.at("fc2.weight")));
   }
   // Frozen when wrapped, unfrozen later: its logit learns like the others'.
   {
-    torch::manual_seed(29);
-    MLP model;
-    model->fc2->weight.set_requires_grad(false);
-    const auto before = ParamSnapshot(*model);
-    DiffQuantizer<MLP> q(model, options);
-    q.no_optimizer();
-    RandomLogits(q);
-    model->fc2->weight.set_requires_grad(true);
+    FrozenFc2Mlp f(29);
+    f.model->fc2->weight.set_requires_grad(true);
     auto x = torch::randn({3, 10});
-    q.forward(x).pow(2).sum().backward();
-    ExpectMlpGradientsMatchExplicit(model, options, before, NoiseSnapshot(q), {x});
+    f.q.forward(x).pow(2).sum().backward();
+    ExpectMlpGradientsMatchExplicit(f.model, options, f.before, NoiseSnapshot(f.q), {x});
   }
 }
 
 TEST(DiffQuantizer, FrozenParameterSharesTheNoiseOfSeveralForwards) {
   // Two forwards before one backward: the frozen weight keeps one noise sample for both, so the
   // gradients of the first forward's inputs (and of fc1) match the explicit computation.
-  torch::manual_seed(36);
-  MLP model;
-  model->fc2->weight.set_requires_grad(false);
-  const auto before = ParamSnapshot(*model);
-  const auto options = DiffQOptions().group_size(4).min_size_mb(0);
-  DiffQuantizer<MLP> q(model, options);
-  q.no_optimizer();
-  RandomLogits(q);
+  FrozenFc2Mlp frozen(36);
+  auto& model = frozen.model;
+  auto& q = frozen.q;
+  const auto& before = frozen.before;
+  const auto& options = frozen.options;
   auto x1 = torch::randn({3, 10}).requires_grad_(true);
   auto x2 = torch::randn({2, 10}).requires_grad_(true);
   auto y1 = q.forward(x1);
@@ -995,11 +994,7 @@ TEST(DiffQuantizer, FrozenParameterSharesTheNoiseOfSeveralForwards) {
   }
   auto r1 = x1.detach().clone().requires_grad_(true);
   auto r2 = x2.detach().clone().requires_grad_(true);
-  auto f = [&](const torch::Tensor& x) {
-    return F::linear(torch::tanh(F::linear(x, nw["fc1.weight"], nw["fc1.bias"])), nw["fc2.weight"],
-                     nw["fc2.bias"]);
-  };
-  auto ref = f(r1).pow(2).sum() + f(r2).sin().sum();
+  auto ref = ExplicitMlp(r1, nw).pow(2).sum() + ExplicitMlp(r2, nw).sin().sum();
   ref.backward();
   EXPECT_TRUE(Close(loss, ref));
   EXPECT_TRUE(Close(x1.grad(), r1.grad()));
@@ -1161,8 +1156,7 @@ void CheckEvalForwardUsesHandQuantizedWeights(const torch::Device& device) {
     auto x = torch::randn({5, 10}).to(device);
     auto y = q.forward(x);
     EXPECT_EQ(y.device().type(), device.type());
-    auto ref = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
-                         wq["fc2.weight"], wq["fc2.bias"]);
+    auto ref = ExplicitMlp(x, wq);
     EXPECT_TRUE(Close(y, ref, 1e-6));
     // The quantized weights are exactly representable: the eval weights equal them to float
     // rounding.
@@ -1677,8 +1671,7 @@ TEST(DiffQuantizer, EvalWeightsAndPenaltyFollowSgdSteps) {
   for (const auto& n : q.quantized_names()) {
     wq[n] = HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
   }
-  auto expected = F::linear(torch::tanh(F::linear(x, wq["fc1.weight"], wq["fc1.bias"])),
-                            wq["fc2.weight"], wq["fc2.bias"]);
+  auto expected = ExplicitMlp(x, wq);
   EXPECT_TRUE(Close(y, expected, 1e-6));
   // The penalty uses the stepped logits (the size formula by hand).
   const double by_hand = HandSizeMB(*model, q, options, false);
