@@ -1721,6 +1721,98 @@ TEST(DiffQuantizer, EvalCacheFollowsWeightUpdates) {
   EXPECT_FALSE(torch::equal(y1, y2));
 }
 
+TEST(DiffQuantizer, EvalCacheFollowsSgdStepsAfterBackwardsOutsideTheQuantizer) {
+  // LibTorch's SGD writes through `.data()`, so the version counters do not move; the backwards
+  // here do not come from a quantizer forward: a plain model forward (it reaches the weights),
+  // and the penalty alone (it reaches the logits).
+  for (bool penalty_only : {false, true}) {
+    SCOPED_TRACE(penalty_only ? "penalty alone" : "plain model forward");
+    torch::manual_seed(33);
+    MLP model;
+    torch::optim::SGD optimizer(model->parameters(), 0.5);
+    const auto options = DiffQOptions().min_size_mb(0).group_size(4);
+    DiffQuantizer<MLP> q(model, options);
+    q.setup_optimizer(optimizer, /*lr=*/1e6);  // the penalty moves the bits from 8 to ~4
+    auto x = torch::randn({2, 10});
+    model->eval();
+    torch::Tensor y1;
+    {
+      torch::NoGradGuard ng;
+      y1 = q.forward(x);  // fills the eval cache
+    }
+    model->train();
+    optimizer.zero_grad();
+    if (penalty_only) {
+      q.penalty().backward();
+    } else {
+      model->forward(x).pow(2).sum().backward();
+    }
+    const auto before = ParamSnapshot(*model);
+    optimizer.step();
+    const auto after = ParamSnapshot(*model);
+    const std::string changed = penalty_only ? "fc1.weight_diffq" : "fc1.weight";
+    ASSERT_FALSE(torch::equal(before.at(changed), after.at(changed)));
+    model->eval();
+    torch::NoGradGuard ng;
+    auto y = q.forward(x);
+    auto params = model->named_parameters();
+    std::map<std::string, torch::Tensor> wq;
+    for (const auto& n : q.quantized_names()) {
+      wq[n] =
+          HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
+    }
+    EXPECT_TRUE(Close(y, ExplicitMlp(x, wq), 1e-6));
+    EXPECT_FALSE(torch::equal(y, y1));
+    // The penalty uses the stepped logits too (the size formula by hand).
+    const double by_hand = HandSizeMB(*model, q, options, false);
+    EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
+  }
+}
+
+TEST(DiffQuantizer, FrozenLogitGetsNoGradientAndKeepsItsBits) {
+  // Fixed bit widths for fc1.weight (its logit set to requires_grad false) while its weights and
+  // the other logits train: an optimizer steps any tensor whose `.grad` is defined.
+  for (bool ref : {false, true}) {
+    SCOPED_TRACE(ref ? "ATen kernels" : "CPU kernels");
+    torch::manual_seed(34);
+    MLP model;
+    torch::optim::Adam optimizer(model->parameters(), 1e-2);
+    const auto options = DiffQOptions().min_size_mb(0).group_size(4);
+    const auto before = ParamSnapshot(*model);
+    DiffQuantizer<MLP> q(model, options);
+    q.use_reference_kernels(ref);
+    q.setup_optimizer(optimizer, 0.1);
+    RandomLogits(q);
+    q.logit("fc1.weight").requires_grad_(false);
+    const auto frozen = q.logit("fc1.weight").detach().clone();
+    auto x = torch::randn({3, 10});
+    auto out = q.forward(x);
+    std::map<std::string, torch::Tensor> noise;
+    for (const auto& n : q.quantized_names()) noise[n] = q.noise(n).clone();
+    optimizer.zero_grad();
+    (out.pow(2).sum() + q.penalty()).backward();
+    EXPECT_FALSE(q.logit("fc1.weight").grad().defined());
+    // The explicit computation with the same noise, fc1's logit a constant.
+    std::map<std::string, torch::Tensor> w, l, noisy;
+    auto params = model->named_parameters();
+    for (const auto& n : q.quantized_names()) {
+      w[n] = before.at(n).clone().requires_grad_(true);
+      l[n] = params[n + "_diffq"].detach().clone().requires_grad_(n != "fc1.weight");
+      noisy[n] = RefNoisy(w[n], l[n], noise[n], options);
+    }
+    ExplicitMlp(x, noisy).pow(2).sum().backward();
+    for (const auto& n : q.quantized_names()) {
+      EXPECT_TRUE(Close(params[n].grad(), w[n].grad())) << "weight grad of " << n;
+    }
+    // The other logits still learn (their values are checked against the explicit computation
+    // in the tests above).
+    EXPECT_TRUE(q.logit("fc2.weight").grad().defined());
+    optimizer.step();
+    EXPECT_TRUE(BitEqual(q.logit("fc1.weight").detach(), frozen));
+    EXPECT_FALSE(torch::equal(model->fc1->weight.detach(), before.at("fc1.weight")));
+  }
+}
+
 // ---- CUDA: the ATen-op implementation on the device, against the same independent computations.
 
 TEST(DiffQuantizer, GradientsMatchForConvLstmTiedAndFloat64_CUDA) {

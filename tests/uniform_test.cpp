@@ -76,11 +76,50 @@ TEST(UniformQuantizer, EvalForwardUsesHandQuantizedWeights) {
 TEST(UniformQuantizer, PtqTrainingForwardSeesCleanWeights) {
   torch::manual_seed(2);
   MLP model;
-  UniformQuantizer<MLP> q(model, UniformOptions().bits(2).min_size_mb(0));
   auto x = torch::randn({3, 10});
+  // The explicit forward with the clean weights, computed before the quantizer exists, and the one
+  // with 2-bit weights (which the PTQ training forward must not use).
+  std::vector<torch::Tensor> clean, hand;
+  for (const auto& p : model->parameters()) {
+    clean.push_back(p.detach().clone());
+    hand.push_back(HandQuantize(p, 2).to(torch::kFloat));
+  }
+  auto expected = F::linear(torch::tanh(F::linear(x, clean[0], clean[1])), clean[2], clean[3]);
+  auto quantized = F::linear(torch::tanh(F::linear(x, hand[0], hand[1])), hand[2], hand[3]);
+  ASSERT_FALSE(Close(expected, quantized, 1e-3));
+  UniformQuantizer<MLP> q(model, UniformOptions().bits(2).min_size_mb(0));
   auto y = q.forward(x);  // training mode, no optimizer needed
-  auto expected = model->forward(x);
   EXPECT_TRUE(BitEqual(y, expected));
+  EXPECT_TRUE(BitEqual(model->fc1->weight, clean[0]));
+}
+
+TEST(UniformQuantizer, EvalCacheFollowsAnSgdStepAfterAPlainBackward) {
+  // Evaluating between epochs of training done without the quantizer: LibTorch's SGD writes
+  // through `.data()`, so the version counter does not show its step.
+  torch::manual_seed(4);
+  MLP model;
+  torch::optim::SGD optimizer(model->parameters(), 0.5);
+  UniformQuantizer<MLP> q(model, UniformOptions().bits(4).min_size_mb(0));
+  auto x = torch::randn({3, 10});
+  model->eval();
+  torch::Tensor y1;
+  {
+    torch::NoGradGuard ng;
+    y1 = q.forward(x);  // fills the eval cache
+  }
+  model->train();
+  optimizer.zero_grad();
+  model->forward(x).pow(2).sum().backward();
+  optimizer.step();
+  std::vector<torch::Tensor> hand;
+  for (const auto& p : model->parameters()) hand.push_back(HandQuantize(p, 4));
+  model->eval();
+  torch::NoGradGuard ng;
+  auto y = q.forward(x);
+  auto expected =
+      F::linear(torch::tanh(F::linear(x.to(torch::kDouble), hand[0], hand[1])), hand[2], hand[3]);
+  EXPECT_TRUE(Close(y, expected, 1e-5));
+  EXPECT_FALSE(torch::equal(y, y1));
 }
 
 /// QAT on `device` against the explicit computation `w + (w_q − w).detach()` with hand-quantized

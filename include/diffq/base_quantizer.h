@@ -90,6 +90,8 @@ struct QParamBase {
   int64_t numel = 0;
   unsigned hook = 0;
   bool hooked = false;
+  unsigned aux_hook = 0;  ///< gradient hook of `aux` (invalidates the eval cache)
+  bool aux_hooked = false;
 
   WeightState state = WeightState::kClean;
   bool pending = false;  ///< a backward is expected to restore the clean values
@@ -191,6 +193,8 @@ class BaseQuantizer {
       }
       if (q->hooked) q->param.remove_hook(q->hook);
       q->hooked = false;
+      if (q->aux_hooked) q->aux.remove_hook(q->aux_hook);
+      q->aux_hooked = false;
     }
   }
 
@@ -212,7 +216,8 @@ class BaseQuantizer {
   /// - in an eval forward with grad mode on while a training forward awaits its backward;
   /// - if a substituted parameter was written in place (the write would be lost), as far as its
   ///   version counter shows (not through `.data()`, as LibTorch's SGD writes);
-  /// - on NaN/Inf weights.
+  /// - on NaN/Inf weights, in every forward that quantizes them or adds noise to them (not in the
+  ///   training forward of a post-training `UniformQuantizer`, which uses the clean weights).
   /// If it throws, the substitutes it gave are undone (a training forward awaiting its backward
   /// keeps its own).
   template <typename... Args>
@@ -276,6 +281,10 @@ class BaseQuantizer {
   /// Whether `quantize()` is in force.
   bool is_quantized() const { return manual_quantized_; }
 
+  /// Suffix of the auxiliary tensors' names (`"_diffq"` for DiffQ's logits, `"_lsq"` for LSQ's
+  /// step sizes); empty when the quantizer registers none.
+  const std::string& aux_suffix() const { return traits_.suffix; }
+
   /// Gives every quantized parameter its clean data back now, ending any substitution: the noisy
   /// weights of a training forward awaiting its backward (which then adds no gradient to the
   /// auxiliary tensors), or the quantized weights an eval forward leaves in place while its graph
@@ -300,6 +309,8 @@ class BaseQuantizer {
       restore(*q);
       if (q->hooked) q->param.remove_hook(q->hook);
       q->hooked = false;
+      if (q->aux_hooked) q->aux.remove_hook(q->aux_hook);
+      q->aux_hooked = false;
       if (q->aux.defined()) detail::erase_parameter(*q->owner, q->aux_name);
     }
     params_.clear();
@@ -549,8 +560,26 @@ class BaseQuantizer {
     for (auto& q : params_) {
       hook_shared_->params.push_back(q);
       register_hook(q);
+      if (q->aux.defined()) {
+        // A backward that reaches the auxiliary tensor (e.g. through the penalty alone) may be
+        // followed by an optimizer step that writes it through `.data()`: drop the eval cache.
+        std::weak_ptr<Param> weak = q;
+        q->aux_hook = q->aux.register_hook([weak](const at::Tensor&) -> at::Tensor {
+          if (auto p = weak.lock()) {
+            p->cached_param_version = -1;
+            Derived::aux_gradient_arrived(*p);
+          }
+          return at::Tensor();
+        });
+        q->aux_hooked = true;
+      }
     }
   }
+
+  /// Called when autograd brings a gradient to `q`'s auxiliary tensor (an optimizer step that may
+  /// write it through `.data()` follows): a derived quantizer drops what it keeps computed from the
+  /// tensor's values. Default: nothing.
+  static void aux_gradient_arrived(Param&) {}
 
   /// Registers the gradient hook (if the parameter requires grad); it holds weak references to the
   /// parameter state and to what the hooks share. The first hook to fire in a backward pass queues
@@ -565,6 +594,10 @@ class BaseQuantizer {
                                       aux_kind](const at::Tensor& grad) -> at::Tensor {
       auto q = weak.lock();
       if (!q) return at::Tensor();
+      // An optimizer step follows any backward that reaches the parameter and may write through
+      // `.data()` (LibTorch's SGD), unseen by the version counter: the eval cache must not
+      // outlive it, whether or not the forward was the quantizer's.
+      q->cached_param_version = -1;
       if (!q->pending) {
         // The same graph again: the accumulator the hook saw then, with no edge added since
         // (a new graph, e.g. a regularizer on the clean weights, adds one).
@@ -594,9 +627,6 @@ class BaseQuantizer {
         q->ended_accumulator = acc;
         q->ended_accumulator_uses = acc ? static_cast<int64_t>(acc.use_count()) : 0;
       }
-      // An optimizer step follows and may write through `.data()` (LibTorch's SGD), unseen
-      // by the version counter: the eval cache must not outlive it.
-      q->cached_param_version = -1;
       TORCH_CHECK(!overwritten, overwritten_message(name, "backward", {q->name}));
       auto s = shared.lock();
       if (s && !s->sweep_queued) {

@@ -427,6 +427,10 @@ class DiffQuantizer
     return quantized_size_bits(b, q.numel, o.group_size(), o.min_bits());
   }
 
+  /// A gradient reached the logit through autograd (the penalty): an optimizer step may follow
+  /// and write it through `.data()`, so `penalty()` must not reuse the terms computed before.
+  static void aux_gradient_arrived(QParam& q) { q.terms_version = -1; }
+
   /// The parameter's gradient is complete: add the logit gradient and correct the weight gradient
   /// for the path through `max w − min w` (the base then restores the clean weights).
   static at::Tensor training_backward(QParam& q, const at::Tensor& incoming) {
@@ -434,7 +438,11 @@ class DiffQuantizer
     // An optimizer step may follow and write the logits through `.data()` (LibTorch's SGD),
     // unseen by their version counter: `penalty()` must not reuse this forward's terms after it.
     q.terms_version = -1;
-    auto& lg = q.aux.mutable_grad();
+    // A frozen logit (requires_grad false: fixed bit widths) gets no gradient, since an optimizer
+    // steps every tensor whose `.grad` is defined; its share goes to a scratch tensor.
+    at::Tensor scratch;
+    if (!q.aux.requires_grad()) scratch = at::zeros_like(q.aux);
+    auto& lg = q.aux.requires_grad() ? q.aux.mutable_grad() : scratch;
     if (!lg.defined()) lg = at::zeros_like(q.aux);
     // Sparse (Embedding) or strided (expanded, permuted) gradients: a dense contiguous copy.
     const at::Tensor grad = incoming.is_sparse() ? incoming.to_dense() : incoming;
