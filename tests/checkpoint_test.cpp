@@ -1778,9 +1778,9 @@ TEST(Checkpoint, RestoreQuantizedFillsTheWeightsAndLogitsOfAWrappedModel) {
                    "missing from the checkpoint (6): 'bn.bias_diffq', 'bn.weight_diffq', "
                    "'conv.bias_diffq', 'conv.weight_diffq', 'fc.bias_diffq', 'fc.weight_diffq';");
   EXPECT_ERROR_HAS(diffq::restore_quantized(q2, without_logits),
-                   "the model carries a quantizer's logits ('*_diffq'), which the checkpoint does "
-                   "not store: load into a model without a quantizer, or save with "
-                   "include_logits = true;");
+                   "the model carries a quantizer's logits or step sizes ('*_diffq'), which the "
+                   "checkpoint does not store: load into a model without a quantizer, or save "
+                   "with include_logits = true;");
   {
     diffq::QuantizedGuard<diffq::DiffQuantizer<Net>> guard(q2);
     EXPECT_ERROR_HAS(

@@ -248,6 +248,17 @@ inline ByteSource source_from_bytes(const uint8_t* data, size_t size) {
   return s;
 }
 
+/// The source of a path, a stream or a byte vector (the three `load_quantized` overloads).
+inline ByteSource byte_source(const std::string& path, const std::string& where) {
+  return source_from_file(path, where);
+}
+inline ByteSource byte_source(std::istream& in, const std::string& where) {
+  return source_from_stream(in, where);
+}
+inline ByteSource byte_source(const std::vector<uint8_t>& bytes, const std::string&) {
+  return source_from_bytes(bytes.data(), bytes.size());
+}
+
 /// The state as writer input; `keep` holds the converted tensors the input points into.
 inline WriterInput state_to_input(const QuantizedState& state, std::vector<at::Tensor>& keep,
                                   const std::string& where) {
@@ -565,7 +576,10 @@ inline std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
+/// `aux_suffix`: the suffix of the wrapping quantizer's tensors when known (`restore_quantized`),
+/// for the hint when they are missing from the checkpoint; else the one its options record.
+inline void load_into_module(torch::nn::Module& model, const ByteSource& src,
+                             const std::string& aux_suffix = std::string()) {
   const std::string where = "diffq::load_quantized";
   ParsedCheckpoint pc = parse_checkpoint(src.data, src.size, where, src.name);
   std::map<std::string, at::Tensor> targets;
@@ -625,22 +639,22 @@ inline void load_into_module(torch::nn::Module& model, const ByteSource& src) {
     list("missing from the checkpoint", missing, true);
     list("unexpected in the checkpoint", unexpected, true);
     list("mismatched shape or dtype", mismatched, false);
-    // A model wrapped by a quantizer has its logits as parameters (named with the suffix the
-    // checkpoint's options record, when it has options).
-    const std::string& suffix = pc.options.suffix();
+    // A model wrapped by a quantizer has its logits (LSQ: step sizes) as parameters, named with
+    // the quantizer's suffix (`restore_quantized`) or the one the checkpoint's options record.
+    const std::string suffix =
+        !aux_suffix.empty() ? aux_suffix : (pc.has_options ? pc.options.suffix() : std::string());
     const bool logits_missing =
-        pc.has_options && !suffix.empty() &&
-        std::any_of(missing.begin(), missing.end(), [&](const std::string& n) {
+        !suffix.empty() && std::any_of(missing.begin(), missing.end(), [&](const std::string& n) {
           return n.size() > suffix.size() && detail::ends_with(n, suffix);
         });
     const bool has_logits = std::any_of(pc.records.begin(), pc.records.end(),
                                         [](const RecordView& rv) { return rv.kind == kKindLogit; });
     if (logits_missing && !has_logits) {
-      os << " the model carries a quantizer's logits ('*" << suffix
+      os << " the model carries a quantizer's logits or step sizes ('*" << suffix
          << "'), which the checkpoint does not store: load into a model without a quantizer, or "
             "save with include_logits = true;";
     } else if (logits_missing) {
-      os << " the checkpoint's logits do not cover the model's ('*" << suffix
+      os << " the checkpoint's logits or step sizes do not cover the model's ('*" << suffix
          << "'): wrap the model with the options the checkpoint was saved with;";
     }
     TORCH_CHECK(false, detail::escape_control(os.str()));
@@ -888,8 +902,9 @@ void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
 
 /// Loads a checkpoint into the model wrapped by quantizer `q` (`DiffQuantizer`, `UniformQuantizer`,
 /// `LSQQuantizer`): `load_quantized(*q.model(), source)` after `q.restore_clean_weights()`, so that
-/// nothing is written into a copy the quantizer substituted. Stored logits (LSQ: step sizes), when
-/// the checkpoint has them (`save_quantized(q, path, true)`), replace the quantizer's: e.g. to
+/// nothing is written into a copy the quantizer substituted. The model's logits (LSQ: step sizes)
+/// are parameters that must be in the checkpoint like the others, so it must be saved with them
+/// (`save_quantized(q, path, /*include_logits=*/true)`); they replace the quantizer's: e.g. to
 /// resume training from the quantized weights (an optimizer's state is not restored). `source`: a
 /// path, a `std::istream&` or a `std::vector<uint8_t>`. Throws under `quantize()` or a
 /// `QuantizedGuard`, and like `load_quantized`; on failure the clean weights and the logits are
@@ -897,7 +912,10 @@ void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
 template <class Quantizer, class Source>
 void restore_quantized(Quantizer& q, Source&& source) {
   q.restore_clean_weights();
-  load_quantized(static_cast<torch::nn::Module&>(*q.model()), std::forward<Source>(source));
+  TORCH_CHECK(q.model() != nullptr, "diffq::restore_quantized: null model");
+  detail::load_into_module(
+      static_cast<torch::nn::Module&>(*q.model()),
+      detail::byte_source(std::forward<Source>(source), "diffq::load_quantized"), q.aux_suffix());
 }
 
 /// Reads a checkpoint back into a `QuantizedState` (levels, bit widths, min/max, floats in their
