@@ -427,4 +427,20 @@ TEST(Glob, MatchesLikeTheShell) {
   EXPECT_TRUE(glob_match("a[", "a["));  // unterminated set: literal
 }
 
+TEST(Bits, QuantizeLevelsOnTheDeviceEqualTheCpuKernel_CUDA) {
+  // The ATen expression on the device divides by a device tensor (true division), so it gives the
+  // levels of the CPU kernel, which the checkpoint export uses; CUDA's division by a CPU scalar is
+  // a product with its reciprocal and moved ~200 of 2^20 levels at 15 bits.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(8);
+  auto w = torch::randn({1 << 20});
+  auto mm = diffq::finite_min_max(w, "w");
+  for (int64_t b : {4, 8, 15}) {
+    auto bits = torch::full({(1 << 20) / 16}, b, torch::kByte);
+    auto cpu = diffq::quantize_levels(w, bits, 16, mm.first, mm.second);
+    auto gpu = diffq::quantize_levels(w.cuda(), bits.cuda(), 16, mm.first, mm.second);
+    EXPECT_TRUE(BitEqual(gpu.cpu(), cpu)) << b;
+  }
+}
+
 }  // namespace

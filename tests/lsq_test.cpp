@@ -200,6 +200,11 @@ TEST(LSQQuantizer, TrainExportLoadIsBitExact) {
   MLP again;
   LSQQuantizer<MLP> q2(again, LSQOptions().bits(3).min_size_mb(0).exclude({"*bias"}));
   EXPECT_FALSE(BitEqual(q2.step("fc1.weight"), q.step("fc1.weight")));
+  // Without them, the error says why (an LSQ checkpoint records no options with the suffix).
+  ExpectError([&] { diffq::restore_quantized(q2, bytes); },
+              "missing from the checkpoint (2): 'fc1.weight_lsq', 'fc2.weight_lsq'; the model "
+              "carries a quantizer's logits or step sizes ('*_lsq'), which the checkpoint does not "
+              "store: load into a model without a quantizer, or save with include_logits = true;");
   diffq::restore_quantized(q2, with_steps);
   for (const auto& name : {"fc1.weight", "fc2.weight"}) {
     EXPECT_TRUE(BitEqual(q2.step(name), q.step(name))) << name;
@@ -248,6 +253,56 @@ TEST(LSQQuantizer, ErrorPaths) {
         q.forward(torch::randn({1, 10}));
       },
       "diffq::LSQQuantizer: the step size of 'fc1.weight' must be > 0 and finite, got -0.5");
+  // A step whose range (2^15 − 1)·step overflows float: a c10::Error naming the parameter (was a
+  // std::runtime_error from ATen's scalar conversion), at eval and at export.
+  LSQQuantizer<MLP> wide(MLP(), LSQOptions().bits(15).min_size_mb(0));
+  SetStep(wide, "fc2.weight", 1e35);
+  wide.model()->eval();
+  const std::string overflow =
+      "diffq::LSQQuantizer: the step size of 'fc2.weight' is 1e+35: its range (2^bits - 1)*step = "
+      "3.2767e+39 overflows Float";
+  ExpectError([&] { wide.forward(torch::randn({1, 10})); }, overflow);
+  ExpectError([&] { wide.quantized_state(); }, overflow);
+}
+
+TEST(LSQQuantizer, LargeFiniteWeightsInitialiseTheStep) {
+  // mean|w| of 1e35: a float sum overflowed to inf and the weights were called non-finite. The
+  // step is 2·mean|w|/sqrt(Qp) (Qp = 7 at 4 bits), and the eval weights round(clamp(w/s))·s.
+  auto w0 = torch::full({100, 100}, 1e35f);
+  Dot model(w0.clone());
+  LSQQuantizer<Dot> q(model, LSQOptions().bits(4).min_size_mb(0));
+  const double expected = 2.0 * static_cast<double>(1e35f) / std::sqrt(7.0);
+  EXPECT_NEAR(q.step("weight").item<double>(), expected, 1e-6 * expected);
+  const float s = q.step("weight").item<float>();
+  const float level = std::nearbyint(1e35f / s);  // 1.32… rounds to 1
+  EXPECT_EQ(level, 1.0f);
+  diffq::QuantizedGuard<LSQQuantizer<Dot>> guard(q);
+  EXPECT_TRUE(Close(model->weight.detach(), torch::full({100, 100}, level * s), 1e-6));
+  // A range that overflows float refuses the initialisation with a message.
+  ExpectError(
+      [&] {
+        LSQQuantizer<Dot> big(Dot(torch::full({4}, 3e38f)), LSQOptions().bits(15).min_size_mb(0));
+      },
+      "overflows Float");
+}
+
+TEST(LSQQuantizer, FrozenStepGetsNoGradientAndStaysFixed) {
+  // The step of fc1.weight set to requires_grad false: an optimizer steps any tensor whose
+  // `.grad` is defined, so the hook must not write one.
+  torch::manual_seed(6);
+  MLP model;
+  torch::optim::Adam optimizer(model->parameters(), 1e-2);
+  LSQQuantizer<MLP> q(model, LSQOptions().bits(3).min_size_mb(0));
+  q.setup_optimizer(optimizer, 0.1);
+  q.step("fc1.weight").requires_grad_(false);
+  const auto frozen = q.step("fc1.weight").detach().clone();
+  optimizer.zero_grad();
+  q.forward(torch::randn({4, 10})).pow(2).sum().backward();
+  EXPECT_FALSE(q.step("fc1.weight").grad().defined());
+  EXPECT_TRUE(q.step("fc2.weight").grad().defined());
+  EXPECT_TRUE(model->fc1->weight.grad().defined());
+  optimizer.step();
+  EXPECT_TRUE(BitEqual(q.step("fc1.weight").detach(), frozen));
 }
 
 TEST(LSQQuantizer, ForwardLevelsAndGradientsMatchThePaperByHand_CUDA) {
@@ -255,6 +310,21 @@ TEST(LSQQuantizer, ForwardLevelsAndGradientsMatchThePaperByHand_CUDA) {
   for (int64_t bits : {2, 3, 4}) {
     SCOPED_TRACE("bits=" + std::to_string(bits));
     CheckLsqAgainstThePaper(bits, torch::kCUDA);
+  }
+}
+
+TEST(LSQQuantizer, LevelsOnTheDeviceEqualTheCpuLevels_CUDA) {
+  // `w/step` on the device by true division, as on the CPU (CUDA turns a division by a CPU scalar
+  // into a product with its reciprocal): a checkpoint exported from a CUDA model reloads to its
+  // eval weights.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(7);
+  auto w = torch::randn({1 << 20});
+  for (int64_t bits : {4, 8, 15}) {
+    const double step = 3.3 / std::pow(2.0, bits - 1);
+    EXPECT_TRUE(
+        BitEqual(diffq::lsq_levels(w.cuda(), step, bits).cpu(), diffq::lsq_levels(w, step, bits)))
+        << bits;
   }
 }
 

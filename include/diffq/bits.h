@@ -209,7 +209,11 @@ inline at::Tensor quantize_levels(const at::Tensor& w, const at::Tensor& bits, i
   }
   auto levels_max = (at::pow(2.0, bits.to(flat.scalar_type())) - 1);
   // 0 <= (w − min)/(max − min) <= 1 holds in floating point too, so levels lie in [0, 2^b − 1].
-  auto scaled = (flat - min) / (max - min) * expand_groups(levels_max, numel, group_size);
+  // The divisor is a 0-dim tensor on the weights' device, not a scalar: CUDA divides by a CPU
+  // scalar as a product with its reciprocal (one more rounding), and its levels would then differ
+  // from the CPU kernel's, which the checkpoint export uses.
+  auto range = at::scalar_tensor(max - min, flat.options());
+  auto scaled = (flat - min) / range * expand_groups(levels_max, numel, group_size);
   return scaled.round().to(at::kShort);
 }
 

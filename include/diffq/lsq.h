@@ -30,6 +30,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -66,6 +67,12 @@ inline void check_options(const LSQOptions& o, const std::string& where = "diffq
               ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
 }
 
+/// `w/step` as `[numel]` in `w`'s dtype, by true division on every device (CUDA divides by a
+/// CPU scalar as a product with its reciprocal, which could move levels against the CPU's).
+inline at::Tensor lsq_scaled(const at::Tensor& w, double step) {
+  return w.detach().reshape(-1) / at::scalar_tensor(step, w.options());
+}
+
 /// LSQ levels of `w` (any shape, float or double) with step `step > 0` and `bits` in [2, 15], in
 /// the checkpoint's unsigned form: `round(clamp(w/step, −Qn, Qp)) + Qn`, int16 `[numel]` in
 /// `[0, 2^bits − 1]` (LSQ Eq. 1, `Qn = 2^(bits−1)`, `Qp = 2^(bits−1) − 1`). `w/step` is computed
@@ -73,12 +80,12 @@ inline void check_options(const LSQOptions& o, const std::string& where = "diffq
 inline at::Tensor lsq_levels(const at::Tensor& w, double step, int64_t bits) {
   const double qn = std::exp2(static_cast<double>(bits - 1));
   const double qp = qn - 1;
-  auto v = w.detach().reshape(-1) / step;
+  auto v = lsq_scaled(w, step);
   return (at::clamp(v, -qn, qp).round() + qn).to(at::kShort);
 }
 
-/// `{min, max}` of the common checkpoint format for LSQ step `step`: `{−Qn·step, Qp·step}` (exact
-/// in double for a float or double step).
+/// `{min, max}` of the common checkpoint format for LSQ step `step`: `{−Qn·step, Qp·step}`,
+/// computed in double (exact for a float step: `Qp` has at most 14 significant bits).
 inline std::pair<double, double> lsq_min_max(double step, int64_t bits) {
   const double qn = std::exp2(static_cast<double>(bits - 1));
   return {-qn * step, (qn - 1) * step};
@@ -164,19 +171,35 @@ class LSQQuantizer
     q.qp = q.qn - 1;
     q.grad_scale = 1.0 / std::sqrt(static_cast<double>(q.numel) * q.qp);
     at::NoGradGuard no_grad;
-    const double mean_abs = q.param.detach().abs().mean().template item<double>();
+    // Summed in double: a float sum of large finite weights would overflow.
+    const double mean_abs = q.param.detach().abs().mean(at::kDouble).template item<double>();
     TORCH_CHECK(std::isfinite(mean_abs), "diffq::LSQQuantizer: parameter '", q.name,
                 "' holds non-finite values; cannot initialise its step size");
     double init = 2.0 * mean_abs / std::sqrt(q.qp);
     if (!(init > 0)) init = 1.0;
+    check_range(q, init);
     return at::full({1}, init, q.param.options());
   }
 
-  /// The current step as a double; throws unless it is > 0 and finite.
+  /// Throws unless the quantization range `(2^b − 1)·step` (checkpoint `max − min`) is finite in
+  /// the parameter's dtype, as dequantization and the checkpoint reader need.
+  static void check_range(const Param& q, double s) {
+    const double range = (q.qn + q.qp) * s;
+    const bool fits = q.param.scalar_type() == at::kFloat
+                          ? range <= static_cast<double>(std::numeric_limits<float>::max())
+                          : std::isfinite(range);
+    TORCH_CHECK(fits, "diffq::LSQQuantizer: the step size of '", q.name, "' is ", s,
+                ": its range (2^bits - 1)*step = ", range, " overflows ", q.param.scalar_type(),
+                "; cannot quantize with it");
+  }
+
+  /// The current step as a double; throws unless it is > 0 and finite, and its range
+  /// `(2^b − 1)·step` fits the parameter's dtype.
   static double step_of(const Param& q) {
     const double s = q.aux.detach().template item<double>();
     TORCH_CHECK(s > 0 && std::isfinite(s), "diffq::LSQQuantizer: the step size of '", q.name,
                 "' must be > 0 and finite, got ", s);
+    check_range(q, s);
     return s;
   }
 
@@ -200,7 +223,7 @@ class LSQQuantizer
     at::NoGradGuard no_grad;
     const auto w = q.param.detach();
     const auto wq = this->cached_quantized(q);
-    q.v = w.reshape(-1) / step_of(q);
+    q.v = lsq_scaled(w, step_of(q));
     this->substitute(q, wq);
   }
 
@@ -215,10 +238,14 @@ class LSQQuantizer
     auto inside = at::logical_not(at::logical_or(below, above));
     auto dstep = at::where(inside, v.round() - v,
                            at::where(below, at::full_like(v, -q.qn), at::full_like(v, q.qp)));
-    auto gs = (g * dstep.to(g.scalar_type())).sum() * q.grad_scale;
-    auto& sg = q.aux.mutable_grad();
-    if (!sg.defined()) sg = at::zeros_like(q.aux);
-    sg.add_(gs.to(sg.scalar_type()).reshape(sg.sizes()));
+    // A frozen step (requires_grad false) gets no gradient: an optimizer steps every tensor
+    // whose `.grad` is defined.
+    if (q.aux.requires_grad()) {
+      auto gs = (g * dstep.to(g.scalar_type())).sum() * q.grad_scale;
+      auto& sg = q.aux.mutable_grad();
+      if (!sg.defined()) sg = at::zeros_like(q.aux);
+      sg.add_(gs.to(sg.scalar_type()).reshape(sg.sizes()));
+    }
     q.v = at::Tensor();
     return (g * inside.to(g.scalar_type())).view(grad.sizes());
   }
