@@ -15,7 +15,7 @@
 ///   gradient is complete and gives the parameter back its clean values, bit for bit (a sweep at
 ///   the end of that backward pass restores the frozen ones and those the forward may not have
 ///   used); eval forwards (and `quantize()`) see the true quantized weights, cached until the
-///   weights or the auxiliary tensor change or a backward ends a substitute; a substitute written
+///   weights or the auxiliary tensor change or a backward reaches either; a substitute written
 ///   in place (a write that restoring would lose) is detected by its version counter (not a write
 ///   through `.data()`, as LibTorch's SGD makes);
 /// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
