@@ -1,22 +1,39 @@
-// Tests of the Fashion-MNIST example's IDX reader (examples/fashion_mnist/idx.h) and report.
+// Tests of the Fashion-MNIST example's IDX reader (examples/fashion_mnist/idx.h), report
+// (report.h) and command line (cli.h).
+#include "../examples/fashion_mnist/cli.h"
 #include "../examples/fashion_mnist/idx.h"
 #include "../examples/fashion_mnist/report.h"
 #include "test_util.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace {
 
 namespace fs = std::filesystem;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+/// A test helper could not set up its files: thrown so that the test stops (gtest reports it),
+/// and not a std::runtime_error, which `expect_error` would take for the error under test.
+struct SetupFailure : std::logic_error {
+  using std::logic_error::logic_error;
+};
 
 bool dataset_installed(const std::string& dir) {
   for (const char* name : {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -60,26 +77,41 @@ class FashionMnistIdx : public ::testing::Test {
   }
   void TearDown() override { EXPECT_TRUE(diffq_test::RemoveTree(dir_.string())) << dir_; }
 
-  /// Writes `bytes` gzip-compressed to `<dir>/<name>` and returns the path.
+  /// Writes `bytes` gzip-compressed to `<dir>/<name>` and returns the path; throws SetupFailure
+  /// when the file cannot be written.
   std::string write_gz(const std::string& name, const std::vector<uint8_t>& bytes) {
     const std::string path = (dir_ / name).string();
+    errno = 0;
     gzFile f = gzopen(path.c_str(), "wb");
-    EXPECT_NE(f, nullptr);
-    if (!bytes.empty()) {
-      EXPECT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())),
-                static_cast<int>(bytes.size()));
+    if (f == nullptr) {
+      throw SetupFailure("write_gz: cannot create '" + path + "': " + std::strerror(errno));
     }
-    EXPECT_EQ(gzclose(f), Z_OK);
+    if (!bytes.empty() && gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())) !=
+                              static_cast<int>(bytes.size())) {
+      gzclose(f);
+      throw SetupFailure("write_gz: cannot write '" + path + "'");
+    }
+    if (gzclose(f) != Z_OK) throw SetupFailure("write_gz: cannot close '" + path + "'");
     return path;
   }
 
-  /// Writes raw bytes (no compression).
+  /// Writes raw bytes (no compression); throws SetupFailure when the file cannot be written.
   std::string write_raw(const std::string& name, const std::vector<uint8_t>& bytes) {
     const std::string path = (dir_ / name).string();
     std::ofstream out(path, std::ios::binary);
     out.write(reinterpret_cast<const char*>(bytes.data()),
               static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) throw SetupFailure("write_raw: cannot write '" + path + "'");
     return path;
+  }
+
+  /// The bytes of a file.
+  static std::vector<uint8_t> read_raw(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw SetupFailure("read_raw: cannot open '" + path + "'");
+    return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)),
+                                std::istreambuf_iterator<char>());
   }
 
   fs::path dir_;
@@ -162,6 +194,75 @@ TEST_F(FashionMnistIdx, TruncatedFile) {
   std::vector<uint8_t> half(gz.begin(), gz.begin() + static_cast<std::ptrdiff_t>(gz.size() / 2));
   const auto cut = write_raw("cut.gz", half);
   expect_error([&] { fmnist::read_idx_images(cut); }, {cut});
+}
+
+/// `n` pseudo-random bytes (a deflate stream of them is made of real Huffman codes, not of a few
+/// back-references as for a regular pattern).
+std::vector<uint8_t> noise_bytes(size_t n) {
+  std::vector<uint8_t> out(n);
+  uint32_t x = 12345;
+  for (auto& b : out) {
+    x = x * 1103515245u + 12345u;
+    b = static_cast<uint8_t>((x >> 16) & 0x3f);
+  }
+  return out;
+}
+
+TEST_F(FashionMnistIdx, CorruptStreamIsNotBlamedOnTheHeader) {
+  // 20 images: zlib decodes all of them (and meets the damage) while the 16-byte header is read.
+  auto bytes = header(2051, {20, 28, 28});
+  const auto pixels = noise_bytes(20 * 784);
+  bytes.insert(bytes.end(), pixels.begin(), pixels.end());
+  const auto good = write_gz("good.gz", bytes);
+  EXPECT_EQ(fmnist::read_idx_images(good, 20).pixels, pixels);
+  auto gz = read_raw(good);
+  ASSERT_GT(gz.size(), 4000u);
+  // Damage deep in the compressed data, three quarters in.
+  for (size_t i = gz.size() * 3 / 4; i < gz.size() * 3 / 4 + 32; ++i) gz[i] ^= 0x55;
+  const auto deep = write_raw("deep.gz", gz);
+  expect_error([&] { fmnist::read_idx_images(deep, 20); },
+               {"'" + deep + "'", "the gzip stream is corrupt (", "decompression stopped at byte ",
+                "of the compressed file", "after 0 bytes of IDX data"});
+  try {
+    fmnist::read_idx_images(deep, 20);
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(std::string(e.what()), Not(HasSubstr("header")));
+    // zlib's message is given without its own copy of the path.
+    EXPECT_THAT(std::string(e.what()), Not(HasSubstr("(" + deep)));
+  }
+  // A wrong CRC in the gzip trailer (the 8 last bytes: CRC-32, then the length).
+  auto crc = read_raw(good);
+  crc[crc.size() - 8] ^= 0xff;
+  const auto bad_crc = write_raw("crc.gz", crc);
+  expect_error([&] { fmnist::read_idx_images(bad_crc, 20); },
+               {bad_crc, "the gzip stream is corrupt (incorrect data check)",
+                "at byte " + std::to_string(crc.size() - 4) + " of the compressed file"});
+  try {
+    fmnist::read_idx_images(bad_crc, 20);
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(std::string(e.what()), Not(HasSubstr("header")));
+  }
+}
+
+TEST_F(FashionMnistIdx, DirectoryIsNotAFile) {
+  const fs::path d = dir_ / "train-images-idx3-ubyte.gz";
+  fs::create_directories(d);
+  expect_error([&] { fmnist::read_idx_images(d.string()); },
+               {"'" + d.string() + "'", "expected a regular file", "found a directory"});
+  expect_error([&] { fmnist::read_idx_labels(d.string()); }, {d.string(), "found a directory"});
+  // The split: the directory is reported, not "corrupt data".
+  try {
+    fmnist::load_fashion_mnist(dir_.string(), /*train=*/true);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(std::string(e.what()),
+                AllOf(HasSubstr(d.string()), HasSubstr("found a directory"),
+                      Not(HasSubstr("corrupt")), Not(HasSubstr("Is a directory"))));
+  }
+  // A regular uncompressed file next to a directory named like the .gz one is chosen.
+  const auto raw = write_raw("t10k-labels-idx1-ubyte", labels_file(10000, 10000));
+  fs::create_directories(dir_ / "t10k-labels-idx1-ubyte.gz");
+  EXPECT_EQ(fmnist::idx_path(dir_.string(), "t10k", "labels-idx1"), raw);
 }
 
 TEST_F(FashionMnistIdx, TrailingBytes) {
@@ -265,6 +366,263 @@ TEST(FashionMnistReport, NiceTicks) {
   EXPECT_EQ(t.front(), 0);
   EXPECT_GE(t.back(), 9 - 1e-9);
   EXPECT_LE(t.size(), 8u);
+}
+
+/// The runs of a report: fp32, then `quantized` baselines with their bits.
+std::vector<fmnist::RunResult> baseline_runs(bool with_fp32) {
+  std::vector<fmnist::RunResult> runs;
+  fmnist::RunResult fp32;
+  fp32.method = "fp32";
+  fp32.correct = fp32.reload_correct = 9100;
+  fp32.total = fp32.reload_total = 10000;
+  fp32.file_bytes = 1700000;
+  fp32.checkpoint = "out/fashion_mnist_fp32.pt";
+  if (with_fp32) runs.push_back(fp32);
+  for (int bits : {8, 4}) {
+    fmnist::RunResult r = fp32;
+    r.quantized = true;
+    r.method = "uniform PTQ " + std::to_string(bits) + "-bit";
+    r.correct = r.reload_correct = bits == 8 ? 9090 : 8700;
+    r.file_bytes = bits == 8 ? 420000 : 215000;
+    r.mean_bits = bits;
+    r.bits_per_layer = {{"conv2.weight", bits}, {"fc1.weight", bits}};
+    runs.push_back(r);
+  }
+  return runs;
+}
+
+const std::vector<fmnist::ParamInfo> kParams = {{"conv1.weight", {32, 1, 3, 3}, 288},
+                                                {"conv2.weight", {64, 32, 3, 3}, 18432},
+                                                {"fc1.weight", {128, 3136}, 401408},
+                                                {"fc1.bias", {128}, 128}};
+
+/// The number of SVG elements `<tag ...>` whose attributes contain `attr`.
+size_t count_elements(const std::string& svg, const std::string& tag, const std::string& attr) {
+  size_t n = 0;
+  for (size_t at = svg.find("<" + tag + " "); at != std::string::npos;
+       at = svg.find("<" + tag + " ", at + 1)) {
+    const std::string element = svg.substr(at, svg.find('>', at) - at);
+    if (element.find(attr) != std::string::npos) ++n;
+  }
+  return n;
+}
+
+TEST(FashionMnistReport, BitsPanelShowsBaselineRuns) {
+  // `train --method uniform --uniform-bits 8,4`: no DiffQ run, the baselines' bits are drawn.
+  const auto runs = baseline_runs(/*with_fp32=*/true);
+  const auto svg = fmnist::svg_figure(runs, kParams, 15);
+  EXPECT_THAT(svg, Not(HasSubstr("no parameter quantized")));
+  // One bar per run and quantized parameter, labelled with its bits, in the run's colour.
+  size_t eights = 0, fours = 0;
+  for (size_t at = svg.find(">8.00</text>"); at != std::string::npos;
+       at = svg.find(">8.00</text>", at + 1)) {
+    ++eights;
+  }
+  for (size_t at = svg.find(">4.00</text>"); at != std::string::npos;
+       at = svg.find(">4.00</text>", at + 1)) {
+    ++fours;
+  }
+  EXPECT_EQ(eights, 2u);
+  EXPECT_EQ(fours, 2u);
+  EXPECT_THAT(svg, AllOf(HasSubstr(">uniform PTQ 8-bit</text>"),
+                         HasSubstr(">uniform PTQ 4-bit</text>"), HasSubstr(">conv2.weight<"),
+                         HasSubstr(">fc1.weight<"), HasSubstr(">fp32: conv1.weight, fc1.bias<")));
+  // Bars + legend swatch of each run: 2 + 1 rects per colour.
+  EXPECT_EQ(count_elements(svg, "rect", "fill=\"#1f77b4\""), 3u);
+  EXPECT_EQ(count_elements(svg, "rect", "fill=\"#ff7f0e\""), 3u);
+  // The axis reaches the largest bits (8) even when --max-bits is lower (DiffQ did not run).
+  const auto low = fmnist::svg_figure(runs, kParams, 4);
+  EXPECT_THAT(low, HasSubstr("font-size=\"11\">8</text>"));
+  // ... and stops near it, not at max_bits = 15.
+  EXPECT_THAT(svg, AllOf(HasSubstr("font-size=\"11\">10</text>"),
+                         Not(HasSubstr("font-size=\"11\">15</text>")),
+                         Not(HasSubstr("font-size=\"11\">16</text>"))));
+  // The markdown shows the same bits.
+  const auto md = fmnist::markdown_report(runs, kParams, {}, "fig.svg");
+  EXPECT_THAT(md, HasSubstr("| `fc1.weight` | 128×3136 | 401,408 | 8.00 | 4.00 |"));
+}
+
+TEST(FashionMnistReport, TradeoffLegendMatchesThePoints) {
+  auto runs = baseline_runs(/*with_fp32=*/true);
+  for (double lambda : {1.0, 5.0}) {
+    fmnist::RunResult r = runs.front();
+    r.diffq = true;
+    r.lambda = lambda;
+    r.method = "DiffQ λ=" + fmnist::lambda_string(lambda);
+    r.file_bytes = lambda == 1 ? 140000 : 90000;
+    r.bits_per_layer = {{"conv2.weight", 5}, {"fc1.weight", 3}};
+    runs.push_back(r);
+  }
+  fmnist::RunResult qat = runs[1];
+  qat.method = "QAT 4-bit";
+  runs.push_back(qat);
+  const auto svg = fmnist::svg_figure(runs, kParams, 15);
+  const std::string tradeoff = svg.substr(svg.find("Test accuracy against checkpoint size"));
+  // DiffQ: every circle (the two points and the legend's) in one colour.
+  EXPECT_EQ(count_elements(tradeoff, "circle", ""), 3u);
+  EXPECT_EQ(count_elements(tradeoff, "circle", "fill=\"#1f77b4\""), 3u);
+  // Each baseline method: diamonds of its own colour, one legend entry (uniform PTQ: 2 points).
+  EXPECT_EQ(count_elements(tradeoff, "polygon", "fill=\"#ff7f0e\""), 3u);
+  EXPECT_EQ(count_elements(tradeoff, "polygon", "fill=\"#2ca02c\""), 2u);
+  EXPECT_EQ(count_elements(tradeoff, "polygon", ""), 5u);
+  EXPECT_THAT(tradeoff, AllOf(HasSubstr(">DiffQ (one point per penalty λ)</text>"),
+                              HasSubstr(">uniform PTQ</text>"), HasSubstr(">QAT</text>"),
+                              HasSubstr(">fp32 baseline</text>")));
+  EXPECT_EQ(count_elements(tradeoff, "rect", "fill=\"#555555\""), 2u);  // point and legend
+  // Without an fp32 run: no fp32 entry, no grey square.
+  runs.erase(runs.begin());
+  const auto no_fp32 = fmnist::svg_figure(runs, kParams, 15);
+  EXPECT_THAT(no_fp32, Not(HasSubstr("fp32 baseline")));
+  EXPECT_EQ(count_elements(no_fp32, "rect", "fill=\"#555555\""), 0u);
+  EXPECT_EQ(fmnist::svg::baseline_family("uniform PTQ 12-bit"), "uniform PTQ");
+  EXPECT_EQ(fmnist::svg::baseline_family("LSQ 4-bit"), "LSQ");
+  EXPECT_EQ(fmnist::svg::baseline_family("fp32"), "fp32");
+}
+
+TEST(FashionMnistReport, NonFiniteValues) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  EXPECT_TRUE(fmnist::svg::nice_ticks(nan, 1).empty());
+  EXPECT_TRUE(fmnist::svg::nice_ticks(0, inf).empty());
+  EXPECT_TRUE(fmnist::svg::nice_ticks(-inf, 0).empty());
+  // Far from 0, k + 1 == k in double: no endless loop.
+  EXPECT_TRUE(fmnist::svg::nice_ticks(1e19, 1e19 + 1e4).empty());
+  EXPECT_EQ(fmnist::svg::num(nan), "0.0");
+  auto runs = baseline_runs(/*with_fp32=*/true);
+  runs[1].bits_per_layer = {{"conv2.weight", nan}, {"fc1.weight", 8}};
+  runs[2].bits_per_layer = {{"conv2.weight", inf}, {"fc1.weight", 4}};
+  for (double max_bits : {15.0, nan, inf}) {
+    const auto svg = fmnist::svg_figure(runs, kParams, max_bits);
+    EXPECT_THAT(svg, AllOf(Not(HasSubstr("nan")), Not(HasSubstr("inf")), HasSubstr(">8.00<"),
+                           HasSubstr("</svg>")))
+        << "max_bits " << max_bits;
+  }
+}
+
+/// Runs `fashion_mnist <args>`'s parse; expects a fmnist::UsageError (exit status 2) whose message
+/// contains every one of `parts`.
+void expect_usage_error(std::vector<const char*> args, const std::vector<std::string>& parts) {
+  args.insert(args.begin(), "fashion_mnist");
+  try {
+    fmnist::parse_args(static_cast<int>(args.size()), args.data());
+    ADD_FAILURE() << "no usage error; expected one mentioning '" << parts.front() << "'";
+  } catch (const fmnist::UsageError& e) {
+    for (const auto& p : parts) EXPECT_THAT(std::string(e.what()), HasSubstr(p));
+  }
+}
+
+fmnist::Config parse(std::vector<const char*> args) {
+  args.insert(args.begin(), "fashion_mnist");
+  return fmnist::parse_args(static_cast<int>(args.size()), args.data());
+}
+
+TEST(FashionMnistCli, PenaltyNamesMustBeDistinct) {
+  expect_usage_error({"train", "--penalty", "1,1"},
+                     {"--penalty", "1 and 1", "'fashion_mnist_diffq_l1.dq'"});
+  expect_usage_error({"train", "--penalty", "0.5,0.1,0.10000001"},
+                     {"--penalty", "0.1 and 0.10000001", "'fashion_mnist_diffq_l0.1.dq'"});
+  expect_usage_error({"train", "--penalty", "1e-5,0.00001"}, {"1e-5 and 0.00001"});
+  expect_usage_error({"train", "--penalty", "0,-0"}, {"0 and -0"});
+  const auto c = parse({"train", "--penalty", "0.1,0.2,1e-05"});
+  EXPECT_EQ(c.penalties, (std::vector<double>{0.1, 0.2, 1e-5}));
+  EXPECT_EQ(fmnist::diffq_checkpoint_name(1e-5), "fashion_mnist_diffq_l1e-05.dq");
+  // Distinct uniform bit widths likewise (each names a checkpoint).
+  expect_usage_error({"train", "--uniform-bits", "4,8,4"}, {"--uniform-bits", "4 twice"});
+  // Not checked when DiffQ does not run.
+  EXPECT_EQ(parse({"train", "--method", "fp32", "--penalty", "1,1"}).penalties.size(), 2u);
+}
+
+TEST(FashionMnistCli, ThreadsBound) {
+  expect_usage_error({"train", "--threads", "4294967297"},
+                     {"--threads", "in [1, 1024]", "got 4294967297"});
+  expect_usage_error({"eval", "--checkpoint", "x", "--threads", "0"}, {"--threads", "got 0"});
+  expect_usage_error({"train", "--threads=1025"}, {"--threads", "got 1025"});
+  expect_usage_error({"train", "--threads", "99999999999999999999"},
+                     {"--threads", "in [1, 1024]", "99999999999999999999"});
+  expect_usage_error({"train", "--threads", "2x"}, {"--threads expects an integer, got '2x'"});
+  EXPECT_EQ(parse({"train", "--threads", "1024"}).threads, 1024);
+  // The other integer flags report overflow as out of range, naming the flag.
+  expect_usage_error({"train", "--epochs", "99999999999999999999"},
+                     {"--epochs expects an integer >= 1, got 99999999999999999999"});
+}
+
+TEST(FashionMnistCli, NoFp32WithUniform) {
+  // The default methods include uniform, which quantizes the trained fp32 model.
+  expect_usage_error({"train", "--no-fp32"},
+                     {"--no-fp32", "uniform", "default methods", "fp32 model", "--method"});
+  expect_usage_error({"train", "--method", "diffq,uniform", "--no-fp32"},
+                     {"--no-fp32", "listed in --method"});
+  expect_usage_error({"train", "--method", "fp32,diffq", "--no-fp32"}, {"--no-fp32", "fp32"});
+  for (const auto& args : {std::vector<const char*>{"train", "--method", "diffq", "--no-fp32"},
+                           std::vector<const char*>{"train", "--no-fp32", "--method", "diffq"}}) {
+    const auto c = parse(args);
+    EXPECT_FALSE(c.fp32);
+    EXPECT_FALSE(c.uniform);
+    EXPECT_TRUE(c.diffq);
+  }
+}
+
+TEST(FashionMnistCli, OnlySelectedMethodsOptionsAreChecked) {
+  const auto c = parse({"train", "--method", "fp32", "--init-bits", "20", "--lsq-bits", "1",
+                        "--uniform-bits", "99", "--bits-lr", "0"});
+  EXPECT_TRUE(c.fp32);
+  EXPECT_FALSE(c.diffq);
+  expect_usage_error({"train", "--init-bits", "20"},
+                     {"--init-bits, --max-bits (method diffq)",
+                      "init_bits must be < max_bits, got init_bits=20 and max_bits=15"});
+  expect_usage_error({"train", "--method", "diffq", "--min-bits", "0"},
+                     {"--min-bits (method diffq)", "got 0"});
+  expect_usage_error({"train", "--method", "lsq", "--lsq-bits", "1"},
+                     {"--lsq-bits (method lsq)", "got 1"});
+  expect_usage_error({"train", "--method", "qat", "--qat-bits", "16"},
+                     {"--qat-bits (method qat)", "got 16"});
+  expect_usage_error({"train", "--method", "uniform", "--uniform-bits", "8,4294967297"},
+                     {"--uniform-bits (method uniform)", "got 4294967297"});
+  expect_usage_error({"train", "--method", "qat", "--min-size-mb", "-1"},
+                     {"--min-size-mb (method qat)", "got -1"});
+}
+
+TEST(FashionMnistCli, EvalOutputParse) {
+  // The checkpoint path may hold "correct=" and even newlines: only the last line counts.
+  const auto a = fmnist::parse_eval_output(
+      "checkpoint=/tmp/correct=1 total=2/fashion_mnist_fp32.pt format=fp32\n"
+      "correct=8123 total=10000 accuracy=81.23%\n");
+  EXPECT_EQ(a.correct, 8123);
+  EXPECT_EQ(a.total, 10000);
+  const auto b = fmnist::parse_eval_output(
+      "checkpoint=/tmp/x\ncorrect=1 total=2 accuracy=50.00%\n/y.dq format=diffq\n"
+      "correct=7 total=10 accuracy=70.00%\n");
+  EXPECT_EQ(b.correct, 7);
+  EXPECT_EQ(b.total, 10);
+  // Not the last line, or not exactly the expected form.
+  for (const char* bad :
+       {"correct=7 total=10 accuracy=70.00%\nsomething else\n",
+        "checkpoint=/tmp/correct=1 total=2 format=fp32\n", "correct=11 total=10 accuracy=110.00%\n",
+        "correct=7 total=10 accuracy=70.00% extra\n", ""}) {
+    expect_error([&] { fmnist::parse_eval_output(bad); },
+                 {"expected the last line of the eval process's output to be 'correct=N total=M "
+                  "accuracy=A%'"});
+  }
+}
+
+TEST_F(FashionMnistIdx, OutDirectoryIsProbed) {
+  // Created when missing, and left empty (the probe file is removed).
+  const fs::path out = dir_ / "a" / "b";
+  fmnist::prepare_out_dir(out.string());
+  EXPECT_TRUE(fs::is_directory(out));
+  EXPECT_TRUE(fs::is_empty(out));
+  // A regular file in the way.
+  const auto file = write_raw("file", {1});
+  expect_error([&] { fmnist::prepare_out_dir(file); },
+               {"--out", "'" + file + "'", "not a directory"});
+  expect_error([&] { fmnist::prepare_out_dir(file + "/sub"); },
+               {"cannot create the --out directory '" + file + "/sub'"});
+  // An existing directory where no file can be created (root included): /proc.
+  if (fs::is_directory("/proc")) {
+    expect_error([&] { fmnist::prepare_out_dir("/proc"); },
+                 {"the --out directory '/proc' is not writable: cannot create "
+                  "'/proc/.fashion_mnist_write_probe_"});
+  }
 }
 
 }  // namespace

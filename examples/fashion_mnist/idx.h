@@ -13,6 +13,7 @@
 ///
 /// Every error is a `std::runtime_error` naming the file, what was expected and what was found.
 
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -59,27 +60,44 @@ struct GzCloser {
 };
 using GzHandle = std::unique_ptr<gzFile_s, GzCloser>;
 
-/// zlib's description of the stream's current error, or "" when there is none.
-inline std::string gz_error(gzFile f) {
+/// zlib's description of the stream's current error, or "" when there is none. zlib prefixes its
+/// message with the path, which the callers already name: that prefix is removed.
+inline std::string gz_error(gzFile f, const std::string& path = "") {
   int code = Z_OK;
   const char* msg = gzerror(f, &code);
   if (code == Z_OK || msg == nullptr) return "";
-  return msg;
+  std::string m = msg;
+  if (!path.empty() && m.rfind(path + ": ", 0) == 0) m = m.substr(path.size() + 2);
+  return m;
 }
 
-/// Reads exactly `n` bytes into `dst` or throws, naming `path` and `what` is being read.
-inline void read_exact(gzFile f, const std::string& path, void* dst, size_t n, const char* what) {
+/// The error for a gzip stream that zlib refuses (`gzread` < 0). zlib decodes ahead of what was
+/// asked (a whole buffer of output at a time), so the damage can lie anywhere after the `done`
+/// bytes already read, not necessarily in the part being read: the message names zlib's reason and
+/// where decompression stopped in the compressed file, never the part being read.
+inline std::runtime_error corrupt_stream(gzFile f, const std::string& path, uint64_t done) {
+  const long long at = static_cast<long long>(gzoffset(f));
+  std::string reason = gz_error(f, path);
+  if (reason.empty()) reason = "no reason given by zlib";
+  return std::runtime_error(
+      "fashion_mnist: cannot read '" + path + "': the gzip stream is corrupt (" + reason +
+      "); decompression stopped " +
+      (at >= 0 ? "at byte " + std::to_string(at) + " of the compressed file, " : "") + "after " +
+      std::to_string(done) + " bytes of IDX data had been read");
+}
+
+/// Reads exactly `n` bytes into `dst` or throws, naming `path` and `what` is being read. `offset`:
+/// the IDX bytes read before (for the error messages).
+inline void read_exact(gzFile f, const std::string& path, void* dst, size_t n, const char* what,
+                       uint64_t offset = 0) {
   auto* out = static_cast<unsigned char*>(dst);
   size_t done = 0;
   while (done < n) {
     const unsigned chunk = static_cast<unsigned>(std::min<size_t>(n - done, size_t{1} << 24));
     const int got = gzread(f, out + done, chunk);
-    if (got < 0) {
-      throw std::runtime_error("fashion_mnist: cannot read '" + path + "': corrupt data (" +
-                               gz_error(f) + ") while reading the " + what);
-    }
+    if (got < 0) throw corrupt_stream(f, path, offset + done);
     if (got == 0) {
-      const std::string err = gz_error(f);
+      const std::string err = gz_error(f, path);
       throw std::runtime_error("fashion_mnist: '" + path + "' is truncated: expected " +
                                std::to_string(n) + " bytes of " + what + ", found only " +
                                std::to_string(done) + (err.empty() ? "" : " (" + err + ")"));
@@ -89,9 +107,10 @@ inline void read_exact(gzFile f, const std::string& path, void* dst, size_t n, c
 }
 
 /// Reads exactly `n` bytes into a new vector, growing it chunk by chunk so that a corrupt header
-/// announcing a huge count fails on the missing data rather than on a huge allocation.
+/// announcing a huge count fails on the missing data rather than on a huge allocation. `offset`:
+/// the IDX bytes read before (for the error messages).
 inline std::vector<uint8_t> read_vector(gzFile f, const std::string& path, uint64_t n,
-                                        const char* what) {
+                                        const char* what, uint64_t offset = 0) {
   constexpr uint64_t kChunk = uint64_t{1} << 24;
   std::vector<uint8_t> out;
   out.reserve(static_cast<size_t>(std::min(n, kChunk)));
@@ -100,13 +119,10 @@ inline std::vector<uint8_t> read_vector(gzFile f, const std::string& path, uint6
     const size_t step = static_cast<size_t>(std::min<uint64_t>(n - done, kChunk));
     out.resize(done + step);
     const int got = gzread(f, out.data() + done, static_cast<unsigned>(step));
-    if (got < 0) {
-      throw std::runtime_error("fashion_mnist: cannot read '" + path + "': corrupt data (" +
-                               gz_error(f) + ") while reading the " + what);
-    }
+    if (got < 0) throw corrupt_stream(f, path, offset + done);
     out.resize(done + static_cast<size_t>(got));
     if (got == 0) {
-      const std::string err = gz_error(f);
+      const std::string err = gz_error(f, path);
       throw std::runtime_error("fashion_mnist: '" + path + "' is truncated: expected " +
                                std::to_string(n) + " bytes of " + what + ", found only " +
                                std::to_string(done) + (err.empty() ? "" : " (" + err + ")"));
@@ -116,21 +132,20 @@ inline std::vector<uint8_t> read_vector(gzFile f, const std::string& path, uint6
 }
 
 /// Checks that the stream ends right here (no trailing bytes, gzip trailer and CRC valid).
-inline void expect_end(gzFile f, const std::string& path, const std::string& after) {
+/// `offset`: the IDX bytes read before.
+inline void expect_end(gzFile f, const std::string& path, const std::string& after,
+                       uint64_t offset) {
   unsigned char extra[64];
   const int got = gzread(f, extra, sizeof(extra));
-  if (got < 0) {
-    throw std::runtime_error("fashion_mnist: cannot read '" + path + "': corrupt data (" +
-                             gz_error(f) + ") after the " + after);
-  }
+  if (got < 0) throw corrupt_stream(f, path, offset);
   if (got > 0) {
     throw std::runtime_error("fashion_mnist: '" + path + "' has trailing bytes after the " + after +
                              ": the file is larger than its header says");
   }
-  const std::string err = gz_error(f);
+  const std::string err = gz_error(f, path);
   if (!err.empty()) {
-    throw std::runtime_error("fashion_mnist: '" + path + "' is truncated or corrupt (" + err +
-                             ") after the " + after);
+    throw std::runtime_error("fashion_mnist: '" + path + "' is truncated: the gzip stream ends (" +
+                             err + ") after the " + after + ", before its trailer");
   }
 }
 
@@ -138,8 +153,23 @@ inline uint32_t big_endian(const unsigned char* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 
-/// Opens `path` (gzip or plain: zlib reads a file without a gzip header as is).
+/// Whether `path` names a regular file (following symbolic links).
+inline bool is_regular_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/// Opens `path` (gzip or plain: zlib reads a file without a gzip header as is), which must be a
+/// regular file.
 inline GzHandle open(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    throw std::runtime_error("fashion_mnist: cannot read '" + path +
+                             "': expected a regular file (an IDX file, gzip-compressed or not), "
+                             "found " +
+                             (S_ISDIR(st.st_mode) ? "a directory" : "a special file") +
+                             " (pass --data DIR holding the IDX files)");
+  }
   errno = 0;
   GzHandle f(gzopen(path.c_str(), "rb"));
   if (!f) {
@@ -205,8 +235,9 @@ inline IdxImages read_idx_images(const std::string& path, int64_t expected_count
   const uint64_t n = uint64_t{dims[0]} * dims[1] * dims[2];
   const std::string what = "pixel data (" + std::to_string(out.count) + " images of " +
                            std::to_string(out.rows) + "x" + std::to_string(out.cols) + ")";
-  out.pixels = detail::read_vector(f.get(), path, n, what.c_str());
-  detail::expect_end(f.get(), path, what);
+  constexpr uint64_t kHeaderBytes = 16;  // magic and 3 dimensions
+  out.pixels = detail::read_vector(f.get(), path, n, what.c_str(), kHeaderBytes);
+  detail::expect_end(f.get(), path, what, kHeaderBytes + n);
   return out;
 }
 
@@ -218,8 +249,10 @@ inline std::vector<uint8_t> read_idx_labels(const std::string& path, int64_t exp
   const int64_t count = dims[0];
   detail::check_count(path, "labels", count, expected_count);
   const std::string what = "label data (" + std::to_string(count) + " labels)";
-  std::vector<uint8_t> labels = detail::read_vector(f.get(), path, count, what.c_str());
-  detail::expect_end(f.get(), path, what);
+  constexpr uint64_t kHeaderBytes = 8;  // magic and 1 dimension
+  std::vector<uint8_t> labels =
+      detail::read_vector(f.get(), path, count, what.c_str(), kHeaderBytes);
+  detail::expect_end(f.get(), path, what, kHeaderBytes + count);
   for (size_t i = 0; i < labels.size(); ++i) {
     if (labels[i] >= num_classes) {
       throw std::runtime_error("fashion_mnist: '" + path + "': label " + std::to_string(i) +
@@ -247,20 +280,13 @@ inline Split read_split(const std::string& images_path, const std::string& label
 }
 
 /// Path of one of the four files in `dir`: `<dir>/<prefix>-<kind>-ubyte.gz`, or the uncompressed
-/// `<dir>/<prefix>-<kind>-ubyte` when only that one exists.
+/// `<dir>/<prefix>-<kind>-ubyte` when only that one is a regular file.
 inline std::string idx_path(const std::string& dir, const std::string& prefix,
                             const std::string& kind) {
   const std::string base =
       (dir.empty() ? std::string(".") : dir) + "/" + prefix + "-" + kind + "-ubyte";
-  if (gzFile f = gzopen((base + ".gz").c_str(), "rb")) {
-    gzclose(f);
-    return base + ".gz";
-  }
-  if (gzFile f = gzopen(base.c_str(), "rb")) {
-    gzclose(f);
-    return base;
-  }
-  return base + ".gz";  // missing: reading it reports the error
+  if (!detail::is_regular_file(base + ".gz") && detail::is_regular_file(base)) return base;
+  return base + ".gz";  // missing or not a file: reading it reports the error
 }
 
 /// Fashion-MNIST's training (`train = true`, 60000 items) or test split (10000 items) from `dir`,

@@ -10,6 +10,7 @@
 //
 // Data: Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or --data DIR.
 
+#include "cli.h"
 #include "idx.h"
 #include "progress.h"
 #include "report.h"
@@ -43,299 +44,9 @@ extern char** environ;
 namespace fmnist {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Options
-
-struct Config {
-  std::string command;
-  // Data and output.
-  std::string data = kDefaultDataDir;
-  std::string out = "out";
-  int64_t train_limit = -1;
-  int64_t test_limit = -1;
-  // Training.
-  int64_t epochs = 3;
-  double lr = 1e-3;
-  int64_t batch_size = 128;
-  uint64_t seed = 42;
-  int threads = 2;
-  bool fp32 = true;
-  // Methods (--method): fp32, diffq, uniform (PTQ of the fp32 model), qat, lsq.
-  bool diffq = true;
-  bool uniform = true;
-  bool qat = false;
-  bool lsq = false;
-  std::vector<int64_t> uniform_bits = {8, 4};
-  int64_t qat_bits = 4;
-  int64_t lsq_bits = 4;
-  // DiffQ.
-  std::vector<double> penalties = {1.0};
-  int64_t group_size = 16;
-  double min_size_mb = 0.01;
-  double min_bits = 2;
-  double max_bits = 15;
-  double init_bits = 8;
-  std::string noise = "gaussian";
-  std::string param = "bits";
-  double bits_lr = 1e-2;
-  // eval.
-  std::string checkpoint;
-  std::string format = "auto";
-};
-
 constexpr int kEvalBatch = 1000;
 constexpr double kMean = 0.2860;
 constexpr double kStd = 0.3530;
-constexpr int kExitUsage = 2;
-constexpr int kExitMismatch = 3;
-
-const char* kUsage = R"(usage:
-  fashion_mnist train [options]        train fp32 and DiffQ models, check, report
-  fashion_mnist eval --checkpoint FILE evaluate a checkpoint on the test set
-  fashion_mnist help
-
-train options (defaults in brackets):
-  --method M1,M2,...    among fp32, diffq, uniform, qat, lsq [fp32,diffq,uniform]
-                        uniform: post-training quantization of the trained fp32 model (no
-                        training; trains fp32 first); qat: uniform QAT with the straight-through
-                        estimator; lsq: Learned Step Size Quantization (qat and lsq train for
-                        --epochs like fp32, so they are not in the default list)
-  --uniform-bits B1,... bit widths of the uniform PTQ runs [8,4]
-  --qat-bits B [4]      --lsq-bits B [4]
-  --penalty L1,L2,...   DiffQ model-size penalties λ, one run each [1]
-  --no-fp32             skip the fp32 baseline run (same as leaving fp32 out of --method)
-  --epochs N            [3]          --lr X            Adam learning rate [1e-3]
-  --batch-size N        [128]        --seed N          [42]
-  --threads N           intra-op threads [2]
-  --group-size N        weights sharing one bit width [16]
-  --min-size-mb X       tensors at or below this fp32 size stay fp32 [0.01]
-  --min-bits X [2]  --max-bits X [15]  --init-bits X [8]
-  --noise gaussian|uniform   pseudo quantization noise [gaussian]
-  --param bits|noise         what the learnt logits parametrise [bits]
-  --bits-lr X           learning rate of the bit logits [1e-2]
-  --data DIR            IDX files [/usr/share/datasets/fashion-mnist]
-  --out DIR             checkpoints, report.md, fashion_mnist.svg [out]
-  --train-limit N / --test-limit N   use the first N images only (smoke runs)
-
-eval options:
-  --checkpoint FILE     written by `train` (fp32: torch::save; DiffQ: diffq::save_quantized)
-  --format auto|fp32|diffq   [auto: from the file's first bytes]
-  --data DIR, --test-limit N, --threads N   as for train
-eval prints `correct=N total=M accuracy=A%` on stdout.
-)";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-double parse_double(const std::string& flag, const std::string& v) {
-  size_t pos = 0;
-  double d = 0;
-  try {
-    d = std::stod(v, &pos);
-  } catch (const std::exception&) {
-    pos = std::string::npos;
-  }
-  if (pos != v.size() || !std::isfinite(d)) {
-    throw UsageError(flag + " expects a number, got '" + v + "'");
-  }
-  return d;
-}
-
-int64_t parse_int(const std::string& flag, const std::string& v, int64_t min) {
-  size_t pos = 0;
-  long long i = 0;
-  try {
-    i = std::stoll(v, &pos);
-  } catch (const std::exception&) {
-    pos = std::string::npos;
-  }
-  if (pos != v.size()) throw UsageError(flag + " expects an integer, got '" + v + "'");
-  if (i < min) {
-    throw UsageError(flag + " must be >= " + std::to_string(min) + ", got " + std::to_string(i));
-  }
-  return i;
-}
-
-Config parse_args(int argc, char** argv) {
-  Config c;
-  if (argc < 2) throw UsageError("missing command");
-  c.command = argv[1];
-  if (c.command == "help" || c.command == "--help" || c.command == "-h") return c;
-  if (c.command != "train" && c.command != "eval") {
-    throw UsageError("unknown command '" + c.command + "'");
-  }
-  const bool train = c.command == "train";
-  for (int i = 2; i < argc; ++i) {
-    std::string flag = argv[i];
-    std::string value;
-    bool has_value = false;
-    const auto eq = flag.find('=');
-    if (flag.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = flag.substr(eq + 1);
-      flag = flag.substr(0, eq);
-      has_value = true;
-    }
-    auto next = [&]() -> std::string {
-      if (has_value) return value;
-      if (i + 1 >= argc) throw UsageError(flag + " expects a value");
-      return argv[++i];
-    };
-    auto train_only = [&]() {
-      if (!train) throw UsageError(flag + " is a train option");
-    };
-    if (flag == "--data") {
-      c.data = next();
-    } else if (flag == "--test-limit") {
-      c.test_limit = parse_int(flag, next(), 1);
-    } else if (flag == "--threads") {
-      c.threads = static_cast<int>(parse_int(flag, next(), 1));
-    } else if (flag == "--checkpoint" && !train) {
-      c.checkpoint = next();
-    } else if (flag == "--format" && !train) {
-      c.format = next();
-      if (c.format != "auto" && c.format != "fp32" && c.format != "diffq") {
-        throw UsageError("--format expects auto, fp32 or diffq, got '" + c.format + "'");
-      }
-    } else if (flag == "--out") {
-      train_only();
-      c.out = next();
-    } else if (flag == "--train-limit") {
-      train_only();
-      c.train_limit = parse_int(flag, next(), 1);
-    } else if (flag == "--epochs") {
-      train_only();
-      c.epochs = parse_int(flag, next(), 1);
-    } else if (flag == "--lr") {
-      train_only();
-      c.lr = parse_double(flag, next());
-    } else if (flag == "--batch-size") {
-      train_only();
-      c.batch_size = parse_int(flag, next(), 1);
-    } else if (flag == "--seed") {
-      train_only();
-      c.seed = static_cast<uint64_t>(parse_int(flag, next(), 0));
-    } else if (flag == "--no-fp32") {
-      train_only();
-      if (has_value) throw UsageError(flag + " takes no value");
-      c.fp32 = false;
-    } else if (flag == "--method") {
-      train_only();
-      const std::string v = next();
-      c.fp32 = c.diffq = c.uniform = c.qat = c.lsq = false;
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) {
-        if (item == "fp32") {
-          c.fp32 = true;
-        } else if (item == "diffq") {
-          c.diffq = true;
-        } else if (item == "uniform") {
-          c.uniform = true;
-        } else if (item == "qat") {
-          c.qat = true;
-        } else if (item == "lsq") {
-          c.lsq = true;
-        } else {
-          throw UsageError(
-              "--method expects a comma-separated list of fp32, diffq, uniform, qat, "
-              "lsq, got '" +
-              item + "'");
-        }
-      }
-      if (v.empty() || v.back() == ',') {
-        throw UsageError("--method expects a comma-separated list of methods, got '" + v + "'");
-      }
-    } else if (flag == "--uniform-bits") {
-      train_only();
-      const std::string v = next();
-      c.uniform_bits.clear();
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) c.uniform_bits.push_back(parse_int(flag, item, 1));
-      if (v.empty() || v.back() == ',') {
-        throw UsageError("--uniform-bits expects a comma-separated list of integers, got '" + v +
-                         "'");
-      }
-    } else if (flag == "--qat-bits") {
-      train_only();
-      c.qat_bits = parse_int(flag, next(), 1);
-    } else if (flag == "--lsq-bits") {
-      train_only();
-      c.lsq_bits = parse_int(flag, next(), 2);
-    } else if (flag == "--penalty") {
-      train_only();
-      const std::string v = next();
-      c.penalties.clear();
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) {
-        const double l = parse_double("--penalty", item);
-        if (l < 0) throw UsageError("--penalty values must be >= 0, got " + item);
-        c.penalties.push_back(l);
-      }
-      if (v.empty() || v.back() == ',') {
-        throw UsageError("--penalty expects a comma-separated list of numbers, got '" + v + "'");
-      }
-    } else if (flag == "--group-size") {
-      train_only();
-      c.group_size = parse_int(flag, next(), 0);
-    } else if (flag == "--min-size-mb") {
-      train_only();
-      c.min_size_mb = parse_double(flag, next());
-    } else if (flag == "--min-bits") {
-      train_only();
-      c.min_bits = parse_double(flag, next());
-    } else if (flag == "--max-bits") {
-      train_only();
-      c.max_bits = parse_double(flag, next());
-    } else if (flag == "--init-bits") {
-      train_only();
-      c.init_bits = parse_double(flag, next());
-    } else if (flag == "--noise") {
-      train_only();
-      c.noise = next();
-      if (c.noise != "gaussian" && c.noise != "uniform") {
-        throw UsageError("--noise expects gaussian or uniform, got '" + c.noise + "'");
-      }
-    } else if (flag == "--param") {
-      train_only();
-      c.param = next();
-      if (c.param != "bits" && c.param != "noise") {
-        throw UsageError("--param expects bits or noise, got '" + c.param + "'");
-      }
-    } else if (flag == "--bits-lr") {
-      train_only();
-      c.bits_lr = parse_double(flag, next());
-    } else {
-      throw UsageError("unknown option '" + flag + "' for " + c.command);
-    }
-  }
-  if (!train && c.checkpoint.empty()) throw UsageError("eval needs --checkpoint FILE");
-  if (train && !(c.lr > 0)) throw UsageError("--lr must be > 0");
-  if (train && !(c.bits_lr > 0)) throw UsageError("--bits-lr must be > 0");
-  return c;
-}
-
-diffq::DiffQOptions diffq_options(const Config& c) {
-  auto o = diffq::DiffQOptions()
-               .group_size(c.group_size)
-               .min_size_mb(c.min_size_mb)
-               .min_bits(c.min_bits)
-               .max_bits(c.max_bits)
-               .init_bits(c.init_bits)
-               .noise(c.noise == "uniform" ? diffq::Noise::kUniform : diffq::Noise::kGaussian)
-               .param(c.param == "noise" ? diffq::Param::kNoise : diffq::Param::kBits);
-  return o;
-}
-
-diffq::UniformOptions uniform_options(const Config& c, int64_t bits, bool qat) {
-  return diffq::UniformOptions().bits(bits).min_size_mb(c.min_size_mb).qat(qat);
-}
-
-diffq::LSQOptions lsq_options(const Config& c) {
-  return diffq::LSQOptions().bits(c.lsq_bits).min_size_mb(c.min_size_mb);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Data and model
@@ -384,11 +95,6 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
-
-struct Accuracy {
-  int64_t correct = 0;
-  int64_t total = 0;
-};
 
 /// Test accuracy of `forward` (the module must be in eval mode), batches of 1000, no grad.
 Accuracy evaluate(const Forward& forward, const Data& test) {
@@ -568,16 +274,7 @@ Accuracy eval_in_new_process(const Config& c, const std::string& checkpoint,
               WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status))
                                 : "killed by signal " + std::to_string(WTERMSIG(status)),
               "); its output: ", output);
-  Accuracy a;
-  long long correct = -1, total = -1;
-  const auto pos = output.find("correct=");
-  TORCH_CHECK(
-      pos != std::string::npos &&
-          std::sscanf(output.c_str() + pos, "correct=%lld total=%lld", &correct, &total) == 2,
-      "fashion_mnist: no 'correct=N total=M' in the output of the eval process: ", output);
-  a.correct = correct;
-  a.total = total;
-  return a;
+  return parse_eval_output(output);
 }
 
 int run_eval(const Config& c) {
@@ -597,8 +294,10 @@ int run_eval(const Config& c) {
   model->eval();
   const Data test = load_data(c, /*train=*/false);
   const Accuracy a = evaluate([&](const torch::Tensor& x) { return model->forward(x); }, test);
-  std::printf("checkpoint=%s format=%s correct=%lld total=%lld accuracy=%.2f%%\n",
-              c.checkpoint.c_str(), format.c_str(), static_cast<long long>(a.correct),
+  // The counts on a line of their own, the last one: the parent reads only that line, whatever the
+  // path holds.
+  std::printf("checkpoint=%s format=%s\n", c.checkpoint.c_str(), format.c_str());
+  std::printf("correct=%lld total=%lld accuracy=%.2f%%\n", static_cast<long long>(a.correct),
               static_cast<long long>(a.total), 100.0 * a.correct / a.total);
   return 0;
 }
@@ -680,7 +379,7 @@ RunResult run_diffq(const Config& c, double lambda, const Data& train_data, cons
   r.learnt_bits = q.mean_bits();
   r.model_size_mb = q.true_model_size();
   r.bits_per_layer = q.mean_bits_per_param(/*rounded=*/true);
-  r.checkpoint = c.out + "/fashion_mnist_diffq_l" + lambda_string(lambda) + ".dq";
+  r.checkpoint = c.out + "/" + diffq_checkpoint_name(lambda);
   const size_t bytes = diffq::save_quantized(q, r.checkpoint);
   r.file_bytes = file_size(r.checkpoint);
   TORCH_CHECK(bytes == r.file_bytes, "fashion_mnist: save_quantized reported ", bytes,
@@ -764,13 +463,9 @@ RunResult run_lsq(const Config& c, const Data& train_data, const Data& test) {
 }
 
 int run_train(const Config& c) {
-  diffq::check_options(diffq_options(c), "fashion_mnist");
-  for (int64_t b : c.uniform_bits)
-    diffq::check_options(uniform_options(c, b, false), "fashion_mnist");
-  diffq::check_options(uniform_options(c, c.qat_bits, true), "fashion_mnist");
-  diffq::check_options(lsq_options(c), "fashion_mnist");
+  // The options were checked by parse_args (those of the selected methods only).
   torch::set_num_threads(c.threads);
-  std::filesystem::create_directories(c.out);
+  prepare_out_dir(c.out);  // fails now, not after the first training, on a bad --out
   const auto t0 = std::chrono::steady_clock::now();
   const Data train_data = load_data(c, /*train=*/true);
   const Data test = load_data(c, /*train=*/false);
@@ -805,30 +500,41 @@ int run_train(const Config& c) {
       "training: Adam lr " + fmt("%g", c.lr) + ", batch " + std::to_string(c.batch_size) + ", " +
           std::to_string(c.epochs) + " epoch(s), seed " + std::to_string(c.seed) + ", " +
           std::to_string(c.threads) + " thread(s); loss = cross-entropy + λ·model size (MB)",
-      "DiffQ: group size " + std::to_string(c.group_size) + ", bits in [" + fmt("%g", c.min_bits) +
-          ", " + fmt("%g", c.max_bits) + "] from " + fmt("%g", c.init_bits) + ", " + c.noise +
-          " noise, logits parametrise " + c.param + ", bit logits' lr " + fmt("%g", c.bits_lr) +
-          ", tensors ≤ " + fmt("%g", c.min_size_mb) + " MB kept fp32",
-      "baselines: uniform PTQ = `diffq::UniformQuantizer` (fixed bits, per-tensor min/max) on the "
-      "trained fp32 model, no training; QAT = the same quantizer with the straight-through "
-      "estimator, trained like fp32; LSQ = `diffq::LSQQuantizer` (learnt step size per tensor), "
-      "trained like fp32; tensors ≤ " +
-          fmt("%g", c.min_size_mb) + " MB kept fp32",
-      "file sizes: fp32 = `torch::save` of the model; quantized models = "
-      "`diffq::save_quantized` (compressed). MB = 2^20 bytes",
   };
+  // Only the selected methods' options (the others were not checked, and not used).
+  if (c.diffq) {
+    setup.push_back("DiffQ: group size " + std::to_string(c.group_size) + ", bits in [" +
+                    fmt("%g", c.min_bits) + ", " + fmt("%g", c.max_bits) + "] from " +
+                    fmt("%g", c.init_bits) + ", " + c.noise + " noise, logits parametrise " +
+                    c.param + ", bit logits' lr " + fmt("%g", c.bits_lr) + ", tensors ≤ " +
+                    fmt("%g", c.min_size_mb) + " MB kept fp32");
+  }
+  if (c.uniform || c.qat || c.lsq) {
+    setup.push_back(
+        "baselines: uniform PTQ = `diffq::UniformQuantizer` (fixed bits, per-tensor min/max) on "
+        "the trained fp32 model, no training; QAT = the same quantizer with the straight-through "
+        "estimator, trained like fp32; LSQ = `diffq::LSQQuantizer` (learnt step size per tensor), "
+        "trained like fp32; tensors ≤ " +
+        fmt("%g", c.min_size_mb) + " MB kept fp32");
+  }
+  setup.push_back(
+      "file sizes: fp32 = `torch::save` of the model; quantized models = "
+      "`diffq::save_quantized` (compressed). MB = 2^20 bytes");
   const bool figure =
       std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.diffq || r.quantized; });
   const std::string md = markdown_report(runs, params, setup, figure ? "fashion_mnist.svg" : "");
-  {
-    std::ofstream f(c.out + "/report.md");
-    f << md;
-    TORCH_CHECK(f.good(), "fashion_mnist: cannot write '", c.out, "/report.md'");
-  }
+  auto write_text = [](const std::string& path, const std::string& text) {
+    errno = 0;
+    std::ofstream f(path);
+    f << text;
+    f.close();
+    TORCH_CHECK(f.good(), "fashion_mnist: cannot write '", path,
+                "': ", errno != 0 ? std::strerror(errno) : "write failed");
+  };
+  write_text(c.out + "/report.md", md);
+  // The bits axis stops at --max-bits only when DiffQ ran (otherwise at the largest bits shown).
   if (figure) {
-    std::ofstream f(c.out + "/fashion_mnist.svg");
-    f << svg_figure(runs, params, c.max_bits);
-    TORCH_CHECK(f.good(), "fashion_mnist: cannot write '", c.out, "/fashion_mnist.svg'");
+    write_text(c.out + "/fashion_mnist.svg", svg_figure(runs, params, c.diffq ? c.max_bits : 0));
   }
   std::printf("\n%s\nreport: %s/report.md%s\n", md.c_str(), c.out.c_str(),
               figure ? (", figure: " + c.out + "/fashion_mnist.svg").c_str() : "");

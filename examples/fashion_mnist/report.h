@@ -196,8 +196,10 @@ inline std::string escape(const std::string& s) {
   return out;
 }
 
+/// A coordinate or length; a non-finite value (which callers skip) is written as 0, never as
+/// "nan" or "inf", so that the SVG stays valid.
 inline std::string num(double v) {
-  return fmt("%.1f", v);
+  return fmt("%.1f", std::isfinite(v) ? v : 0.0);
 }
 
 inline std::string text(double x, double y, const std::string& s, const char* anchor = "middle",
@@ -221,10 +223,14 @@ inline std::string rect(double x, double y, double w, double h, const std::strin
 }
 
 /// "Nice" tick values from at or below `lo` to at or above `hi`, about `n` intervals of 1, 2, 2.5
-/// or 5 × 10^k.
+/// or 5 × 10^k. Empty when `lo` or `hi` is not finite, when `n` < 1, or when the range cannot be
+/// ticked (over 1000 ticks, or a range tiny against its distance from 0): callers must handle no
+/// ticks.
 inline std::vector<double> nice_ticks(double lo, double hi, int n = 5) {
+  if (!std::isfinite(lo) || !std::isfinite(hi) || n < 1) return {};
   if (!(hi > lo)) hi = lo + 1;
   const double raw = (hi - lo) / n;
+  if (!std::isfinite(raw) || !(raw > 0)) return {};
   const double mag = std::pow(10.0, std::floor(std::log10(raw)));
   double step = mag;
   for (double m : {1.0, 2.0, 2.5, 5.0, 10.0}) {
@@ -233,6 +239,8 @@ inline std::vector<double> nice_ticks(double lo, double hi, int n = 5) {
   }
   std::vector<double> ticks;
   const double first = std::floor(lo / step + 1e-9), last = std::ceil(hi / step - 1e-9);
+  // Over 1000 ticks, or tick indices where k + 1 == k in double: none.
+  if (!(std::abs(first) < 1e15) || !(std::abs(last) < 1e15) || last - first > 1000) return {};
   for (double k = first; k <= last + 0.5; k += 1) {
     ticks.push_back(std::abs(k) < 0.5 ? 0.0 : k * step);
   }
@@ -245,7 +253,8 @@ inline std::string tick_label(double v) {
   return buf;
 }
 
-/// Colours of the DiffQ runs (the fp32 baseline is grey).
+/// Colours of the runs: the bars of the bits panel (one per run), and in the trade-off panel
+/// palette(0) for every DiffQ point and the next ones for the baseline methods (fp32 is grey).
 inline const char* palette(size_t i) {
   static const char* kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                                   "#8c564b", "#e377c2", "#17becf", "#bcbd22"};
@@ -253,10 +262,40 @@ inline const char* palette(size_t i) {
 }
 constexpr const char* kFp32Color = "#555555";
 
+/// Legend entries laid out left to right from `x`, wrapping to a new row (15 px lower) before
+/// `x_end`: the (x, row) of each entry. `width(i)`: the width of entry `i`.
+template <typename Width>
+std::vector<std::pair<double, int>> legend_layout(size_t n, double x, double x_end, Width width) {
+  std::vector<std::pair<double, int>> out;
+  double lx = x;
+  int row = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double wi = width(i);
+    if (lx > x && lx + wi > x_end) {
+      lx = x;
+      ++row;
+    }
+    out.emplace_back(lx, row);
+    lx += wi;
+  }
+  return out;
+}
+
+/// Rough width of a legend entry at 11 px: swatch, gap and text (one UTF-8 character ≈ 6.5 px).
+inline double legend_width(const std::string& label) {
+  double chars = 0;
+  for (unsigned char ch : label) chars += (ch & 0xC0) == 0x80 ? 0 : 1;
+  return 24 + 6.5 * chars;
+}
+
+constexpr double kLegendRow = 15;
+
 /// Panel at (`x0`, `y0`) of `w × h`: grouped bars, one group per quantized parameter, one bar per
-/// DiffQ run.
+/// run of `qruns` (every run with quantized parameters: DiffQ and the baseline quantizers). The
+/// y-axis reaches the largest bit width of these runs, rounded up, but not above
+/// max(`max_bits`, that width). Non-finite bit widths are not drawn.
 inline std::string bits_panel(double x0, double y0, double w, double h,
-                              const std::vector<const RunResult*>& dq,
+                              const std::vector<const RunResult*>& qruns,
                               const std::vector<ParamInfo>& params, double max_bits) {
   std::ostringstream s;
   // Quantized parameters in model order (those quantized by at least one run).
@@ -264,11 +303,11 @@ inline std::string bits_panel(double x0, double y0, double w, double h,
   double top = 1;
   for (const auto& p : params) {
     bool quantized = false;
-    for (const auto* r : dq) {
+    for (const auto* r : qruns) {
       for (const auto& kv : r->bits_per_layer) {
         if (kv.first == p.name) {
           quantized = true;
-          top = std::max(top, kv.second);
+          if (std::isfinite(kv.second)) top = std::max(top, kv.second);
         }
       }
     }
@@ -278,14 +317,20 @@ inline std::string bits_panel(double x0, double y0, double w, double h,
   for (const auto& p : params) {
     if (std::find(names.begin(), names.end(), p.name) == names.end()) kept.push_back(p.name);
   }
-  const double ml = 52, mr = 12, mt = 34, mb = 64;
-  const double pw = w - ml - mr, ph = h - mt - mb;
+  const double ml = 52, mr = 12, mt = 34;
+  const double pw = w - ml - mr;
   const double px = x0 + ml, py = y0 + mt;
+  const auto legend = legend_layout(qruns.size(), px, px + pw,
+                                    [&](size_t k) { return legend_width(qruns[k]->method); });
+  const int rows = legend.empty() ? 1 : legend.back().second + 1;
+  const double mb = 64 + kLegendRow * (rows - 1);
+  const double ph = h - mt - mb;
   s << text(x0 + w / 2, y0 + 18, "Bits per layer (rounded mean per parameter)", "middle", 14,
             "font-weight=\"bold\"");
-  const double ymax = std::max(std::min(max_bits, std::ceil(top + 0.5)), 2.0);
+  const double cap = std::isfinite(max_bits) ? std::max(max_bits, top) : top;
+  const double ymax = std::max(std::min(cap, std::ceil(top + 0.5)), 2.0);
   const auto ticks = nice_ticks(0, ymax, 5);
-  const double yhi = std::max(ymax, ticks.back());
+  const double yhi = ticks.empty() ? ymax : std::max(ymax, ticks.back());
   auto Y = [&](double v) { return py + ph - v / yhi * ph; };
   for (double t : ticks) {
     s << line(px, Y(t), px + pw, Y(t), "#e6e6e6");
@@ -299,13 +344,13 @@ inline std::string bits_panel(double x0, double y0, double w, double h,
     s << text(px + pw / 2, py + ph / 2, "no parameter quantized", "middle", 12);
   }
   const double gw = names.empty() ? pw : pw / names.size();
-  const double bw = std::min(48.0, gw * 0.8 / std::max<size_t>(dq.size(), 1));
+  const double bw = std::min(48.0, gw * 0.8 / std::max<size_t>(qruns.size(), 1));
   for (size_t g = 0; g < names.size(); ++g) {
     const double cx = px + gw * (g + 0.5);
-    const double start = cx - bw * dq.size() / 2;
-    for (size_t k = 0; k < dq.size(); ++k) {
-      for (const auto& kv : dq[k]->bits_per_layer) {
-        if (kv.first != names[g]) continue;
+    const double start = cx - bw * qruns.size() / 2;
+    for (size_t k = 0; k < qruns.size(); ++k) {
+      for (const auto& kv : qruns[k]->bits_per_layer) {
+        if (kv.first != names[g] || !std::isfinite(kv.second)) continue;
         const double bx = start + bw * k;
         s << rect(bx + 1, Y(kv.second), bw - 2, Y(0) - Y(kv.second), palette(k));
         s << text(bx + bw / 2, Y(kv.second) - 4, fmt("%.2f", kv.second), "middle", 10);
@@ -315,29 +360,87 @@ inline std::string bits_panel(double x0, double y0, double w, double h,
     s << text(cx, py + ph + 17, names[g], "middle", 11, "font-family=\"monospace\"");
   }
   // Legend: one entry per run, then the parameters left in floating point.
-  double lx = px;
   const double ly = py + ph + 36;
-  for (size_t k = 0; k < dq.size(); ++k) {
-    s << rect(lx, ly - 9, 11, 11, palette(k));
-    s << text(lx + 15, ly, dq[k]->method, "start", 11);
-    lx += 24 + 7.0 * dq[k]->method.size();
+  for (size_t k = 0; k < qruns.size(); ++k) {
+    const double lx = legend[k].first, lyk = ly + kLegendRow * legend[k].second;
+    s << rect(lx, lyk - 9, 11, 11, palette(k));
+    s << text(lx + 15, lyk, qruns[k]->method, "start", 11);
   }
   if (!kept.empty()) {
     std::string k = "fp32: ";
     for (size_t i = 0; i < kept.size(); ++i) k += (i ? ", " : "") + kept[i];
-    s << text(px, ly + 17, k, "start", 10, "fill=\"#555\"");
+    s << text(px, ly + kLegendRow * (rows - 1) + 17, k, "start", 10, "fill=\"#555\"");
   }
   return s.str();
 }
 
-/// Panel: test accuracy against checkpoint size (log scale), DiffQ runs joined by a line in order
-/// of size, the fp32 baseline as a separate point.
+/// The method family of a baseline quantizer run, for the trade-off panel's legend: its name
+/// without the bit width (`"uniform PTQ 4-bit"` → `"uniform PTQ"`).
+inline std::string baseline_family(const std::string& method) {
+  const auto sp = method.find_last_of(' ');
+  if (sp != std::string::npos && method.size() > sp + 5 &&
+      method.compare(method.size() - 4, 4, "-bit") == 0 &&
+      std::all_of(method.begin() + sp + 1, method.end() - 4,
+                  [](char ch) { return ch >= '0' && ch <= '9'; })) {
+    return method.substr(0, sp);
+  }
+  return method;
+}
+
+/// Panel: test accuracy against checkpoint size (log scale), DiffQ runs (all in palette(0)) joined
+/// by a line in order of size, each baseline quantizer method (family: `baseline_family`) in a
+/// colour of its own as diamonds, the fp32 baseline as a grey square. The legend lists exactly the
+/// kinds of points drawn.
 inline std::string tradeoff_panel(double x0, double y0, double w, double h,
                                   const std::vector<RunResult>& runs) {
   std::ostringstream s;
-  const double ml = 58, mr = 16, mt = 34, mb = 64;
-  const double pw = w - ml - mr, ph = h - mt - mb;
+  const double ml = 58, mr = 16, mt = 34;
+  const double pw = w - ml - mr;
   const double px = x0 + ml, py = y0 + mt;
+  // Legend entries: DiffQ, then each baseline family in order of appearance, then fp32.
+  struct Entry {
+    std::string label;
+    std::string color;
+    char shape;  // 'c' circle, 'd' diamond, 's' square
+  };
+  std::vector<Entry> entries;
+  std::vector<std::string> families;
+  bool has_diffq = false, has_fp32 = false;
+  for (const auto& r : runs) {
+    if (r.diffq) {
+      has_diffq = true;
+    } else if (r.quantized) {
+      const std::string f = baseline_family(r.method);
+      if (std::find(families.begin(), families.end(), f) == families.end()) families.push_back(f);
+    } else {
+      has_fp32 = true;
+    }
+  }
+  auto family_color = [&](const std::string& f) {
+    const auto it = std::find(families.begin(), families.end(), f);
+    return palette(1 + static_cast<size_t>(it - families.begin()));
+  };
+  if (has_diffq) entries.push_back({"DiffQ (one point per penalty λ)", palette(0), 'c'});
+  for (const auto& f : families) entries.push_back({f, family_color(f), 'd'});
+  if (has_fp32) entries.push_back({"fp32 baseline", kFp32Color, 's'});
+  const auto legend = legend_layout(entries.size(), px, px + pw,
+                                    [&](size_t i) { return legend_width(entries[i].label); });
+  const int rows = legend.empty() ? 1 : legend.back().second + 1;
+  const double mb = 64 + kLegendRow * (rows - 1);
+  const double ph = h - mt - mb;
+  auto marker = [](double x, double y, char shape, const std::string& color,
+                   const std::string& extra) {
+    if (shape == 'c') {
+      return "<circle cx=\"" + num(x) + "\" cy=\"" + num(y) + "\" r=\"5\" fill=\"" + color + "\"" +
+             (extra.empty() ? "" : " " + extra) + "/>\n";
+    }
+    if (shape == 'd') {
+      return "<polygon points=\"" + num(x) + "," + num(y - 6) + " " + num(x + 6) + "," + num(y) +
+             " " + num(x) + "," + num(y + 6) + " " + num(x - 6) + "," + num(y) + "\" fill=\"" +
+             color + "\"" + (extra.empty() ? "" : " " + extra) + "/>\n";
+    }
+    return rect(x - 5, y - 5, 10, 10, color, extra);
+  };
   s << text(x0 + w / 2, y0 + 18, "Test accuracy against checkpoint size", "middle", 14,
             "font-weight=\"bold\"");
   double smin = 1e300, smax = 0, amin = 100, amax = 0;
@@ -369,8 +472,8 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
   }
   const double span = std::max(amax - amin, 0.5);
   const auto yt = nice_ticks(amin - 0.15 * span, amax + 0.15 * span, 5);
-  const double ylo = std::min(yt.front(), amin - 0.15 * span);
-  const double yhi = std::max(yt.back(), amax + 0.15 * span);
+  const double ylo = yt.empty() ? amin - 0.15 * span : std::min(yt.front(), amin - 0.15 * span);
+  const double yhi = yt.empty() ? amax + 0.15 * span : std::max(yt.back(), amax + 0.15 * span);
   auto Y = [&](double a) { return py + ph - (a - ylo) / (yhi - ylo) * ph; };
   for (double t : yt) {
     if (Y(t) < py - 0.5 || Y(t) > py + ph + 0.5) continue;
@@ -398,16 +501,18 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
     s << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << palette(0)
       << "\" stroke-width=\"1.5\"/>\n";
   }
-  size_t k = 0;
   std::vector<std::pair<double, double>> placed;  // label anchors, to keep labels apart
   for (const auto& r : runs) {
     const double x = X(std::max(r.file_bytes / kMB, 1e-6)), y = Y(r.accuracy());
+    if (!std::isfinite(x) || !std::isfinite(y)) continue;
     const std::string label = r.method + fmt(" (%.2f%%)", r.accuracy());
-    if (r.diffq || r.quantized) {
-      s << "<circle cx=\"" << num(x) << "\" cy=\"" << num(y) << "\" r=\"5\" fill=\"" << palette(k++)
-        << "\" stroke=\"white\" stroke-width=\"1\"/>\n";
+    const std::string outline = "stroke=\"white\" stroke-width=\"1\"";
+    if (r.diffq) {
+      s << marker(x, y, 'c', palette(0), outline);
+    } else if (r.quantized) {
+      s << marker(x, y, 'd', family_color(baseline_family(r.method)), outline);
     } else {
-      s << rect(x - 5, y - 5, 10, 10, kFp32Color, "stroke=\"white\" stroke-width=\"1\"");
+      s << marker(x, y, 's', kFp32Color, outline);
     }
     // Labels left of points near the right edge, right of the others.
     const bool left = x > px + pw * 0.6;
@@ -426,27 +531,30 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
     placed.emplace_back(lx, ly);
     s << text(lx, ly, label, left ? "end" : "start", 11);
   }
-  // Legend.
+  // Legend: one entry per kind of point drawn.
   const double ly = py + ph + 54;
-  s << "<circle cx=\"" << num(px + 6) << "\" cy=\"" << num(ly - 4) << "\" r=\"5\" fill=\""
-    << palette(0) << "\"/>\n";
-  s << text(px + 15, ly, "DiffQ (one point per penalty λ)", "start", 11);
-  s << rect(px + 215, ly - 9, 10, 10, kFp32Color);
-  s << text(px + 230, ly, "fp32 baseline", "start", 11);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const double lx = legend[i].first, lyi = ly + kLegendRow * legend[i].second;
+    s << marker(lx + 6, lyi - 4, entries[i].shape, entries[i].color, "");
+    s << text(lx + 15, lyi, entries[i].label, "start", 11);
+  }
   return s.str();
 }
 
 }  // namespace svg
 
-/// The figure: bits per layer, and accuracy against size when at least two DiffQ runs were made.
-/// `max_bits`: the top of the bits axis (the quantizer's largest bit width).
+/// The figure: bits per layer of every run with quantized parameters (DiffQ and baselines), and
+/// accuracy against size when at least two DiffQ runs were made. `max_bits`: DiffQ's largest bit
+/// width; the bits axis stops there unless a run has more bits.
 inline std::string svg_figure(const std::vector<RunResult>& runs,
                               const std::vector<ParamInfo>& params, double max_bits) {
-  std::vector<const RunResult*> dq;
+  std::vector<const RunResult*> qruns;
+  size_t ndiffq = 0;
   for (const auto& r : runs) {
-    if (r.diffq) dq.push_back(&r);
+    if (r.diffq) ++ndiffq;
+    if ((r.diffq || r.quantized) && !r.bits_per_layer.empty()) qruns.push_back(&r);
   }
-  const bool tradeoff = dq.size() >= 2;
+  const bool tradeoff = ndiffq >= 2;
   const double pw = 480, h = 380;
   const double w = tradeoff ? 2 * pw : pw;
   std::ostringstream s;
@@ -454,7 +562,7 @@ inline std::string svg_figure(const std::vector<RunResult>& runs,
     << "\" viewBox=\"0 0 " << w << " " << h << "\" "
     << "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\" fill=\"#222\">\n";
   s << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  s << svg::bits_panel(0, 0, pw, h, dq, params, max_bits);
+  s << svg::bits_panel(0, 0, pw, h, qruns, params, max_bits);
   if (tradeoff) s << svg::tradeoff_panel(pw, 0, pw, h, runs);
   s << "</svg>\n";
   return s.str();
