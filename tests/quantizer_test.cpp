@@ -1637,6 +1637,25 @@ TEST(DiffQuantizer, QuantizedStateDescribesTheEvalWeights) {
   EXPECT_TRUE(BitEqual(model->out->weight.detach(), w));
 }
 
+/// In eval mode, the forward of `x` against the MLP with weights quantized by hand from the model's
+/// current weights and logits (group size 4), and the penalty against the size formula by hand;
+/// returns the forward's output.
+torch::Tensor ExpectEvalAndPenaltyByHand(MLP& model, DiffQuantizer<MLP>& q,
+                                         const DiffQOptions& options, const torch::Tensor& x) {
+  model->eval();
+  torch::NoGradGuard ng;
+  auto y = q.forward(x);
+  auto params = model->named_parameters();
+  std::map<std::string, torch::Tensor> wq;
+  for (const auto& n : q.quantized_names()) {
+    wq[n] = HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
+  }
+  EXPECT_TRUE(Close(y, ExplicitMlp(x, wq), 1e-6));
+  const double by_hand = HandSizeMB(*model, q, options, false);
+  EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
+  return y;
+}
+
 TEST(DiffQuantizer, EvalWeightsAndPenaltyFollowSgdSteps) {
   // LibTorch's SGD writes through `.data()`: the version counters do not move.
   torch::manual_seed(31);
@@ -1662,20 +1681,8 @@ TEST(DiffQuantizer, EvalWeightsAndPenaltyFollowSgdSteps) {
   optimizer.zero_grad();
   loss.backward();
   optimizer.step();
-  // The eval forward uses the stepped weights and logits.
-  model->eval();
-  torch::NoGradGuard ng;
-  auto y = q.forward(x);
-  auto params = model->named_parameters();
-  std::map<std::string, torch::Tensor> wq;
-  for (const auto& n : q.quantized_names()) {
-    wq[n] = HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
-  }
-  auto expected = ExplicitMlp(x, wq);
-  EXPECT_TRUE(Close(y, expected, 1e-6));
-  // The penalty uses the stepped logits (the size formula by hand).
-  const double by_hand = HandSizeMB(*model, q, options, false);
-  EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
+  // The eval forward and the penalty use the stepped weights and logits.
+  ExpectEvalAndPenaltyByHand(model, q, options, x);
 }
 
 TEST(DiffQuantizer, NanLogitIsReportedNotPropagated) {
@@ -1752,20 +1759,9 @@ TEST(DiffQuantizer, EvalCacheFollowsSgdStepsAfterBackwardsOutsideTheQuantizer) {
     const auto after = ParamSnapshot(*model);
     const std::string changed = penalty_only ? "fc1.weight_diffq" : "fc1.weight";
     ASSERT_FALSE(torch::equal(before.at(changed), after.at(changed)));
-    model->eval();
-    torch::NoGradGuard ng;
-    auto y = q.forward(x);
-    auto params = model->named_parameters();
-    std::map<std::string, torch::Tensor> wq;
-    for (const auto& n : q.quantized_names()) {
-      wq[n] =
-          HandQuantize(params[n], RefBits(params[n + "_diffq"], options), 4, 0).to(torch::kFloat);
-    }
-    EXPECT_TRUE(Close(y, ExplicitMlp(x, wq), 1e-6));
+    // The eval forward and the penalty use the stepped weights and logits.
+    auto y = ExpectEvalAndPenaltyByHand(model, q, options, x);
     EXPECT_FALSE(torch::equal(y, y1));
-    // The penalty uses the stepped logits too (the size formula by hand).
-    const double by_hand = HandSizeMB(*model, q, options, false);
-    EXPECT_NEAR(q.penalty().item<double>(), by_hand, 1e-6 * by_hand);
   }
 }
 
