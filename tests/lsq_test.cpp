@@ -287,17 +287,23 @@ TEST(LSQQuantizer, LargeFiniteWeightsInitialiseTheStep) {
 }
 
 TEST(LSQQuantizer, FrozenStepGetsNoGradientAndStaysFixed) {
-  // The step of fc1.weight set to requires_grad false: an optimizer steps any tensor whose
-  // `.grad` is defined, so the hook must not write one.
+  // The step of fc1.weight set to requires_grad false after a first Adam step: an optimizer steps
+  // any tensor whose `.grad` is defined, and LibTorch 1.13's zero_grad() zeroes gradients without
+  // undefining them, so the hook must drop it.
   torch::manual_seed(6);
   MLP model;
   torch::optim::Adam optimizer(model->parameters(), 1e-2);
   LSQQuantizer<MLP> q(model, LSQOptions().bits(3).min_size_mb(0));
   q.setup_optimizer(optimizer, 0.1);
+  auto x = torch::randn({4, 10});
+  optimizer.zero_grad();
+  q.forward(x).pow(2).sum().backward();
+  optimizer.step();
+  ASSERT_TRUE(q.step("fc1.weight").grad().defined());
   q.step("fc1.weight").requires_grad_(false);
   const auto frozen = q.step("fc1.weight").detach().clone();
   optimizer.zero_grad();
-  q.forward(torch::randn({4, 10})).pow(2).sum().backward();
+  q.forward(x).pow(2).sum().backward();
   EXPECT_FALSE(q.step("fc1.weight").grad().defined());
   EXPECT_TRUE(q.step("fc2.weight").grad().defined());
   EXPECT_TRUE(model->fc1->weight.grad().defined());

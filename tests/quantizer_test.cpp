@@ -1766,22 +1766,28 @@ TEST(DiffQuantizer, EvalCacheFollowsSgdStepsAfterBackwardsOutsideTheQuantizer) {
 }
 
 TEST(DiffQuantizer, FrozenLogitGetsNoGradientAndKeepsItsBits) {
-  // Fixed bit widths for fc1.weight (its logit set to requires_grad false) while its weights and
-  // the other logits train: an optimizer steps any tensor whose `.grad` is defined.
+  // Fixed bit widths for fc1.weight (its logit set to requires_grad false, after a first step that
+  // gave it a gradient and Adam moments) while its weights and the other logits train: an
+  // optimizer steps any tensor whose `.grad` is defined, and LibTorch 1.13's zero_grad() zeroes
+  // gradients without undefining them.
   for (bool ref : {false, true}) {
     SCOPED_TRACE(ref ? "ATen kernels" : "CPU kernels");
     torch::manual_seed(34);
     MLP model;
     torch::optim::Adam optimizer(model->parameters(), 1e-2);
     const auto options = DiffQOptions().min_size_mb(0).group_size(4);
-    const auto before = ParamSnapshot(*model);
     DiffQuantizer<MLP> q(model, options);
     q.use_reference_kernels(ref);
     q.setup_optimizer(optimizer, 0.1);
     RandomLogits(q);
+    auto x = torch::randn({3, 10});
+    optimizer.zero_grad();
+    (q.forward(x).pow(2).sum() + q.penalty()).backward();
+    optimizer.step();
+    ASSERT_TRUE(q.logit("fc1.weight").grad().defined());
     q.logit("fc1.weight").requires_grad_(false);
     const auto frozen = q.logit("fc1.weight").detach().clone();
-    auto x = torch::randn({3, 10});
+    const auto before = ParamSnapshot(*model);
     auto out = q.forward(x);
     std::map<std::string, torch::Tensor> noise;
     for (const auto& n : q.quantized_names()) noise[n] = q.noise(n).clone();

@@ -598,6 +598,12 @@ class BaseQuantizer {
       // `.data()` (LibTorch's SGD), unseen by the version counter: the eval cache must not
       // outlive it, whether or not the forward was the quantizer's.
       q->cached_param_version = -1;
+      // A frozen auxiliary tensor gets no gradient; one left from before it was frozen (LibTorch
+      // 1.13's zero_grad() zeroes gradients, it does not undefine them) is dropped, since
+      // optimizers step every tensor whose `.grad` is defined (Adam's moments would move it).
+      if (q->aux.defined() && !q->aux.requires_grad() && q->aux.grad().defined()) {
+        q->aux.mutable_grad() = at::Tensor();
+      }
       if (!q->pending) {
         // The same graph again: the accumulator the hook saw then, with no edge added since
         // (a new graph, e.g. a regularizer on the clean weights, adds one).
@@ -791,7 +797,10 @@ class BaseQuantizer {
     at::NoGradGuard no_grad;
     const auto w = clean_of(q);
     const int64_t aux_version = q.aux.defined() ? q.aux._version() : 0;
-    const bool valid = q.quantized.defined() && q.cached_param_version == q.param._version() &&
+    // A trainable parameter without a hook (frozen when the quantizer was built) may have had a
+    // backward and an SGD step unseen: no cache for it.
+    const bool valid = q.quantized.defined() && (q.hooked || !q.param.requires_grad()) &&
+                       q.cached_param_version == q.param._version() &&
                        q.cached_aux_version == aux_version && q.cached_data_ptr == w.data_ptr() &&
                        q.quantized.scalar_type() == w.scalar_type() &&
                        q.quantized.device() == w.device();
@@ -859,6 +868,14 @@ class BaseQuantizer {
         std::any_of(params_.begin(), params_.end(),
                     [](const std::shared_ptr<Param>& p) { return awaiting_backward(*p); });
     for (auto& q : params_) {
+      // A parameter frozen when the quantizer was built and trainable now has no hook yet (the
+      // hook also drops the eval cache when a backward reaches the parameter): register it, in
+      // every mode (training may run through the model's own forward, evaluation through this),
+      // and drop the cache, which a backward and an SGD step may have outdated unseen.
+      if (!q->hooked && q->param.requires_grad()) {
+        register_hook(q);
+        q->cached_param_version = -1;
+      }
       if (manual_quantized_) {
         if (q->state != WeightState::kQuantized) {
           q->touched = true;
@@ -868,7 +885,6 @@ class BaseQuantizer {
         // The optimizer step that follows a training step may write through `.data()` (LibTorch's
         // SGD does), which leaves the version counters alone: the eval cache cannot trust them.
         q->cached_param_version = -1;
-        if (!q->hooked && q->param.requires_grad()) register_hook(q);
         // Several forwards before one backward share one training substitute.
         if (!awaiting_backward(*q) && !(backward_to_come && may_await_backward(*q))) {
           restore(*q);

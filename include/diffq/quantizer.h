@@ -250,7 +250,10 @@ class DiffQuantizer
   /// version counter and data pointer: every in-place op on a logit (an optimizer step, `copy_`,
   /// also under `NoGradGuard`) and `set_data` count; writes that bypass the counter (through
   /// `data_ptr()`, or through `.data()`, which has a counter of its own) are not seen until the
-  /// next training forward, which always recomputes the terms. With `Param::kNoise` the bit
+  /// next training forward, which always recomputes the terms. A backward that reaches the
+  /// logits (an optimizer step may follow; LibTorch's SGD writes through `.data()`) drops the
+  /// terms; a `penalty()` called between that backward and the SGD step computes them again, and
+  /// the step is then unseen until the next training forward. With `Param::kNoise` the bit
   /// widths and slopes are computed in double on every call, the slopes then stored in float.
   at::Tensor penalty() const {
     if (!fused_penalty_ok()) return this->size_mb(false);
