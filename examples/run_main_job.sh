@@ -7,7 +7,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/cmake/install_deps.sh" dataset-fashion-mnist
 build="${DIFFQ_BUILD_DIR:-$root/build}"
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DDIFFQ_BUILD_EXAMPLES=ON
 cmake --build "$build" -j "$(nproc)" --target fashion_mnist
 export OPENBLAS_NUM_THREADS=1  # LibTorch's own threads (--threads) do the parallel work
 "$build/examples/fashion_mnist/fashion_mnist" train --out "$root/out" "$@"

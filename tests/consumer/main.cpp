@@ -1,4 +1,5 @@
-// A program built against the installed diffq package (find_package(DiffQ)).
+// A program built against the installed diffq package (find_package(DiffQ)), and against diffq's
+// source tree added with add_subdirectory() (tests/subproject).
 #include <diffq/diffq.h>
 #include <torch/torch.h>
 
