@@ -278,6 +278,15 @@ TEST(LSQQuantizer, LargeFiniteWeightsInitialiseTheStep) {
   EXPECT_EQ(level, 1.0f);
   diffq::QuantizedGuard<LSQQuantizer<Dot>> guard(q);
   EXPECT_TRUE(Close(model->weight.detach(), torch::full({100, 100}, level * s), 1e-6));
+  // Weights so small that 2·mean|w|/sqrt(Qp) rounds to 0 in float: step 1, like zero weights, and
+  // the eval weights are 0 (the first forward failed with "must be > 0").
+  Dot tiny(torch::full({4}, 1.4e-45f));
+  LSQQuantizer<Dot> qt(tiny, LSQOptions().bits(15).min_size_mb(0));
+  EXPECT_EQ(qt.step("weight").item<double>(), 1.0);
+  {
+    diffq::QuantizedGuard<LSQQuantizer<Dot>> zero(qt);
+    EXPECT_TRUE(BitEqual(tiny->weight.detach(), torch::zeros({4})));
+  }
   // A range that overflows float refuses the initialisation with a message.
   ExpectError(
       [&] {

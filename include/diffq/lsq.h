@@ -113,7 +113,8 @@ struct LSQParam : QParamBase {
 /// \endcode
 /// Training forwards see `w_q` (set with `Tensor::set_data`); the gradient hook replaces the weight
 /// gradient by the STE gradient and adds the step-size gradient (see the file comment). The step
-/// is initialised to `2·mean|w|/sqrt(Qp)` (LSQ Section 2.1; 1 for an all-zero tensor).
+/// is initialised to `2·mean|w|/sqrt(Qp)` (LSQ Section 2.1; 1 for an all-zero tensor, or one
+/// whose step would round to 0 in its dtype).
 /// Model size (MB, 2^20 bytes): `b·numel + 64` bits per quantized tensor, plus 32 bits (16 with
 /// `float16`) per element of the other parameters; the step sizes are not counted.
 template <typename ModuleType>
@@ -176,7 +177,11 @@ class LSQQuantizer
     TORCH_CHECK(std::isfinite(mean_abs), "diffq::LSQQuantizer: parameter '", q.name,
                 "' holds non-finite values; cannot initialise its step size");
     double init = 2.0 * mean_abs / std::sqrt(q.qp);
-    if (!(init > 0)) init = 1.0;
+    // All-zero weights, or weights so small that the step rounds to 0 in float: step 1 (every
+    // level is then 0, within a denormal of the weights).
+    const bool positive =
+        q.param.scalar_type() == at::kFloat ? static_cast<float>(init) > 0 : init > 0;
+    if (!positive) init = 1.0;
     check_range(q, init);
     return at::full({1}, init, q.param.options());
   }
