@@ -95,62 +95,39 @@ TEST(UniformQuantizer, PtqTrainingForwardSeesCleanWeights) {
 
 TEST(UniformQuantizer, EvalCacheFollowsAnSgdStepAfterAPlainBackward) {
   // Evaluating between epochs of training done without the quantizer: LibTorch's SGD writes
-  // through `.data()`, so the version counter does not show its step.
-  torch::manual_seed(4);
-  MLP model;
-  torch::optim::SGD optimizer(model->parameters(), 0.5);
-  UniformQuantizer<MLP> q(model, UniformOptions().bits(4).min_size_mb(0));
-  auto x = torch::randn({3, 10});
-  model->eval();
-  torch::Tensor y1;
-  {
+  // through `.data()`, so the version counter does not show its step. Also with fc1.weight frozen
+  // when the quantizer is built (so no gradient hook then) and made trainable afterwards.
+  for (bool frozen_at_construction : {false, true}) {
+    SCOPED_TRACE(frozen_at_construction ? "fc1.weight frozen at construction" : "all trainable");
+    torch::manual_seed(4);
+    MLP model;
+    model->fc1->weight.requires_grad_(!frozen_at_construction);
+    torch::optim::SGD optimizer(model->parameters(), 0.5);
+    UniformQuantizer<MLP> q(model, UniformOptions().bits(4).min_size_mb(0));
+    auto x = torch::randn({3, 10});
+    model->eval();
+    torch::Tensor y1;
+    {
+      torch::NoGradGuard ng;
+      y1 = q.forward(x);  // fills the eval cache
+    }
+    model->fc1->weight.requires_grad_(true);
+    model->train();
+    optimizer.zero_grad();
+    model->forward(x).pow(2).sum().backward();
+    optimizer.step();
+    std::vector<torch::Tensor> hand;
+    for (const auto& p : model->parameters()) hand.push_back(HandQuantize(p, 4));
+    model->eval();
     torch::NoGradGuard ng;
-    y1 = q.forward(x);  // fills the eval cache
+    auto y = q.forward(x);
+    auto expected =
+        F::linear(torch::tanh(F::linear(x.to(torch::kDouble), hand[0], hand[1])), hand[2], hand[3]);
+    EXPECT_TRUE(Close(y, expected, 1e-5));
+    EXPECT_FALSE(torch::equal(y, y1));
+    diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
+    EXPECT_TRUE(Close(model->fc1->weight, hand[0], 1e-6));
   }
-  model->train();
-  optimizer.zero_grad();
-  model->forward(x).pow(2).sum().backward();
-  optimizer.step();
-  std::vector<torch::Tensor> hand;
-  for (const auto& p : model->parameters()) hand.push_back(HandQuantize(p, 4));
-  model->eval();
-  torch::NoGradGuard ng;
-  auto y = q.forward(x);
-  auto expected =
-      F::linear(torch::tanh(F::linear(x.to(torch::kDouble), hand[0], hand[1])), hand[2], hand[3]);
-  EXPECT_TRUE(Close(y, expected, 1e-5));
-  EXPECT_FALSE(torch::equal(y, y1));
-}
-
-TEST(UniformQuantizer, EvalCacheFollowsAParameterUnfrozenAfterConstruction) {
-  // fc1.weight frozen when the quantizer is built (so no gradient hook then), trainable later and
-  // trained through the model's own forward with SGD (writes through `.data()`).
-  torch::manual_seed(5);
-  MLP model;
-  model->fc1->weight.requires_grad_(false);
-  torch::optim::SGD optimizer(model->parameters(), 0.5);
-  UniformQuantizer<MLP> q(model, UniformOptions().bits(4).min_size_mb(0));
-  auto x = torch::randn({3, 10});
-  model->eval();
-  {
-    torch::NoGradGuard ng;
-    q.forward(x);  // fills the eval cache
-  }
-  model->fc1->weight.requires_grad_(true);
-  model->train();
-  optimizer.zero_grad();
-  model->forward(x).pow(2).sum().backward();
-  optimizer.step();
-  std::vector<torch::Tensor> hand;
-  for (const auto& p : model->parameters()) hand.push_back(HandQuantize(p, 4));
-  model->eval();
-  torch::NoGradGuard ng;
-  auto y = q.forward(x);
-  auto expected =
-      F::linear(torch::tanh(F::linear(x.to(torch::kDouble), hand[0], hand[1])), hand[2], hand[3]);
-  EXPECT_TRUE(Close(y, expected, 1e-5));
-  diffq::QuantizedGuard<UniformQuantizer<MLP>> guard(q);
-  EXPECT_TRUE(Close(model->fc1->weight, hand[0], 1e-6));
 }
 
 /// QAT on `device` against the explicit computation `w + (w_q − w).detach()` with hand-quantized

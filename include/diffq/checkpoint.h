@@ -911,8 +911,8 @@ void load_quantized(const torch::nn::ModuleHolder<M>& model, Source&& source) {
 /// untouched (a substitution, if any, has ended all the same).
 template <class Quantizer, class Source>
 void restore_quantized(Quantizer& q, Source&& source) {
-  q.restore_clean_weights();
   TORCH_CHECK(q.model() != nullptr, "diffq::restore_quantized: null model");
+  q.restore_clean_weights();
   detail::load_into_module(
       static_cast<torch::nn::Module&>(*q.model()),
       detail::byte_source(std::forward<Source>(source), "diffq::load_quantized"), q.aux_suffix());
