@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages diffq needs, only those missing. Usage: cmake/install_deps.sh [extra packages]
 set -euo pipefail
-packages=(libtorch-dev zlib1g-dev libgtest-dev libbenchmark-dev cmake g++ libopenblas0-pthread "$@")
+# libgloo-dev: the gloo headers for diffq/distributed.h (c10d's Gloo backend, data parallelism).
+packages=(libtorch-dev zlib1g-dev libgtest-dev libbenchmark-dev cmake g++ libopenblas0-pthread
+  libgloo-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,7 +13,10 @@
 /// - `diffq/uniform.h`: `UniformQuantizer<M>`, `UniformOptions` (PTQ and QAT baselines);
 /// - `diffq/lsq.h`: `LSQQuantizer<M>`, `LSQOptions` (Learned Step Size Quantization baseline);
 /// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
-/// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`.
+/// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`;
+/// - `diffq/distributed.h`: `DataParallel` and the process-group helpers (data parallelism on
+///   c10d), included only where c10d's Gloo backend is available (`USE_C10D_GLOO` defined, as
+///   `DiffQ::diffq` does with `DIFFQ_WITH_DISTRIBUTED`, and the headers present).
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -25,3 +28,9 @@
 #include <diffq/quantizer.h>
 #include <diffq/state.h>
 #include <diffq/uniform.h>
+
+#if defined(USE_C10D_GLOO) && defined(__has_include)
+#if __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>) && __has_include(<gloo/config.h>)
+#include <diffq/distributed.h>
+#endif
+#endif

@@ -92,4 +92,17 @@ inline at::Tensor noise_tensor(at::IntArrayRef sizes, uint64_t seed, Noise kind)
   return out;
 }
 
+/// The seed that rank `rank` draws its pseudo quantization noise from, given the seed the
+/// quantizer drew: `seed` itself for rank 0 (one process trains as without data parallelism), else
+/// the splitmix64 finaliser (Steele, Lea, Flood, OOPSLA 2014) of `seed + rank·0x9E3779B97F4A7C15`,
+/// so that every rank's `(seed, stream)` pairs are unrelated. Throws if `rank < 0`.
+inline uint64_t rank_noise_seed(uint64_t seed, int64_t rank) {
+  TORCH_CHECK(rank >= 0, "diffq::rank_noise_seed: rank must be >= 0, got ", rank);
+  if (rank == 0) return seed;
+  uint64_t z = seed + static_cast<uint64_t>(rank) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
 }  // namespace diffq

@@ -308,6 +308,20 @@ class DiffQuantizer
   /// on the CPU too (it is always used on other devices and dtypes).
   void use_reference_kernels(bool value) { reference_kernels_ = value; }
 
+  /// Data parallelism: the rank of this process, so that each rank draws its own pseudo
+  /// quantization noise. Every training forward draws one seed per quantized tensor from
+  /// LibTorch's default CPU generator as before, and rank `r` draws its sample from
+  /// `rank_noise_seed(seed, r)` (rank 0: the seed itself, as without data parallelism). On the
+  /// ATen path (other devices and dtypes, `use_reference_kernels`), a rank > 0 draws the sample on
+  /// the CPU from a generator seeded that way, then copies it to the weights' device.
+  /// `diffq::DataParallel` calls it. Throws if `rank < 0`.
+  void set_noise_rank(int64_t rank) {
+    TORCH_CHECK(rank >= 0, "diffq::DiffQuantizer: noise rank must be >= 0, got ", rank);
+    noise_rank_ = rank;
+  }
+  /// The rank given to `set_noise_rank` (0 by default).
+  int64_t noise_rank() const { return noise_rank_; }
+
  private:
   /// Whether `penalty()` may use the fused CPU node: every logit a contiguous CPU float32 tensor
   /// of `[num_groups]` elements (otherwise the ATen-op penalty runs, which refuses other lengths).
@@ -588,7 +602,8 @@ class DiffQuantizer
       }
       detail::apply_noise_cpu(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
                               q.noise.data_ptr<float>(), q.numel, q.group_size,
-                              q.unit.data_ptr<float>(), q.scale, detail::draw_seed(),
+                              q.unit.data_ptr<float>(), q.scale,
+                              rank_noise_seed(detail::draw_seed(), noise_rank_),
                               this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
     } else {
       auto flat = w.reshape(-1);
@@ -600,10 +615,14 @@ class DiffQuantizer
       q.partial = at::Tensor();
       q.unit = uq.first.to(w.scalar_type());
       q.dunit = uq.second.to(w.scalar_type());
-      if (this->options_.noise() == Noise::kGaussian) {
-        q.noise.normal_(0, 0.5);
+      if (noise_rank_ == 0) {
+        draw_aten_noise(q.noise, c10::nullopt);
       } else {
-        q.noise.uniform_(-0.5, 0.5);
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(
+            rank_noise_seed(detail::draw_seed(), noise_rank_));
+        auto cpu = at::empty({q.numel}, q.noise.options().device(at::kCPU));
+        draw_aten_noise(cpu, gen);
+        q.noise.copy_(cpu);
       }
       auto delta = expand_groups(q.unit, q.numel, this->options_.group_size()) * (q.hi - q.lo);
       at::add_out(q.noisy, flat, delta * q.noise);
@@ -611,7 +630,17 @@ class DiffQuantizer
     this->substitute(q, q.noisy.view(w.sizes()));
   }
 
+  /// The ATen path's noise `u` into `out`: `N(0, 1)/2` or `U[−½, ½)`.
+  void draw_aten_noise(at::Tensor& out, c10::optional<at::Generator> gen) const {
+    if (this->options_.noise() == Noise::kGaussian) {
+      out.normal_(0, 0.5, gen);
+    } else {
+      out.uniform_(-0.5, 0.5, gen);
+    }
+  }
+
   bool reference_kernels_ = false;
+  int64_t noise_rank_ = 0;
 };
 
 }  // namespace diffq
