@@ -251,16 +251,21 @@ void CheckExact(const std::string& kernels) {
   for (int r = 0; r < 2; ++r) {
     const auto noise = Load(dir, "noise", r, qnames);
     ASSERT_EQ(noise.size(), qnames.size());
-    if (kernels != "aten") {
-      // The quantizer draws one seed per tensor, in order, from the default CPU generator.
-      torch::manual_seed(100);
-      auto gen = at::detail::getDefaultCPUGenerator();
-      for (const auto& n : qnames) {
-        const uint64_t seed = at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
-        auto expected = diffq::noise_tensor(w[n].sizes(), diffq::rank_noise_seed(seed, r),
-                                            diffq::Noise::kGaussian);
-        EXPECT_TRUE(BitEqual(noise.at(n), expected)) << "rank " << r << " noise of " << n;
+    // The quantizer draws one seed per tensor, in order, from the default CPU generator; the
+    // CPU kernels sample with diffq's generator, the ATen path with a CPU generator so seeded.
+    torch::manual_seed(100);
+    auto gen = at::detail::getDefaultCPUGenerator();
+    for (const auto& n : qnames) {
+      const uint64_t seed =
+          diffq::rank_noise_seed(at::check_generator<at::CPUGeneratorImpl>(gen)->random64(), r);
+      at::Tensor expected;
+      if (kernels == "aten") {
+        expected = torch::empty(w[n].sizes())
+                       .normal_(0, 0.5, at::make_generator<at::CPUGeneratorImpl>(seed));
+      } else {
+        expected = diffq::noise_tensor(w[n].sizes(), seed, diffq::Noise::kGaussian);
       }
+      EXPECT_TRUE(BitEqual(noise.at(n), expected)) << "rank " << r << " noise of " << n;
     }
     std::map<std::string, at::Tensor> nw;
     for (const auto& n : qnames)
@@ -398,6 +403,22 @@ TEST(DataParallel, ModelsThatDifferAreAnErrorOnEveryRank) {
   }
 }
 
+TEST(DataParallel, RefusalOnOneRankStopsEveryRankAtTheSameSync) {
+  TempDir dir;
+  auto run = RunRanks(dir, {"refuse"}, 2);
+  ASSERT_FALSE(run.timed_out);
+  EXPECT_EQ(run.status[1], 3) << run.err[1];
+  EXPECT_NE(run.err[1].find("the gradient of parameter 'fc1.weight' is Double on cpu with 60 "
+                            "elements, expected Float on cpu with 60 (rank 1 of 2"),
+            std::string::npos)
+      << run.err[1];
+  EXPECT_EQ(run.status[0], 3) << run.err[0];
+  EXPECT_NE(run.err[0].find("sync_gradients() was refused on 1 of 2 ranks (their error says why); "
+                            "seen on rank 0"),
+            std::string::npos)
+      << run.err[0];
+}
+
 TEST(DataParallel, KilledRankIsAnErrorOnTheOtherWithinTheTimeout) {
   TempDir dir;
   const int timeout_ms = 5000;
@@ -526,6 +547,34 @@ TEST(DataParallel, ErrorsNameWhatIsWrong) {
   ExpectError([&] { sparse.sync_gradients(); }, "parameter 'weight' has a sparse gradient");
   ExpectError([&] { q.set_noise_rank(-2); }, "noise rank must be >= 0, got -2");
 }
+
+#ifdef USE_C10D_NCCL
+/// One NCCL rank on the GPU (NCCL cannot put two ranks on one GPU): DiffQ on CUDA weights,
+/// sync_gradients() leaves a world of one's gradients bit for bit as they were, and the model
+/// check and broadcast run over NCCL.
+TEST(DataParallel, NcclOneRankSyncsCudaGradients_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  TempDir dir;
+  auto group = diffq::nccl_group_from_file(
+      dir.path() + "/store", 0, 1, diffq::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
+  torch::manual_seed(3);
+  MLP model;
+  model->to(torch::kCUDA);
+  diffq::DiffQuantizer<MLP> q(model, diffq::DiffQOptions().group_size(4).min_size_mb(0));
+  q.no_optimizer();
+  diffq::DataParallel dp(group, q);
+  q.forward(torch::randn({4, 10}, torch::kCUDA)).pow(2).sum().backward();
+  std::vector<at::Tensor> before;
+  for (const auto& p : model->parameters()) before.push_back(p.grad().clone());
+  dp.sync_gradients();
+  const auto after = model->parameters();
+  ASSERT_EQ(after.size(), 8u);
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_TRUE(after[i].grad().is_cuda());
+    EXPECT_TRUE(BitEqual(after[i].grad(), before[i])) << i;
+  }
+}
+#endif
 
 /// Sets an environment variable for the scope.
 class ScopedEnv {

@@ -208,6 +208,22 @@ void mismatch() {
   diffq::DataParallel parallel(group, q);
 }
 
+/// A refusal on rank 1 only (a float64 gradient for a float32 weight) at the second sync.
+void refuse() {
+  auto group = make_group();
+  torch::manual_seed(90);
+  MLP model;
+  diffq::DiffQuantizer<MLP> q(model, diffq::DiffQOptions().min_size_mb(0));
+  q.no_optimizer();
+  diffq::DataParallel parallel(group, q);
+  for (int step = 0; step < 2; ++step) {
+    q.forward(torch::randn({4, 10})).pow(2).sum().backward();
+    if (rank_ == 1 && step == 1)
+      model->fc1->weight.mutable_grad() = torch::zeros({6, 10}, torch::kDouble);
+    parallel.sync_gradients();
+  }
+}
+
 /// A rank killed mid-training: rank 1 kills itself (SIGKILL) at step 3; rank 0 goes on.
 void killed() {
   auto group = make_group();
@@ -251,6 +267,8 @@ int main(int argc, char** argv) {
       unused();
     } else if (scenario == "mismatch") {
       mismatch();
+    } else if (scenario == "refuse") {
+      refuse();
     } else if (scenario == "killed") {
       killed();
     } else {

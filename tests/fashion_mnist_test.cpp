@@ -546,6 +546,34 @@ TEST(FashionMnistCli, ThreadsBound) {
                      {"--epochs expects an integer >= 1, got 99999999999999999999"});
 }
 
+TEST(FashionMnistCli, DataParallelFlags) {
+  const auto one = parse({"train"});
+  EXPECT_EQ(one.world_size, 1);
+  EXPECT_EQ(one.rank, -1);
+  EXPECT_EQ(one.threads, 2);
+  // Local launch: the threads are shared among the ranks unless given; the port is picked later.
+  const auto two = parse({"train", "--world-size", "2"});
+  EXPECT_EQ(two.world_size, 2);
+  EXPECT_EQ(two.threads, 1);
+  EXPECT_EQ(two.master_port, 0);
+  EXPECT_EQ(parse({"train", "--world-size", "2", "--threads", "2"}).threads, 2);
+  // One rank of a run across machines: the default port is torchrun's.
+  const auto r1 = parse({"train", "--world-size", "4", "--rank", "3", "--master-addr", "10.0.0.1"});
+  EXPECT_EQ(r1.rank, 3);
+  EXPECT_EQ(r1.master_addr, "10.0.0.1");
+  EXPECT_EQ(r1.master_port, 29500);
+  EXPECT_EQ(parse({"train", "--world-size=2", "--rank=1", "--master-port=1234"}).master_port, 1234);
+  expect_usage_error({"train", "--world-size", "0"}, {"--world-size", "in [1, 64]", "got 0"});
+  expect_usage_error({"train", "--world-size", "65"}, {"--world-size", "got 65"});
+  expect_usage_error({"train", "--world-size", "2", "--rank", "2"},
+                     {"--rank must be < --world-size (2), got 2"});
+  expect_usage_error({"train", "--rank", "-1"}, {"--rank"});
+  expect_usage_error({"train", "--master-port", "65536"}, {"--master-port", "got 65536"});
+  expect_usage_error({"train", "--master-addr", ""}, {"--master-addr expects an address"});
+  expect_usage_error({"eval", "--checkpoint", "x", "--world-size", "2"},
+                     {"--world-size is a train option"});
+}
+
 TEST(FashionMnistCli, NoFp32WithUniform) {
   // The default methods include uniform, which quantizes the trained fp32 model.
   expect_usage_error({"train", "--no-fp32"},

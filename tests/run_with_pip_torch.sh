@@ -47,7 +47,21 @@ CXXFLAGS="-std=$STD -O2 -fopenmp -D_GLIBCXX_USE_CXX11_ABI=$ABI -Wall -Wextra -Ii
 LIBS="-L$TORCH_LIB -Wl,-rpath,$TORCH_LIB -Wl,--no-as-needed -ltorch"
 for l in torch_cuda c10_cuda; do [ -e "$TORCH_LIB/lib$l.so" ] && LIBS="$LIBS -l$l"; done
 LIBS="$LIBS -ltorch_cpu -lc10 -Wl,--as-needed ${ZLIB_LIBS:--lz} -lpthread"
-export CXXFLAGS B LIBS
+# diffq/distributed.h: c10d's Gloo backend where the wheel ships the gloo headers, and NCCL where
+# it has CUDA and the nccl headers (the nvidia-nccl wheel's, or NCCL_INC).
+DIST_FLAGS=""
+if [ -e "$TORCH_INC/gloo/config.h" ]; then # the wheel's own gloo headers (another gloo: ABI risk)
+  DIST_FLAGS="-DUSE_C10D_GLOO"
+  NCCL_INC=${NCCL_INC:-$($PY -c 'import os,nvidia.nccl as n;print(os.path.join(list(n.__path__)[0],"include"))' 2>/dev/null)}
+  if [ -e "$TORCH_LIB/libtorch_cuda.so" ] && [ -n "$NCCL_INC" ] && [ -e "$NCCL_INC/nccl.h" ]; then
+    DIST_FLAGS="$DIST_FLAGS -DUSE_C10D_NCCL -isystem $NCCL_INC"
+  fi
+else
+  echo "no gloo headers: diffq/distributed.h and its tests are not built"
+fi
+echo "distributed flags: ${DIST_FLAGS:-none}"
+CXXFLAGS="$CXXFLAGS $DIST_FLAGS"
+export CXXFLAGS B LIBS DIST_FLAGS
 g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest-all.cc" -o $B/gtest-all.o &
 p1=$!
 g++ $CXXFLAGS -w -c "$GTEST_DIR/src/gtest_main.cc" -o $B/gtest_main.o &
@@ -59,12 +73,19 @@ if [ $# -gt 0 ]; then srcs=("$@"); else
   srcs=(tests/*_test.cpp examples/quick_start/main.cpp examples/fashion_mnist/main.cpp
     tests/bench/overhead_bench.cpp tests/bench/noise_bench.cpp tests/bench/checkpoint_bench.cpp
     tests/consumer/main.cpp)
+  if [ -n "$DIST_FLAGS" ]; then
+    srcs+=(tests/distributed_worker.cpp tests/bench/data_parallel_bench.cpp)
+  else
+    srcs=("${srcs[@]/tests\/distributed_test.cpp/}")
+  fi
 fi
 build_one() {
   src=$1
   name=$(echo "$src" | sed 's|/|_|g; s|\.cpp$||')
   extra=""
   case $src in tests/*_test.cpp) extra="$B/gtest-all.o $B/gtest_main.o" ;; esac
+  [ "$src" = tests/distributed_test.cpp ] &&
+    extra="$extra -DDIFFQ_DISTRIBUTED_WORKER=\"$B/tests_distributed_worker\""
   rm -f "$B/$name"
   if g++ $CXXFLAGS "$src" $extra $LIBS -o "$B/$name" >"$B/$name.clog" 2>&1; then
     echo "BUILT $src ($(grep -c 'warning:' "$B/$name.clog") warnings)"
@@ -74,7 +95,7 @@ build_one() {
   fi
 }
 export -f build_one
-printf '%s\n' "${srcs[@]}" | xargs -P "$NPROC" -I{} bash -c 'build_one "$1"' _ {} |
+printf '%s\n' "${srcs[@]}" | grep -v '^$' | xargs -P "$NPROC" -I{} bash -c 'build_one "$1"' _ {} |
   tee "$B/build_summary.txt"
 failures=$((failures + $(grep -c '^FAILED' "$B/build_summary.txt")))
 cat $B/*.clog >"$OUTD/compile_log.txt"

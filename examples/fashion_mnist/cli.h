@@ -43,6 +43,12 @@ struct Config {
   int64_t batch_size = 128;
   uint64_t seed = 42;
   int threads = 2;
+  bool threads_given = false;  ///< --threads on the command line
+  // Data parallelism (--world-size): ranks > 0 or a given --rank train as one process of many.
+  int world_size = 1;
+  int rank = -1;  ///< -1: launch the --world-size ranks here (when world_size > 1)
+  std::string master_addr = "127.0.0.1";
+  int master_port = 0;  ///< 0: a free port (local launch), 29500 with --rank
   bool fp32 = true;
   // Methods (--method): fp32, diffq, uniform (PTQ of the fp32 model), qat, lsq.
   bool diffq = true;
@@ -71,6 +77,7 @@ struct Config {
 constexpr int kExitUsage = 2;
 constexpr int kExitMismatch = 3;
 constexpr int kMaxThreads = 1024;
+constexpr int kMaxWorldSize = 64;
 
 inline constexpr const char* kUsage = R"(usage:
   fashion_mnist train [options]        train fp32 and DiffQ models, check, report
@@ -93,7 +100,15 @@ train options (defaults in brackets):
                         the trained fp32 model: pass --method without uniform instead
   --epochs N            [3]          --lr X            Adam learning rate [1e-3]
   --batch-size N        [128]        --seed N          [42]
-  --threads N           intra-op threads, 1 to 1024 [2]
+  --threads N           intra-op threads per process, 1 to 1024 [2; 2/N with --world-size N]
+  --world-size N        data-parallel processes, 1 to 64 [1]: N local processes (ranks)
+                        train on their shards of every batch (batch/N each) and average their
+                        gradients (diffq::DataParallel, Gloo); rank 0 writes checkpoints and
+                        report
+  --rank R              with --world-size: run as rank R only, for a run across machines (start
+                        one per machine, rank 0's machine first; see --master-addr)
+  --master-addr A       rank 0's address [127.0.0.1]   --master-port P   [a free port; 29500
+                        with --rank]
   --group-size N        weights sharing one bit width [16]
   --min-size-mb X       tensors at or below this fp32 size stay fp32 [0.01]
   --min-bits X [2]  --max-bits X [15]  --init-bits X [8]
@@ -335,6 +350,20 @@ inline Config parse_args(int argc, const char* const* argv) {
       c.test_limit = parse_int(flag, next(), 1);
     } else if (flag == "--threads") {
       c.threads = static_cast<int>(parse_int(flag, next(), 1, kMaxThreads));
+      c.threads_given = true;
+    } else if (flag == "--world-size") {
+      train_only();
+      c.world_size = static_cast<int>(parse_int(flag, next(), 1, kMaxWorldSize));
+    } else if (flag == "--rank") {
+      train_only();
+      c.rank = static_cast<int>(parse_int(flag, next(), 0, kMaxWorldSize - 1));
+    } else if (flag == "--master-addr") {
+      train_only();
+      c.master_addr = next();
+      if (c.master_addr.empty()) throw UsageError("--master-addr expects an address, got ''");
+    } else if (flag == "--master-port") {
+      train_only();
+      c.master_port = static_cast<int>(parse_int(flag, next(), 1, 65535));
     } else if (flag == "--checkpoint" && !train) {
       c.checkpoint = next();
     } else if (flag == "--format" && !train) {
@@ -461,6 +490,12 @@ inline Config parse_args(int argc, const char* const* argv) {
     c.fp32 = false;
   }
   if (!(c.lr > 0)) throw UsageError("--lr must be > 0, got " + fmt("%g", c.lr));
+  if (c.rank >= c.world_size) {
+    throw UsageError("--rank must be < --world-size (" + std::to_string(c.world_size) + "), got " +
+                     std::to_string(c.rank));
+  }
+  if (c.rank >= 0 && c.master_port == 0) c.master_port = 29500;
+  if (!c.threads_given && c.world_size > 1) c.threads = std::max(1, c.threads / c.world_size);
   check_train_options(c);
   return c;
 }

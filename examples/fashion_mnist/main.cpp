@@ -20,7 +20,12 @@
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,12 +33,14 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -123,9 +130,51 @@ struct Method {
   std::function<std::string(double penalty_value)> status;
 };
 
-/// Trains for `c.epochs` epochs; returns the training time in seconds (batches only).
-double train(const Config& c, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-             const Method& m, const Data& train_data) {
+/// This process's place in a data-parallel run (`--world-size`); one process: no process group.
+struct Parallel {
+  int rank = 0, world_size = 1;
+#ifdef USE_C10D_GLOO
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+#endif
+  /// Rank 0 evaluates, writes the checkpoints and the report, and shows progress.
+  bool leader() const {
+    return rank == 0;
+  }
+};
+
+/// Averages the gradients across the ranks (`diffq::DataParallel` over the model or the
+/// quantizer, its logits or step sizes included); nothing with one process.
+class GradientSync {
+ public:
+  template <typename ModelOrQuantizer>
+  GradientSync(const Parallel& p, ModelOrQuantizer& m) {
+#ifdef USE_C10D_GLOO
+    if (p.group) parallel_ = std::make_unique<diffq::DataParallel>(p.group, m);
+#else
+    (void)p;
+    (void)m;
+#endif
+  }
+  void operator()() {
+#ifdef USE_C10D_GLOO
+    if (parallel_) parallel_->sync_gradients();
+#endif
+  }
+
+ private:
+#ifdef USE_C10D_GLOO
+  std::unique_ptr<diffq::DataParallel> parallel_;
+#endif
+};
+
+/// Trains for `c.epochs` epochs; returns the training time in seconds (batches only). With
+/// several ranks, each takes its contiguous part of every batch (the permutation is the same on
+/// every rank), its loss is its part's summed cross-entropy over the batch size times the number
+/// of ranks, so that the averaged gradient is the gradient of the whole batch's mean loss; `sync`
+/// averages after each backward.
+double train(const Config& c, const Parallel& par, torch::nn::Module& model,
+             torch::optim::Optimizer& optimizer, const Method& m, const Data& train_data,
+             GradientSync& sync) {
   // A generator of its own: every run sees the batches in the same order, whatever the quantizer
   // draws from the global generator.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(c.seed);
@@ -142,23 +191,36 @@ double train(const Config& c, torch::nn::Module& model, torch::optim::Optimizer&
     torch::Tensor last_penalty;
     for (int64_t b = 0; b < batches; ++b) {
       const int64_t start = b * c.batch_size;
-      auto idx = perm.narrow(0, start, std::min(c.batch_size, n - start));
+      const int64_t len = std::min(c.batch_size, n - start);
+      auto idx = perm.narrow(0, start, len);
+      if (par.world_size > 1) {  // this rank's part of the batch
+        const int64_t lo = len * par.rank / par.world_size;
+        idx = idx.narrow(0, lo, len * (par.rank + 1) / par.world_size - lo);
+      }
       auto x = train_data.x.index_select(0, idx);
       auto y = train_data.y.index_select(0, idx);
       auto logits = m.forward(x);
-      auto ce = torch::nn::functional::cross_entropy(logits, y);
-      auto loss = ce;
+      torch::Tensor ce_sum, loss;
+      if (par.world_size == 1) {
+        loss = torch::nn::functional::cross_entropy(logits, y);
+        ce_sum = loss.detach() * x.size(0);
+      } else {
+        ce_sum = torch::nn::functional::cross_entropy(
+            logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+        loss = ce_sum * (static_cast<double>(par.world_size) / static_cast<double>(len));
+      }
       if (m.penalty) {
         last_penalty = m.penalty();
-        loss = ce + last_penalty;
+        loss = loss + last_penalty;
       }
       optimizer.zero_grad();
       loss.backward();
+      sync();
       optimizer.step();
-      loss_sum += ce.item<double>() * x.size(0);
+      loss_sum += ce_sum.item<double>();
       correct += logits.argmax(1).eq(y).sum().item<int64_t>();
       seen += x.size(0);
-      if (bar.due(b + 1)) {
+      if (par.leader() && seen > 0 && bar.due(b + 1)) {
         std::string status =
             fmt("loss %.4f", loss_sum / seen) + fmt(" acc %.2f%%", 100.0 * correct / seen);
         if (m.status && last_penalty.defined()) {
@@ -326,17 +388,20 @@ void finish_run(const Config& c, RunResult& r, const std::string& format) {
 }
 
 /// Trains the fp32 model (`model`, a fresh `Net`, is the trained model afterwards).
-RunResult run_fp32(const Config& c, Net& model, const Data& train_data, const Data& test) {
+RunResult run_fp32(const Config& c, const Parallel& par, Net& model, const Data& train_data,
+                   const Data& test) {
   torch::manual_seed(c.seed);
   model = Net();
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
+  GradientSync sync(par, model);
   Method m;
   m.name = "fp32";
   m.forward = [&](const torch::Tensor& x) { return model->forward(x); };
   RunResult r;
   r.method = "fp32";
-  r.train_seconds = train(c, *model, optimizer, m, train_data);
+  r.train_seconds = train(c, par, *model, optimizer, m, train_data, sync);
   model->eval();
+  if (!par.leader()) return r;
   const Accuracy a = evaluate(m.forward, test);
   r.correct = a.correct;
   r.total = a.total;
@@ -350,13 +415,15 @@ RunResult run_fp32(const Config& c, Net& model, const Data& train_data, const Da
   return r;
 }
 
-RunResult run_diffq(const Config& c, double lambda, const Data& train_data, const Data& test) {
+RunResult run_diffq(const Config& c, const Parallel& par, double lambda, const Data& train_data,
+                    const Data& test) {
   torch::manual_seed(c.seed);
   Net model;
   // The optimizer holds the model's parameters before the quantizer adds the bit logits.
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
   diffq::DiffQuantizer<Net> q(model, diffq_options(c));
   q.setup_optimizer(optimizer, c.bits_lr);
+  GradientSync sync(par, q);  // after the quantizer: the logits are averaged too
   RunResult r;
   r.diffq = true;
   r.lambda = lambda;
@@ -370,8 +437,9 @@ RunResult run_diffq(const Config& c, double lambda, const Data& train_data, cons
     const double size = lambda > 0 ? penalty / lambda : q.penalty().item<double>();
     return fmt("size %.3fMB", size) + fmt(" bits %.2f", q.mean_bits());
   };
-  r.train_seconds = train(c, *model, optimizer, m, train_data);
+  r.train_seconds = train(c, par, *model, optimizer, m, train_data, sync);
   model->eval();
+  if (!par.leader()) return r;
   const Accuracy a = evaluate(m.forward, test);
   r.correct = a.correct;
   r.total = a.total;
@@ -426,67 +494,192 @@ RunResult run_uniform_ptq(const Config& c, Net& model, int64_t bits, const Data&
 /// the fp32 recipe and finishes the run; `setup(q, optimizer)` may give the quantizer's own
 /// parameters to the optimizer.
 template <typename Quantizer, typename Options, typename Setup>
-RunResult run_quantization_aware(const Config& c, const Options& options, const std::string& name,
-                                 const std::string& file_stem, const Data& train_data,
-                                 const Data& test, Setup setup) {
+RunResult run_quantization_aware(const Config& c, const Parallel& par, const Options& options,
+                                 const std::string& name, const std::string& file_stem,
+                                 const Data& train_data, const Data& test, Setup setup) {
   torch::manual_seed(c.seed);
   Net model;
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(c.lr));
   Quantizer q(model, options);
   setup(q, optimizer);
+  GradientSync sync(par, q);  // after the quantizer: LSQ's step sizes are averaged too
   RunResult r;
   r.quantized = true;
   r.method = name;
   Method m;
   m.name = name;
   m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
-  r.train_seconds = train(c, *model, optimizer, m, train_data);
-  finish_quantized(c, q, model, file_stem, test, r);
+  r.train_seconds = train(c, par, *model, optimizer, m, train_data, sync);
+  if (par.leader()) finish_quantized(c, q, model, file_stem, test, r);
   return r;
 }
 
 /// QAT with the straight-through estimator: uniform quantization with `c.qat_bits`, trained with
 /// the fp32 recipe.
-RunResult run_qat(const Config& c, const Data& train_data, const Data& test) {
+RunResult run_qat(const Config& c, const Parallel& par, const Data& train_data, const Data& test) {
   const std::string bits = std::to_string(c.qat_bits);
   return run_quantization_aware<diffq::UniformQuantizer<Net>>(
-      c, uniform_options(c, c.qat_bits, /*qat=*/true), "QAT " + bits + "-bit", "qat" + bits,
+      c, par, uniform_options(c, c.qat_bits, /*qat=*/true), "QAT " + bits + "-bit", "qat" + bits,
       train_data, test, [](auto&, auto&) {});
 }
 
 /// LSQ with `c.lsq_bits`, trained with the fp32 recipe; the step sizes share the weights' lr.
-RunResult run_lsq(const Config& c, const Data& train_data, const Data& test) {
+RunResult run_lsq(const Config& c, const Parallel& par, const Data& train_data, const Data& test) {
   const std::string bits = std::to_string(c.lsq_bits);
   return run_quantization_aware<diffq::LSQQuantizer<Net>>(
-      c, lsq_options(c), "LSQ " + bits + "-bit", "lsq" + bits, train_data, test,
+      c, par, lsq_options(c), "LSQ " + bits + "-bit", "lsq" + bits, train_data, test,
       [&c](auto& q, auto& optimizer) { q.setup_optimizer(optimizer, c.lr); });
 }
 
-int run_train(const Config& c) {
+/// A TCP port on loopback that was free a moment ago (bound to port 0, then closed).
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  TORCH_CHECK(fd >= 0, "fashion_mnist: socket failed: ", std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+                  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  const int err = errno;
+  close(fd);
+  TORCH_CHECK(ok, "fashion_mnist: cannot find a free port on 127.0.0.1: ", std::strerror(err));
+  return ntohs(addr.sin_port);
+}
+
+/// `--world-size N` without `--rank`: starts this program N times (`--rank r`, a free port on
+/// loopback), ranks > 0 with their stdout discarded, and waits for them. When one fails, the others
+/// are stopped (a rank that failed before joining would leave them waiting until the timeout).
+/// Returns the first failure's exit status, else 0.
+volatile std::sig_atomic_t launcher_signal = 0;
+extern "C" void on_launcher_signal(int sig) {
+  launcher_signal = sig;
+}
+
+int launch_ranks(const Config& c, int argc, char** argv) {
+  // SIGINT, SIGTERM and SIGHUP reach the ranks too (no SA_RESTART: wait() returns to forward it).
+  struct sigaction sa {};
+  sa.sa_handler = on_launcher_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
+  const std::string exe = self_exe();
+  const std::string port = std::to_string(c.master_port > 0 ? c.master_port : free_port());
+  std::vector<pid_t> pids;
+  for (int r = 0; r < c.world_size; ++r) {
+    std::vector<std::string> args(argv, argv + argc);
+    args[0] = exe;
+    for (const std::string& a :
+         {std::string("--rank"), std::to_string(r), std::string("--master-addr"), c.master_addr,
+          std::string("--master-port"), port}) {
+      args.push_back(a);
+    }
+    std::vector<char*> cargv;
+    for (auto& a : args) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    if (r > 0) posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    pid_t pid = 0;
+    const int rc = posix_spawn(&pid, exe.c_str(), &actions, nullptr, cargv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) {
+      for (pid_t p : pids) kill(p, SIGTERM);
+      for (pid_t p : pids) waitpid(p, nullptr, 0);
+      TORCH_CHECK(false, "fashion_mnist: cannot start rank ", r, " ('", exe,
+                  "'): ", std::strerror(rc));
+    }
+    pids.push_back(pid);
+  }
+  std::fprintf(stderr, "fashion_mnist: %d ranks started (data parallel over %s:%s)\n", c.world_size,
+               c.master_addr.c_str(), port.c_str());
+  int result = 0;
+  size_t left = pids.size();
+  while (left > 0) {
+    int status = 0;
+    const pid_t pid = wait(&status);
+    if (pid < 0) {
+      if (errno != EINTR) break;
+      if (launcher_signal != 0) {
+        const int sig = launcher_signal;
+        launcher_signal = 0;
+        for (pid_t p : pids) {
+          if (p > 0) kill(p, sig);
+        }
+        if (result == 0) result = 128 + sig;
+      }
+      continue;
+    }
+    const auto it = std::find(pids.begin(), pids.end(), pid);
+    if (it == pids.end()) continue;
+    --left;
+    const int rank = static_cast<int>(it - pids.begin());
+    *it = -1;
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (code != 0 && result == 0) {
+      result = code;
+      std::fprintf(stderr, "fashion_mnist: rank %d failed (%s); stopping the other ranks\n", rank,
+                   WIFEXITED(status) ? ("exit status " + std::to_string(code)).c_str()
+                                     : ("signal " + std::to_string(WTERMSIG(status))).c_str());
+      for (pid_t p : pids) {
+        if (p > 0) kill(p, SIGTERM);
+      }
+    }
+  }
+  return result;
+}
+
+/// This process's rank in the process group of `--world-size` (`--rank`, `--master-addr`,
+/// `--master-port`), or a single process.
+Parallel connect(const Config& c) {
+  Parallel par;
+  if (c.world_size == 1) return par;
+  par.rank = c.rank;
+  par.world_size = c.world_size;
+#ifdef USE_C10D_GLOO
+  par.group = diffq::gloo_group_from_tcp(c.master_addr, c.master_port, c.rank, c.world_size);
+#else
+  TORCH_CHECK(false,
+              "fashion_mnist: --world-size > 1 needs diffq/distributed.h, and this build has no "
+              "data parallelism (configure with DIFFQ_WITH_DISTRIBUTED=ON; Debian: libgloo-dev)");
+#endif
+  return par;
+}
+
+int run_train(const Config& c, int argc, char** argv) {
   // The options were checked by parse_args (those of the selected methods only).
+  if (c.world_size > 1 && c.rank < 0) return launch_ranks(c, argc, argv);
   torch::set_num_threads(c.threads);
-  prepare_out_dir(c.out);  // fails now, not after the first training, on a bad --out
+  const Parallel par = connect(c);
+  // Rank 0 writes; it fails now, not after the first training, on a bad --out.
+  if (par.leader()) prepare_out_dir(c.out);
   const auto t0 = std::chrono::steady_clock::now();
   const Data train_data = load_data(c, /*train=*/true);
   const Data test = load_data(c, /*train=*/false);
-  std::fprintf(stderr, "fashion_mnist: %lld training and %lld test images from %s (%.1f s)\n",
-               static_cast<long long>(train_data.x.size(0)), static_cast<long long>(test.x.size(0)),
-               c.data.c_str(),
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  if (par.leader()) {
+    std::fprintf(stderr, "fashion_mnist: %lld training and %lld test images from %s (%.1f s)\n",
+                 static_cast<long long>(train_data.x.size(0)),
+                 static_cast<long long>(test.x.size(0)), c.data.c_str(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
 
   warm_up(c, train_data);
   std::vector<RunResult> runs;
-  // Uniform PTQ quantizes the trained fp32 model, so it trains (and reports) fp32 too.
+  // Uniform PTQ quantizes the trained fp32 model, so it trains (and reports) fp32 too. With
+  // several ranks, rank 0 alone evaluates and writes (the others return empty results).
+  auto add = [&](RunResult r) {
+    if (par.leader()) runs.push_back(std::move(r));
+  };
   Net fp32_model{nullptr};
-  if (c.fp32 || c.uniform) runs.push_back(run_fp32(c, fp32_model, train_data, test));
+  if (c.fp32 || c.uniform) add(run_fp32(c, par, fp32_model, train_data, test));
   if (c.diffq) {
-    for (double lambda : c.penalties) runs.push_back(run_diffq(c, lambda, train_data, test));
+    for (double lambda : c.penalties) add(run_diffq(c, par, lambda, train_data, test));
   }
-  if (c.uniform) {
-    for (int64_t b : c.uniform_bits) runs.push_back(run_uniform_ptq(c, fp32_model, b, test));
+  if (c.uniform && par.leader()) {
+    for (int64_t b : c.uniform_bits) add(run_uniform_ptq(c, fp32_model, b, test));
   }
-  if (c.qat) runs.push_back(run_qat(c, train_data, test));
-  if (c.lsq) runs.push_back(run_lsq(c, train_data, test));
+  if (c.qat) add(run_qat(c, par, train_data, test));
+  if (c.lsq) add(run_lsq(c, par, train_data, test));
+  if (!par.leader()) return 0;
 
   const std::vector<ParamInfo> params = param_infos(*Net());
   int64_t numel = 0;
@@ -499,7 +692,17 @@ int run_train(const Config& c) {
           with_commas(static_cast<uint64_t>(numel)) + " parameters",
       "training: Adam lr " + fmt("%g", c.lr) + ", batch " + std::to_string(c.batch_size) + ", " +
           std::to_string(c.epochs) + " epoch(s), seed " + std::to_string(c.seed) + ", " +
-          std::to_string(c.threads) + " thread(s); loss = cross-entropy + λ·model size (MB)",
+          std::to_string(c.threads) +
+          " thread(s) per process; loss = cross-entropy + λ·model "
+          "size (MB)",
+      c.world_size == 1
+          ? std::string("processes: 1 (no data parallelism)")
+          : "processes: " + std::to_string(c.world_size) +
+                " trained data-parallel (`diffq::DataParallel` over Gloo, master " + c.master_addr +
+                "), each on its part of every batch (about " +
+                std::to_string(c.batch_size / c.world_size) +
+                " images), gradients averaged before each step, its own pseudo quantization "
+                "noise; train times are rank 0's; rank 0 evaluated and wrote the checkpoints",
   };
   // Only the selected methods' options (the others were not checked, and not used).
   if (c.diffq) {
@@ -565,7 +768,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    return c.command == "train" ? fmnist::run_train(c) : fmnist::run_eval(c);
+    return c.command == "train" ? fmnist::run_train(c, argc, argv) : fmnist::run_eval(c);
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "%s\n", e.what_without_backtrace());
   } catch (const std::exception& e) {

@@ -15,8 +15,8 @@
 /// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
 /// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`;
 /// - `diffq/distributed.h`: `DataParallel` and the process-group helpers (data parallelism on
-///   c10d), included only where c10d's Gloo backend is available (`USE_C10D_GLOO` defined, as
-///   `DiffQ::diffq` does with `DIFFQ_WITH_DISTRIBUTED`, and the headers present).
+///   c10d), included where `DIFFQ_WITH_DISTRIBUTED` is 1 (`DiffQ::diffq` defines it, 1 or 0, from
+///   the CMake option), or without it where `USE_C10D_GLOO` is defined and the headers exist.
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -29,7 +29,12 @@
 #include <diffq/state.h>
 #include <diffq/uniform.h>
 
-#if defined(USE_C10D_GLOO) && defined(__has_include)
+// DiffQ::diffq defines DIFFQ_WITH_DISTRIBUTED (1 or 0); elsewhere, where the Gloo backend is.
+#if defined(DIFFQ_WITH_DISTRIBUTED)
+#if DIFFQ_WITH_DISTRIBUTED
+#include <diffq/distributed.h>
+#endif
+#elif defined(USE_C10D_GLOO) && defined(__has_include)
 #if __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>) && __has_include(<gloo/config.h>)
 #include <diffq/distributed.h>
 #endif

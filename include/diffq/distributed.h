@@ -32,10 +32,11 @@
 /// (`diffq::rank_noise_seed`; rank 0 uses the seed as it is, so one process trains as without the
 /// wrapper). The averaged logit gradient is then an estimate over `world_size` noise draws.
 ///
-/// Failures: every collective waits at most the process group's timeout; a peer that died, hangs
-/// or never joined gives a `c10::Error` on the others that says which collective failed, never a
-/// hang. Models that differ across ranks are refused at construction on every rank, naming the
-/// first differing parameter.
+/// Failures: every collective waits at most the process group's timeout (Gloo; NCCL only with
+/// blocking wait, which the NCCL helpers turn on); a peer that died, hangs or never joined gives a
+/// `c10::Error` on the others that says which collective failed, never a hang. Models that differ
+/// across ranks are refused at construction on every rank, naming the first differing parameter;
+/// a sync refused on one rank (see `sync_gradients`) stops every rank at that sync.
 ///
 /// Needs c10d's Gloo backend: LibTorch's `torch/csrc/distributed/c10d/` headers, the gloo headers
 /// (Debian: `libgloo-dev`) and `-DUSE_C10D_GLOO` (the CMake target `DiffQ::diffq` defines it when
@@ -112,6 +113,9 @@ namespace detail {
 /// `c10::Error` naming `what`.
 struct Collectives {
   int rank = 0, size = 1;
+  bool nccl = false;  ///< the group takes CUDA tensors only
+  /// Where the small control tensors of the model check live (CPU, or a GPU with NCCL).
+  at::Device device = at::kCPU;
   std::function<void(std::vector<at::Tensor>&, c10d::ReduceOp::RedOpType)> allreduce;
   std::function<void(std::vector<at::Tensor>&, int root)> broadcast;
 };
@@ -136,6 +140,7 @@ Collectives collectives_of(const c10::intrusive_ptr<Group>& group) {
   Collectives c;
   c.rank = group->getRank();
   c.size = group->getSize();
+  c.nccl = group->getBackendName() == "nccl";
   TORCH_CHECK(c.size >= 1 && c.rank >= 0 && c.rank < c.size,
               "diffq::DataParallel: the process group has rank ", c.rank, " of size ", c.size);
   c.allreduce = [group](std::vector<at::Tensor>& t, c10d::ReduceOp::RedOpType op) {
@@ -214,19 +219,22 @@ inline std::string tensor_string(const at::Tensor& t) {
 /// Broadcasts `s` from rank `root` (a length, then the bytes).
 inline std::string broadcast_string(const Collectives& c, const std::string& s, int root,
                                     const std::string& what) {
-  std::vector<at::Tensor> len{at::full({1}, static_cast<int64_t>(s.size()), at::kLong)};
+  std::vector<at::Tensor> len{
+      at::full({1}, static_cast<int64_t>(s.size()), at::TensorOptions(at::kLong).device(c.device))};
   run_collective(c, "the broadcast of " + what, [&] { c.broadcast(len, root); });
   const int64_t n = len[0].item<int64_t>();
-  std::vector<at::Tensor> bytes{c.rank == root ? bytes_tensor(s) : at::empty({n}, at::kByte)};
+  std::vector<at::Tensor> bytes{
+      (c.rank == root ? bytes_tensor(s) : at::empty({n}, at::kByte)).to(c.device)};
   if (n > 0) run_collective(c, "the broadcast of " + what, [&] { c.broadcast(bytes, root); });
-  return tensor_string(bytes[0]);
+  return tensor_string(bytes[0].cpu());
 }
 
 /// `'name' [6, 10] Float` for the model check.
 inline std::string describe_tensor(const std::string& kind, const std::string& name,
                                    const at::Tensor& t) {
   std::ostringstream s;
-  s << kind << " '" << name << "' " << t.sizes() << " " << t.scalar_type();
+  s << kind << " '" << name << "' " << t.sizes() << " " << t.scalar_type()
+    << (t.requires_grad() ? "" : " (requires_grad false)");
   return s.str();
 }
 
@@ -302,44 +310,55 @@ class DataParallel {
   /// gradient, on a gradient of another dtype or device than its parameter, and when a
   /// collective fails (a dead or hung peer: within the process group's timeout).
   void sync_gradients() {
-    TORCH_CHECK(model_->parameters().size() == params_.size(),
-                "diffq::DataParallel: the model has ", model_->parameters().size(), " parameters, ",
-                params_.size(),
-                " when the DataParallel was built; build it after anything that registers "
-                "parameters (the quantizer: its logits or step sizes must be synchronised too)");
     at::NoGradGuard no_grad;
+    // A refusal travels in the first allreduce, so that every rank stops at the same sync (one
+    // rank throwing alone would leave the others waiting, or pair later collectives wrongly).
+    const std::string error = local_error();
+    if (buckets_.empty()) {
+      TORCH_CHECK(error.empty(), error);
+      if (options_.broadcast_buffers()) sync_buffers();
+      return;
+    }
     for (size_t b = 0; b < buckets_.size(); ++b) {
       auto& bucket = buckets_[b];
-      int64_t offset = 0;
-      auto flags = bucket.flat.narrow(0, bucket.numel, bucket.last - bucket.first);
-      for (size_t i = bucket.first; i < bucket.last; ++i) {
-        const auto& p = params_[i];
-        const auto& g = p.grad();
-        auto slot = bucket.flat.narrow(0, offset, p.numel());
-        if (g.defined()) {
-          TORCH_CHECK(!g.is_sparse(), "diffq::DataParallel: parameter '", names_[i],
-                      "' has a sparse gradient; only dense gradients are averaged");
-          TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.device() == p.device() &&
-                          g.numel() == p.numel(),
-                      "diffq::DataParallel: the gradient of parameter '", names_[i], "' is ",
-                      g.scalar_type(), " on ", g.device(), " with ", g.numel(),
-                      " elements, expected ", p.scalar_type(), " on ", p.device(), " with ",
-                      p.numel());
-          slot.copy_(g.reshape(-1));
-          flags[i - bucket.first].fill_(1);
-        } else {
-          slot.zero_();
-          flags[i - bucket.first].fill_(0);
+      const int64_t count = static_cast<int64_t>(bucket.last - bucket.first);
+      auto flags = bucket.flat.narrow(0, bucket.numel, count);
+      if (!error.empty()) {
+        bucket.flat.zero_();
+      } else {
+        int64_t offset = 0;
+        for (size_t i = bucket.first; i < bucket.last; ++i) {
+          const auto& p = params_[i];
+          const auto& g = p.grad();
+          auto slot = bucket.flat.narrow(0, offset, p.numel());
+          if (g.defined()) {
+            slot.copy_(g.reshape(-1));
+          } else {
+            slot.zero_();
+          }
+          flags[i - bucket.first].fill_(g.defined() ? 1 : 0);
+          offset += p.numel();
         }
-        offset += p.numel();
       }
+      if (b == 0) bucket.flat[bucket.numel + count].fill_(error.empty() ? 0 : 1);
       std::vector<at::Tensor> t{bucket.flat};
       run_collective("the allreduce of gradient bucket " + std::to_string(b),
                      [&] { comm_.allreduce(t, c10d::ReduceOp::SUM); });
+      if (b == 0) {
+        const int64_t refused = bucket.flat[bucket.numel + count].item<int64_t>();
+        TORCH_CHECK(refused == 0,
+                    error.empty()
+                        ? "diffq::DataParallel: sync_gradients() was refused on " +
+                              std::to_string(refused) + " of " + std::to_string(comm_.size) +
+                              " ranks (their error says why); seen on rank " +
+                              std::to_string(comm_.rank) + ", no gradient changed"
+                        : error + " (rank " + std::to_string(comm_.rank) + " of " +
+                              std::to_string(comm_.size) + "; every rank stops at this sync)");
+      }
       bucket.flat.narrow(0, 0, bucket.numel).div_(static_cast<double>(comm_.size));
       const auto had = flags.to(at::kCPU, at::kDouble);
       const double* had_p = had.data_ptr<double>();
-      offset = 0;
+      int64_t offset = 0;
       for (size_t i = bucket.first; i < bucket.last; ++i) {
         auto& p = params_[i];
         auto slot = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
@@ -365,8 +384,46 @@ class DataParallel {
   struct Bucket {
     size_t first = 0, last = 0;  ///< parameter indices [first, last)
     int64_t numel = 0;           ///< gradient elements; the flags follow them in `flat`
-    at::Tensor flat;             ///< `[numel + last − first]`: gradients, then one flag each
+    /// `[numel + last − first (+ 1 in bucket 0)]`: gradients, one flag each (any rank had a
+    /// gradient), and in bucket 0 the count of ranks that refused this sync.
+    at::Tensor flat;
   };
+
+  /// Why this rank cannot sync now, or "" (checked before any collective of the sync).
+  std::string local_error() const {
+    const size_t now = model_->parameters().size();
+    if (now != params_.size()) {
+      return c10::str("diffq::DataParallel: the model has ", now, " parameters, ", params_.size(),
+                      " when the DataParallel was built; build it after anything that registers "
+                      "parameters (the quantizer: its logits or step sizes must be synchronised "
+                      "too)");
+    }
+    for (const auto& bucket : buckets_) {
+      for (size_t i = bucket.first; i < bucket.last; ++i) {
+        const auto& p = params_[i];
+        if (p.scalar_type() != bucket.flat.scalar_type() || p.device() != bucket.flat.device()) {
+          return c10::str("diffq::DataParallel: parameter '", names_[i], "' is now ",
+                          p.scalar_type(), " on ", p.device(), ", it was ",
+                          bucket.flat.scalar_type(), " on ", bucket.flat.device(),
+                          " when the DataParallel was built; build it after moving the model");
+        }
+        const auto& g = p.grad();
+        if (!g.defined()) continue;
+        if (g.is_sparse()) {
+          return c10::str("diffq::DataParallel: parameter '", names_[i],
+                          "' has a sparse gradient; only dense gradients are averaged");
+        }
+        if (g.scalar_type() != p.scalar_type() || g.device() != p.device() ||
+            g.numel() != p.numel()) {
+          return c10::str("diffq::DataParallel: the gradient of parameter '", names_[i], "' is ",
+                          g.scalar_type(), " on ", g.device(), " with ", g.numel(),
+                          " elements, expected ", p.scalar_type(), " on ", p.device(), " with ",
+                          p.numel());
+        }
+      }
+    }
+    return "";
+  }
 
   double cap_bytes() const { return options_.bucket_size_mb() * 1048576.0; }
 
@@ -389,6 +446,7 @@ class DataParallel {
       buffers_.push_back(kv.value());
       described.push_back(detail::describe_tensor("buffer", kv.key(), kv.value()));
     }
+    if (comm_.nccl && !params_.empty()) comm_.device = params_.front().device();
     check_same_model(described);
     sync_parameters();
     sync_buffers();
@@ -397,7 +455,8 @@ class DataParallel {
       b.first = r.first;
       b.last = r.second;
       for (size_t i = r.first; i < r.second; ++i) b.numel += params_[i].numel();
-      b.flat = at::empty({b.numel + static_cast<int64_t>(r.second - r.first)},
+      const int64_t error_slot = buckets_.empty() ? 1 : 0;  // bucket 0 carries refusals
+      b.flat = at::empty({b.numel + static_cast<int64_t>(r.second - r.first) + error_slot},
                          params_[r.first].options().requires_grad(false));
       buckets_.push_back(std::move(b));
     }
@@ -429,7 +488,8 @@ class DataParallel {
     const int64_t none = std::numeric_limits<int64_t>::max();
     const int64_t key = first == n ? none : first * comm_.size + comm_.rank;
     // Every rank's count too, so that lists that agree up to the shorter length still differ.
-    std::vector<at::Tensor> agreed{at::tensor({key}, at::kLong)};
+    std::vector<at::Tensor> agreed{
+        at::full({1}, key, at::TensorOptions(at::kLong).device(comm_.device))};
     run_collective("the model check", [&] { comm_.allreduce(agreed, c10d::ReduceOp::MIN); });
     const int64_t k = agreed[0].item<int64_t>();
     if (k == none) return;
@@ -569,8 +629,9 @@ inline c10::intrusive_ptr<c10d::Store> tcp_store(const std::string& master_addr,
     return c10::make_intrusive<c10d::TCPStore>(master_addr, o);
   } catch (const std::exception& e) {
     TORCH_CHECK(false, where, ": rank ", rank, " of ", world_size,
-                " could not reach the store at MASTER_ADDR:MASTER_PORT = ", master_addr, ":", port,
-                " within ", options.timeout().count(), " ms: ", e.what());
+                (rank == 0 ? " could not serve" : " could not reach"), " the store at ",
+                master_addr, ":", port, " (rank 0 serves it: the port must be free there) within ",
+                options.timeout().count(), " ms: ", e.what());
   }
 }
 
@@ -655,6 +716,11 @@ inline c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl_group(
     const ProcessGroupOptions& options, const char* where) {
   store->setTimeout(options.timeout());
   join_ranks(*store, rank, world_size, options.timeout(), where);
+  // Without blocking wait, NCCL work ignores the timeout (a dead peer would hang the others, or
+  // 2.x's watchdog would abort the process): make wait() block and throw after the timeout.
+  // LibTorch 1.13 reads NCCL_BLOCKING_WAIT, 2.x TORCH_NCCL_BLOCKING_WAIT, at construction.
+  ::setenv("NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
+  ::setenv("TORCH_NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = options.timeout();
   return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts);

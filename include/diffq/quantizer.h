@@ -309,17 +309,20 @@ class DiffQuantizer
   void use_reference_kernels(bool value) { reference_kernels_ = value; }
 
   /// Data parallelism: the rank of this process, so that each rank draws its own pseudo
-  /// quantization noise. Every training forward draws one seed per quantized tensor from
-  /// LibTorch's default CPU generator as before, and rank `r` draws its sample from
-  /// `rank_noise_seed(seed, r)` (rank 0: the seed itself, as without data parallelism). On the
-  /// ATen path (other devices and dtypes, `use_reference_kernels`), a rank > 0 draws the sample on
-  /// the CPU from a generator seeded that way, then copies it to the weights' device.
-  /// `diffq::DataParallel` calls it. Throws if `rank < 0`.
+  /// quantization noise. On the CPU kernels every training forward draws one seed per quantized
+  /// tensor from LibTorch's default CPU generator, as without a rank, and rank `r` draws its
+  /// sample from `rank_noise_seed(seed, r)` (rank 0: the seed itself, so that one process trains
+  /// bit for bit as without data parallelism). On the ATen path (other devices and dtypes,
+  /// `use_reference_kernels`), which without a rank draws from the device's default generator,
+  /// every rank then also draws one seed per tensor from the default CPU generator and samples on
+  /// the weights' device from a generator of its own seeded with `rank_noise_seed(seed, r)`: the
+  /// default CPU generator advances alike on every rank (a shuffle drawn from it after a
+  /// forward stays the same across ranks). `diffq::DataParallel` calls it. Throws if `rank < 0`.
   void set_noise_rank(int64_t rank) {
     TORCH_CHECK(rank >= 0, "diffq::DiffQuantizer: noise rank must be >= 0, got ", rank);
     noise_rank_ = rank;
   }
-  /// The rank given to `set_noise_rank` (0 by default).
+  /// The rank given to `set_noise_rank`, or -1 if none was (no data parallelism).
   int64_t noise_rank() const { return noise_rank_; }
 
  private:
@@ -600,11 +603,11 @@ class DiffQuantizer
                           q.dunit.data_ptr<float>(), q.groups, this->options_.min_bits(),
                           this->options_.max_bits(), this->options_.param());
       }
-      detail::apply_noise_cpu(w.data_ptr<float>(), q.noisy.data_ptr<float>(),
-                              q.noise.data_ptr<float>(), q.numel, q.group_size,
-                              q.unit.data_ptr<float>(), q.scale,
-                              rank_noise_seed(detail::draw_seed(), noise_rank_),
-                              this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
+      detail::apply_noise_cpu(
+          w.data_ptr<float>(), q.noisy.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel,
+          q.group_size, q.unit.data_ptr<float>(), q.scale,
+          rank_noise_seed(detail::draw_seed(), std::max<int64_t>(noise_rank_, 0)),
+          this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
     } else {
       auto flat = w.reshape(-1);
       auto mm = at::aminmax(flat);
@@ -615,14 +618,18 @@ class DiffQuantizer
       q.partial = at::Tensor();
       q.unit = uq.first.to(w.scalar_type());
       q.dunit = uq.second.to(w.scalar_type());
-      if (noise_rank_ == 0) {
+      if (noise_rank_ < 0) {
         draw_aten_noise(q.noise, c10::nullopt);
       } else {
-        auto gen = at::make_generator<at::CPUGeneratorImpl>(
-            rank_noise_seed(detail::draw_seed(), noise_rank_));
-        auto cpu = at::empty({q.numel}, q.noise.options().device(at::kCPU));
-        draw_aten_noise(cpu, gen);
-        q.noise.copy_(cpu);
+        const uint64_t seed = rank_noise_seed(detail::draw_seed(), noise_rank_);
+        if (!rank_generator_.defined() || rank_generator_.device() != w.device()) {
+          rank_generator_ = at::globalContext().defaultGenerator(w.device()).clone();
+        }
+        {
+          std::lock_guard<std::mutex> lock(rank_generator_.mutex());
+          rank_generator_.set_current_seed(seed);
+        }
+        draw_aten_noise(q.noise, rank_generator_);
       }
       auto delta = expand_groups(q.unit, q.numel, this->options_.group_size()) * (q.hi - q.lo);
       at::add_out(q.noisy, flat, delta * q.noise);
@@ -640,7 +647,8 @@ class DiffQuantizer
   }
 
   bool reference_kernels_ = false;
-  int64_t noise_rank_ = 0;
+  int64_t noise_rank_ = -1;
+  at::Generator rank_generator_;  ///< the ATen path's generator once a noise rank is set
 };
 
 }  // namespace diffq
