@@ -21,6 +21,8 @@
 #include <diffq/quantizer.h>
 #include <torch/torch.h>
 
+#include "bench_models.h"
+
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -41,54 +43,12 @@ extern char** environ;
 
 namespace {
 
-struct MLPImpl : torch::nn::Module {
-  explicit MLPImpl(const std::vector<int64_t>& sizes) {
-    for (size_t i = 0; i + 1 < sizes.size(); ++i) {
-      layers.push_back(
-          register_module("fc" + std::to_string(i + 1), torch::nn::Linear(sizes[i], sizes[i + 1])));
-    }
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = x.flatten(1);
-    for (size_t i = 0; i < layers.size(); ++i) {
-      x = layers[i]->forward(x);
-      if (i + 1 < layers.size()) x = torch::relu(x);
-    }
-    return x;
-  }
-  std::vector<torch::nn::Linear> layers;
-};
-TORCH_MODULE(MLP);
-
-struct CNNImpl : torch::nn::Module {
-  CNNImpl()
-      : conv1(register_module("conv1",
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
-        conv2(register_module("conv2",
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
-        fc1(register_module("fc1", torch::nn::Linear(3136, 128))),
-        fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
-  torch::Tensor forward(torch::Tensor x) {
-    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
-    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
-    return fc2(torch::relu(fc1(x.flatten(1))));
-  }
-  torch::nn::Conv2d conv1, conv2;
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(CNN);
+using diffq_bench::CNN;
+using diffq_bench::median;
+using diffq_bench::MLP;
+using diffq_bench::seconds_since;
 
 constexpr int64_t kBatch = 128;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 /// One rank: both models, alternating steps; rank 0 prints `step plain_s diffq_s`.
 template <typename Holder, typename Make>
