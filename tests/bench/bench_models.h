@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffq_bench {
@@ -54,6 +55,26 @@ inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/// `warmup` untimed steps of each, then `steps` rounds of `plain()` then `quant()`, each timed
+/// (interleaved, so that machine noise hits both alike); returns their median times in seconds.
+template <typename Plain, typename Quant>
+std::pair<double, double> interleaved_medians(Plain&& plain, Quant&& quant, int warmup, int steps) {
+  for (int i = 0; i < warmup; ++i) {
+    plain();
+    quant();
+  }
+  std::vector<double> tp, tq;
+  for (int i = 0; i < steps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    plain();
+    tp.push_back(seconds_since(t0));
+    t0 = std::chrono::steady_clock::now();
+    quant();
+    tq.push_back(seconds_since(t0));
+  }
+  return {median(tp), median(tq)};
 }
 
 }  // namespace diffq_bench

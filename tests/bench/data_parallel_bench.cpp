@@ -46,7 +46,6 @@ namespace {
 using diffq_bench::CNN;
 using diffq_bench::median;
 using diffq_bench::MLP;
-using diffq_bench::seconds_since;
 
 constexpr int64_t kBatch = 128;
 
@@ -77,20 +76,9 @@ void worker_bench(const c10::intrusive_ptr<c10d::ProcessGroupGloo>& group, Make 
     quant_dp.sync_gradients();
     quant_opt.step();
   };
-  for (int i = 0; i < 2; ++i) {  // warm-up (the first step also lines the ranks up)
-    plain_step();
-    quant_step();
-  }
-  std::vector<double> tp, tq;
-  for (int i = 0; i < steps; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    plain_step();
-    tp.push_back(seconds_since(t0));
-    t0 = std::chrono::steady_clock::now();
-    quant_step();
-    tq.push_back(seconds_since(t0));
-  }
-  if (group->getRank() == 0) std::printf("step %.6f %.6f\n", median(tp), median(tq));
+  // 2 warm-up steps each (the first also lines the ranks up).
+  const auto t = diffq_bench::interleaved_medians(plain_step, quant_step, 2, steps);
+  if (group->getRank() == 0) std::printf("step %.6f %.6f\n", t.first, t.second);
 }
 
 int worker(const std::string& model, int steps) {

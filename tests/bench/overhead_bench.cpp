@@ -20,9 +20,7 @@
 namespace {
 
 using diffq_bench::CNN;
-using diffq_bench::median;
 using diffq_bench::MLP;
-using diffq_bench::seconds_since;
 
 template <typename Holder>
 void bench(const std::string& name, std::function<Holder()> make, const torch::Tensor& x,
@@ -47,20 +45,8 @@ void bench(const std::string& name, std::function<Holder()> make, const torch::T
     loss.backward();
     quant_opt.step();
   };
-  for (int i = 0; i < warmup; ++i) {
-    plain_step();
-    quant_step();
-  }
-  std::vector<double> tp, tq;
-  for (int i = 0; i < steps; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    plain_step();
-    tp.push_back(seconds_since(t0));
-    t0 = std::chrono::steady_clock::now();
-    quant_step();
-    tq.push_back(seconds_since(t0));
-  }
-  const double mp = median(tp), mq = median(tq);
+  const auto t = diffq_bench::interleaved_medians(plain_step, quant_step, warmup, steps);
+  const double mp = t.first, mq = t.second;
   int64_t numel = 0;
   for (const auto& p : plain->parameters()) numel += p.numel();
   std::printf("%-8s params=%-9lld plain_ms=%8.2f diffq_ms=%8.2f ratio=%.3f\n", name.c_str(),
