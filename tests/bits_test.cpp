@@ -8,9 +8,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -440,6 +442,42 @@ TEST(Bits, QuantizeLevelsOnTheDeviceEqualTheCpuKernel_CUDA) {
     auto cpu = diffq::quantize_levels(w, bits, 16, mm.first, mm.second);
     auto gpu = diffq::quantize_levels(w.cuda(), bits.cuda(), 16, mm.first, mm.second);
     EXPECT_TRUE(BitEqual(gpu.cpu(), cpu)) << b;
+  }
+}
+
+// lowest_rounded_bits and bits_interval_of_rounded against a brute-force scan of the learnt bit
+// widths b in (min_bits, max_bits): the rounded value round(b + extra) clamped to [1, 15].
+TEST(BitsTest, LowestRoundedBitsAndIntervalsMatchAScanOfTheBitWidths) {
+  struct Case {
+    double min_bits, max_bits, extra;
+  };
+  for (const Case c : {Case{2, 15, 0}, Case{2, 15, 1}, Case{1, 8, 0}, Case{2.3, 9, 0},
+                       Case{2, 15, -1.2}, Case{0.2, 16, 0.4}}) {
+    int64_t lowest = 99;
+    std::vector<double> lo(16, 1e9), hi(16, -1e9);
+    const int n = 200000;
+    for (int i = 1; i < n; ++i) {
+      const double b = c.min_bits + (c.max_bits - c.min_bits) * i / n;
+      const auto r =
+          static_cast<int64_t>(std::min(15.0, std::max(1.0, std::nearbyint(b + c.extra))));
+      lowest = std::min(lowest, r);
+      lo[r] = std::min(lo[r], b);
+      hi[r] = std::max(hi[r], b);
+    }
+    EXPECT_EQ(diffq::lowest_rounded_bits(c.min_bits, c.extra), lowest)
+        << c.min_bits << " " << c.extra;
+    const double step = (c.max_bits - c.min_bits) / n;
+    for (int64_t r = 1; r <= 15; ++r) {
+      const auto interval = diffq::bits_interval_of_rounded(r, c.min_bits, c.max_bits, c.extra);
+      if (lo[r] > hi[r]) {  // no b rounds to r
+        EXPECT_GE(interval.first, interval.second) << r;
+        continue;
+      }
+      EXPECT_NEAR(interval.first, lo[r], 1.5 * step) << r;
+      EXPECT_NEAR(interval.second, hi[r], 1.5 * step) << r;
+      const double mid = 0.5 * (interval.first + interval.second);
+      EXPECT_EQ(std::min(15.0, std::max(1.0, std::nearbyint(mid + c.extra))), r) << r;
+    }
   }
 }
 

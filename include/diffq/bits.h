@@ -138,6 +138,27 @@ inline at::Tensor rounded_bits(const at::Tensor& b, double extra_bits,
   return (b.detach() + extra_bits).round().clamp(1, kMaxStoredBits).to(at::kByte);
 }
 
+/// Lowest bit width of true quantization (`rounded_bits`) that a group can reach: the smallest
+/// integer `r` in [1, 15] with `round(b + extra_bits) == r` for some `b` in `(min_bits,
+/// max_bits)`, i.e. `floor(min_bits + extra_bits − ½) + 1`, clamped to [1, 15]. Gives the smallest
+/// model size (`DiffQuantizer::min_true_model_size`).
+inline int64_t lowest_rounded_bits(double min_bits, double extra_bits) {
+  const double r = std::floor(min_bits + extra_bits - 0.5) + 1;
+  return static_cast<int64_t>(std::min<double>(std::max<double>(r, 1), kMaxStoredBits));
+}
+
+/// The learnt bit widths `b` in `(min_bits, max_bits)` whose true quantization is `rounded` bits:
+/// `[max(min_bits, rounded − ½ − extra_bits), min(max_bits, rounded + ½ − extra_bits)]` (the
+/// clamp of `rounded_bits` widens the ends at 1 and 15 bits). Empty (`first >= second`) when no
+/// such `b` exists. Its midpoint is a bit width that rounds to `rounded` with a margin.
+inline std::pair<double, double> bits_interval_of_rounded(int64_t rounded, double min_bits,
+                                                          double max_bits, double extra_bits) {
+  const double lo = rounded <= 1 ? min_bits : std::max(min_bits, rounded - 0.5 - extra_bits);
+  const double hi =
+      rounded >= kMaxStoredBits ? max_bits : std::min(max_bits, rounded + 0.5 - extra_bits);
+  return {lo, hi};
+}
+
 /// Per-element expansion of a per-group tensor `[num_groups]` to `[numel]` (the last group may be
 /// partial).
 inline at::Tensor expand_groups(const at::Tensor& per_group, int64_t numel, int64_t group_size) {

@@ -10,6 +10,8 @@
 /// - `diffq/base_quantizer.h`: `BaseQuantizer`, the machinery shared by all quantizers, and
 ///   `QuantizedGuard`;
 /// - `diffq/quantizer.h`: `DiffQuantizer<M>`;
+/// - `diffq/budget.h`: `SizeBudget` (train to a model-size budget, λ by dual ascent) and
+///   `lower_bits_to_fit`;
 /// - `diffq/uniform.h`: `UniformQuantizer<M>`, `UniformOptions` (PTQ and QAT baselines);
 /// - `diffq/lsq.h`: `LSQQuantizer<M>`, `LSQOptions` (Learned Step Size Quantization baseline);
 /// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
@@ -20,6 +22,7 @@
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
+#include <diffq/budget.h>
 #include <diffq/checkpoint.h>
 #include <diffq/lsq.h>
 #include <diffq/noise.h>

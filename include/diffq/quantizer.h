@@ -276,6 +276,21 @@ class DiffQuantizer
   /// 15)`: the size of the bit-packed quantized model.
   double true_model_size() const { return this->size_mb(true).template item<double>(); }
 
+  /// Smallest model size in MB the logits can give (`true_model_size` with every group at
+  /// `lowest_rounded_bits(min_bits, extra_bits)`, 2 bits by default, plus the tensors kept in
+  /// floating point): the floor of any size budget (`diffq::SizeBudget`).
+  double min_true_model_size() const {
+    const auto& o = this->options_;
+    const double lowest = static_cast<double>(lowest_rounded_bits(o.min_bits(), o.extra_bits()));
+    double total_bits = this->unquantized_bits();
+    for (const auto& q : this->params_) {
+      auto b = at::full({q->groups}, lowest, at::TensorOptions().dtype(at::kDouble));
+      total_bits +=
+          quantized_size_bits(b, q->numel, o.group_size(), o.min_bits()).template item<double>();
+    }
+    return total_bits / kBitsPerMB;
+  }
+
   /// Adds the logits to `optimizer` as a param group of their own with learning rate `lr` and
   /// weight decay 0 (Adam, AdamW, SGD, RMSprop, Adagrad). Throws if the optimizer already holds a
   /// logit (create the optimizer before the quantizer) or is of another type.
