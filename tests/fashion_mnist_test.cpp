@@ -479,6 +479,43 @@ TEST(FashionMnistReport, TradeoffLegendMatchesThePoints) {
   EXPECT_EQ(fmnist::svg::baseline_family("fp32"), "fp32");
 }
 
+TEST(FashionMnistReport, SizeBudgetRunsBesideTheLambdaRuns) {
+  auto runs = baseline_runs(/*with_fp32=*/true);
+  fmnist::RunResult l = runs.front();
+  l.diffq = true;
+  l.lambda = 3;
+  l.method = "DiffQ λ=3";
+  l.file_bytes = 95000;
+  l.model_size_mb = 0.1312;
+  l.correct = 8950;
+  runs.push_back(l);
+  fmnist::RunResult b = l;
+  b.lambda = 2.5625;  // the final penalty weight
+  b.target_mb = 0.13;
+  b.size_before_fit_mb = 0.13034;
+  b.lowered_groups = 153;
+  b.model_size_mb = 0.12999;
+  b.file_bytes = 94000;
+  b.correct = 8912;
+  b.method = "DiffQ ≤0.13 MB";
+  runs.push_back(b);
+  const auto md = fmnist::markdown_report(runs, kParams, {}, "fig.svg");
+  EXPECT_THAT(md, HasSubstr("### Size budgets"));
+  EXPECT_THAT(md, HasSubstr("| DiffQ λ=3 | – | 0.1312 MB | – | – | 95,000 B |"));
+  EXPECT_THAT(md, HasSubstr("| DiffQ ≤0.13 MB | 0.1300 MB | 0.1300 MB | 0.1303 MB | 153 | "
+                            "94,000 B | 89.12 % | 2.56 |"));
+  // The figure: the λ run a filled circle, the budget run a ring, each with its legend entry.
+  const auto svg = fmnist::svg_figure(runs, kParams, 15);
+  const std::string tradeoff = svg.substr(svg.find("Test accuracy against checkpoint size"));
+  EXPECT_EQ(count_elements(tradeoff, "circle", "fill=\"white\" stroke=\"#1f77b4\""), 2u);
+  EXPECT_EQ(count_elements(tradeoff, "circle", "fill=\"#1f77b4\""), 2u);
+  EXPECT_THAT(tradeoff, AllOf(HasSubstr(">DiffQ (one point per penalty λ)</text>"),
+                              HasSubstr(">DiffQ size budget (one per budget)</text>")));
+  // Without budget runs: no table, no ring.
+  runs.pop_back();
+  EXPECT_THAT(fmnist::markdown_report(runs, kParams, {}, ""), Not(HasSubstr("Size budgets")));
+}
+
 TEST(FashionMnistReport, NonFiniteValues) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
@@ -530,6 +567,31 @@ TEST(FashionMnistCli, PenaltyNamesMustBeDistinct) {
   expect_usage_error({"train", "--uniform-bits", "4,8,4"}, {"--uniform-bits", "4 twice"});
   // Not checked when DiffQ does not run.
   EXPECT_EQ(parse({"train", "--method", "fp32", "--penalty", "1,1"}).penalties.size(), 2u);
+}
+
+TEST(FashionMnistCli, SizeBudgetFlags) {
+  const auto c = parse({"train", "--penalty", "none", "--target-size-mb", "0.115,0.25",
+                        "--budget-lr", "0.3", "--budget-measure-every", "4"});
+  EXPECT_TRUE(c.penalties.empty());
+  EXPECT_EQ(c.target_sizes_mb, (std::vector<double>{0.115, 0.25}));
+  EXPECT_EQ(c.budget_lr, 0.3);
+  EXPECT_EQ(c.budget_measure_every, 4);
+  // Defaults: no budget, the library's rate and measurement interval.
+  const auto d = parse({"train"});
+  EXPECT_TRUE(d.target_sizes_mb.empty());
+  EXPECT_EQ(d.budget_lr, 0.5);
+  EXPECT_EQ(d.budget_measure_every, 10);
+  EXPECT_EQ(fmnist::diffq_budget_checkpoint_name(0.13), "fashion_mnist_diffq_budget0.13.dq");
+  expect_usage_error({"train", "--target-size-mb", "0.1,-1"},
+                     {"--target-size-mb values must be finite and > 0, got -1"});
+  expect_usage_error({"train", "--target-size-mb", "0"},
+                     {"--target-size-mb values must be finite and > 0, got 0"});
+  expect_usage_error({"train", "--target-size-mb", "nan"}, {"expects a number, got 'nan'"});
+  expect_usage_error({"train", "--target-size-mb", "0.13,0.130000001"},
+                     {"--target-size-mb lists 0.13 twice", "'fashion_mnist_diffq_budget0.13.dq'"});
+  expect_usage_error({"train", "--budget-lr", "0"}, {"--budget-lr must be finite and > 0, got 0"});
+  expect_usage_error({"train", "--budget-measure-every", "0"}, {"--budget-measure-every"});
+  expect_usage_error({"eval", "--target-size-mb", "0.1"}, {"--target-size-mb"});
 }
 
 TEST(FashionMnistCli, ThreadsBound) {

@@ -61,6 +61,10 @@ struct Config {
   // DiffQ.
   std::vector<double> penalties = {1.0};
   std::vector<std::string> penalty_texts = {"1"};  ///< as written on the command line
+  /// Size budgets (MB): one DiffQ run each, λ adjusted by diffq::SizeBudget (--target-size-mb).
+  std::vector<double> target_sizes_mb;
+  double budget_lr = diffq::SizeBudgetOptions().lr();
+  int64_t budget_measure_every = diffq::SizeBudgetOptions().measure_every();
   int64_t group_size = 16;
   double min_size_mb = 0.01;
   double min_bits = 2;
@@ -94,7 +98,12 @@ train options (defaults in brackets):
   --uniform-bits B1,... bit widths of the uniform PTQ runs, distinct [8,4]
   --qat-bits B [4]      --lsq-bits B [4]
   --penalty L1,L2,...   DiffQ model-size penalties λ, one run each; distinct in their first
-                        6 significant digits (they name the checkpoints) [1]
+                        6 significant digits (they name the checkpoints) [1]; `none`: no λ run
+  --target-size-mb X,.. DiffQ size budgets in MB (2^20 bytes), one run each: λ is adjusted
+                        during training (diffq::SizeBudget) and the model made to fit after it;
+                        a budget below the model's floor (every group at --min-bits) is refused
+  --budget-lr X         rate of λ's update per measurement [0.5]
+  --budget-measure-every K   steps between measurements of the true model size [10]
   --no-fp32             skip the fp32 baseline run (same as leaving fp32 out of --method); an
                         error with uniform (the default methods include it), which quantizes
                         the trained fp32 model: pass --method without uniform instead
@@ -209,6 +218,11 @@ inline std::string diffq_checkpoint_name(double lambda) {
   return "fashion_mnist_diffq_l" + lambda_string(lambda) + ".dq";
 }
 
+/// File name (in `--out`) of the DiffQ checkpoint of size budget `target_mb`.
+inline std::string diffq_budget_checkpoint_name(double target_mb) {
+  return "fashion_mnist_diffq_budget" + budget_string(target_mb) + ".dq";
+}
+
 namespace detail {
 
 /// Runs `check()` (a `diffq::check_options`, called with `where` = `method`) and turns its
@@ -279,6 +293,18 @@ inline void check_train_options(const Config& c) {
                            " give the same checkpoint name '" +
                            diffq_checkpoint_name(c.penalties[i]) +
                            "' (λ is written with 6 significant digits); expected distinct values");
+        }
+      }
+    }
+  }
+  if (c.diffq) {
+    for (size_t i = 0; i < c.target_sizes_mb.size(); ++i) {
+      for (size_t j = 0; j < i; ++j) {
+        const std::string name = diffq_budget_checkpoint_name(c.target_sizes_mb[i]);
+        if (name == diffq_budget_checkpoint_name(c.target_sizes_mb[j])) {
+          throw UsageError("--target-size-mb lists " + budget_string(c.target_sizes_mb[i]) +
+                           " twice (as written with 6 significant digits, the checkpoint '" + name +
+                           "'); expected distinct budgets");
         }
       }
     }
@@ -432,12 +458,33 @@ inline Config parse_args(int argc, const char* const* argv) {
       train_only();
       c.penalties.clear();
       c.penalty_texts.clear();
-      for (const auto& item : parse_list(flag, next(), "numbers")) {
+      const std::string list = next();
+      for (const auto& item :
+           list == "none" ? std::vector<std::string>{} : parse_list(flag, list, "numbers")) {
         const double l = parse_double(flag, item);
         if (l < 0) throw UsageError("--penalty values must be >= 0, got " + item);
         c.penalties.push_back(l + 0.0);  // -0 → 0
         c.penalty_texts.push_back(item);
       }
+    } else if (flag == "--target-size-mb") {
+      train_only();
+      c.target_sizes_mb.clear();
+      for (const auto& item : parse_list(flag, next(), "numbers")) {
+        const double t = parse_double(flag, item);
+        if (!(t > 0) || !std::isfinite(t)) {
+          throw UsageError("--target-size-mb values must be finite and > 0, got " + item);
+        }
+        c.target_sizes_mb.push_back(t);
+      }
+    } else if (flag == "--budget-lr") {
+      train_only();
+      c.budget_lr = parse_double(flag, next());
+      if (!(c.budget_lr > 0) || !std::isfinite(c.budget_lr)) {
+        throw UsageError("--budget-lr must be finite and > 0, got " + fmt("%g", c.budget_lr));
+      }
+    } else if (flag == "--budget-measure-every") {
+      train_only();
+      c.budget_measure_every = parse_int(flag, next(), 1);
     } else if (flag == "--group-size") {
       train_only();
       c.group_size = parse_int(flag, next(), 0);

@@ -41,6 +41,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -128,6 +129,8 @@ struct Method {
   std::function<torch::Tensor()> penalty;
   /// Extra progress text from the last penalty value (e.g. model size and mean bits); may be null.
   std::function<std::string(double penalty_value)> status;
+  /// Called after each optimizer step (the size budget's controller); may be null.
+  std::function<void()> after_step;
 };
 
 /// This process's place in a data-parallel run (`--world-size`); one process: no process group.
@@ -217,6 +220,7 @@ double train(const Config& c, const Parallel& par, torch::nn::Module& model,
       loss.backward();
       sync();
       optimizer.step();
+      if (m.after_step) m.after_step();
       loss_sum += ce_sum.item<double>();
       correct += logits.argmax(1).eq(y).sum().item<int64_t>();
       seen += x.size(0);
@@ -415,8 +419,23 @@ RunResult run_fp32(const Config& c, const Parallel& par, Net& model, const Data&
   return r;
 }
 
-RunResult run_diffq(const Config& c, const Parallel& par, double lambda, const Data& train_data,
-                    const Data& test) {
+/// One DiffQ run: a fixed penalty weight λ (`target_mb == 0`), or a size budget of `target_mb` MB
+/// reached by `diffq::SizeBudget` (λ adjusted during training, `finalize()` after it).
+struct DiffQRun {
+  double lambda = 0;
+  double target_mb = 0;
+};
+
+/// The size budget's controller of a run (its options from the command line).
+diffq::SizeBudget<Net> make_budget(const Config& c, diffq::DiffQuantizer<Net>& q,
+                                   double target_mb) {
+  return diffq::SizeBudget<Net>(
+      q, target_mb,
+      diffq::SizeBudgetOptions().lr(c.budget_lr).measure_every(c.budget_measure_every));
+}
+
+RunResult run_diffq(const Config& c, const Parallel& par, const DiffQRun& run,
+                    const Data& train_data, const Data& test) {
   torch::manual_seed(c.seed);
   Net model;
   // The optimizer holds the model's parameters before the quantizer adds the bit logits.
@@ -424,20 +443,43 @@ RunResult run_diffq(const Config& c, const Parallel& par, double lambda, const D
   diffq::DiffQuantizer<Net> q(model, diffq_options(c));
   q.setup_optimizer(optimizer, c.bits_lr);
   GradientSync sync(par, q);  // after the quantizer: the logits are averaged too
+  std::optional<diffq::SizeBudget<Net>> budget;
+  if (run.target_mb > 0) budget.emplace(make_budget(c, q, run.target_mb));
   RunResult r;
   r.diffq = true;
-  r.lambda = lambda;
-  r.method = "DiffQ λ=" + lambda_string(lambda);
+  r.lambda = run.lambda;
+  r.target_mb = run.target_mb;
+  r.method = budget ? "DiffQ ≤" + budget_string(run.target_mb) + " MB"
+                    : "DiffQ λ=" + lambda_string(run.lambda);
   Method m;
-  m.name = "DiffQ l=" + lambda_string(lambda);
+  m.name = budget ? "DiffQ <=" + budget_string(run.target_mb) + "MB"
+                  : "DiffQ l=" + lambda_string(run.lambda);
   m.forward = [&](const torch::Tensor& x) { return q.forward(x); };
-  m.penalty = [&]() { return lambda * q.penalty(); };
-  m.status = [&](double penalty) {
-    // The penalty is λ·size; with λ = 0 show the size itself.
-    const double size = lambda > 0 ? penalty / lambda : q.penalty().item<double>();
-    return fmt("size %.3fMB", size) + fmt(" bits %.2f", q.mean_bits());
-  };
+  if (budget) {
+    m.penalty = [&]() { return budget->loss_term(); };
+    m.after_step = [&]() { budget->step(); };
+    m.status = [&](double) {
+      const auto& h = budget->history();
+      const double size = h.empty() ? q.true_model_size() : h.back().size_mb;
+      return fmt("size %.3fMB", size) + fmt(" weight %.3g", budget->penalty_weight());
+    };
+  } else {
+    const double lambda = run.lambda;
+    m.penalty = [&, lambda]() { return lambda * q.penalty(); };
+    m.status = [&, lambda](double penalty) {
+      // The penalty is λ·size; with λ = 0 show the size itself.
+      const double size = lambda > 0 ? penalty / lambda : q.penalty().item<double>();
+      return fmt("size %.3fMB", size) + fmt(" bits %.2f", q.mean_bits());
+    };
+  }
   r.train_seconds = train(c, par, *model, optimizer, m, train_data, sync);
+  if (budget) {
+    // Every rank holds the same logits (averaged gradients): each lowers the same groups.
+    const diffq::FitReport fit = budget->finalize();
+    r.lambda = budget->penalty_weight();  // comparable to a λ run's λ
+    r.size_before_fit_mb = fit.size_before_mb;
+    r.lowered_groups = static_cast<int64_t>(fit.lowered.size());
+  }
   model->eval();
   if (!par.leader()) return r;
   const Accuracy a = evaluate(m.forward, test);
@@ -447,11 +489,29 @@ RunResult run_diffq(const Config& c, const Parallel& par, double lambda, const D
   r.learnt_bits = q.mean_bits();
   r.model_size_mb = q.true_model_size();
   r.bits_per_layer = q.mean_bits_per_param(/*rounded=*/true);
-  r.checkpoint = c.out + "/" + diffq_checkpoint_name(lambda);
+  r.checkpoint =
+      c.out + "/" +
+      (budget ? diffq_budget_checkpoint_name(run.target_mb) : diffq_checkpoint_name(run.lambda));
   const size_t bytes = diffq::save_quantized(q, r.checkpoint);
   r.file_bytes = file_size(r.checkpoint);
   TORCH_CHECK(bytes == r.file_bytes, "fashion_mnist: save_quantized reported ", bytes,
               " bytes but '", r.checkpoint, "' has ", r.file_bytes);
+  if (budget) {
+    // The controller's trajectory, one row per measurement.
+    const std::string csv = r.checkpoint.substr(0, r.checkpoint.size() - 3) + "_lambda.csv";
+    std::ofstream out(csv);
+    out << "step,size_mb,violation,lambda,penalty_weight\n";
+    for (const auto& h : budget->history()) {
+      out << h.step << ',' << fmt("%.6f", h.size_mb) << ',' << fmt("%.6f", h.violation) << ','
+          << fmt("%.6g", h.lambda) << ',' << fmt("%.6g", h.penalty_weight) << '\n';
+    }
+    TORCH_CHECK(out.good(), "fashion_mnist: cannot write '", csv, "'");
+    std::printf(
+        "%-12s budget %.4f MB: final penalty weight %.4g (λ %.4g), size %.4f MB before "
+        "finalize(), %lld group(s) lowered\n",
+        r.method.c_str(), run.target_mb, r.lambda, budget->lambda(), r.size_before_fit_mb,
+        static_cast<long long>(r.lowered_groups));
+  }
   finish_run(c, r, "diffq");
   return r;
 }
@@ -647,6 +707,17 @@ Parallel connect(const Config& c) {
 
 int run_train(const Config& c, int argc, char** argv) {
   // The options were checked by parse_args (those of the selected methods only).
+  // An impossible budget is refused before anything runs (the message gives the floor).
+  for (double target : c.diffq ? c.target_sizes_mb : std::vector<double>{}) {
+    Net probe;
+    diffq::DiffQuantizer<Net> q(probe, diffq_options(c));
+    try {
+      (void)make_budget(c, q, target);
+    } catch (const c10::Error& e) {
+      throw UsageError("--target-size-mb " + budget_string(target) + ": " +
+                       e.what_without_backtrace());
+    }
+  }
   if (c.world_size > 1 && c.rank < 0) return launch_ranks(c, argc, argv);
   torch::set_num_threads(c.threads);
   const Parallel par = connect(c);
@@ -672,7 +743,8 @@ int run_train(const Config& c, int argc, char** argv) {
   Net fp32_model{nullptr};
   if (c.fp32 || c.uniform) add(run_fp32(c, par, fp32_model, train_data, test));
   if (c.diffq) {
-    for (double lambda : c.penalties) add(run_diffq(c, par, lambda, train_data, test));
+    for (double lambda : c.penalties) add(run_diffq(c, par, {lambda, 0}, train_data, test));
+    for (double target : c.target_sizes_mb) add(run_diffq(c, par, {0, target}, train_data, test));
   }
   if (c.uniform && par.leader()) {
     for (int64_t b : c.uniform_bits) add(run_uniform_ptq(c, fp32_model, b, test));
@@ -769,6 +841,9 @@ int main(int argc, char** argv) {
   }
   try {
     return c.command == "train" ? fmnist::run_train(c, argc, argv) : fmnist::run_eval(c);
+  } catch (const fmnist::UsageError& e) {  // an option found wrong once the model exists
+    std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+    return fmnist::kExitUsage;
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "%s\n", e.what_without_backtrace());
   } catch (const std::exception& e) {

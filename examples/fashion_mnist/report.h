@@ -29,8 +29,11 @@ struct RunResult {
   /// A baseline quantizer run (uniform PTQ, QAT, LSQ): reported with its bits like DiffQ, but not
   /// on the DiffQ trade-off curve of the figure.
   bool quantized = false;
-  double lambda = 0;
-  int64_t correct = 0;  ///< test images right, evaluated in the training process
+  double lambda = 0;     ///< the penalty weight; a budget run: the final λ of its controller
+  double target_mb = 0;  ///< size budget (MB) of a budget run; 0: a λ run
+  double size_before_fit_mb = 0;  ///< a budget run's true model size before `finalize()`
+  int64_t lowered_groups = 0;     ///< groups `finalize()` lowered by a bit or more
+  int64_t correct = 0;            ///< test images right, evaluated in the training process
   int64_t total = 0;
   int64_t reload_correct = -1;  ///< the same, by a new process from the checkpoint (-1: not run)
   int64_t reload_total = 0;
@@ -79,6 +82,11 @@ inline std::string lambda_string(double lambda) {
   return fmt("%g", lambda);
 }
 
+/// A size budget (MB) as the report and the checkpoint names write it.
+inline std::string budget_string(double target_mb) {
+  return fmt("%g", target_mb);
+}
+
 /// Markdown: the results table and the bits per layer. `setup`: lines describing the run, put
 /// before the tables as a bullet list. `figure`: file name of the SVG ("" for none).
 inline std::string markdown_report(const std::vector<RunResult>& runs,
@@ -113,6 +121,31 @@ inline std::string markdown_report(const std::vector<RunResult>& runs,
     md << "Compression: fp32 file size / file size. Mean bits per weight: over the quantized "
           "weights, with the rounded bit widths the checkpoint stores (the other parameters stay "
           "fp32). Train time: the training batches only, on this machine.\n\n";
+  }
+
+  bool any_budget = false;
+  for (const auto& r : runs) any_budget = any_budget || (r.diffq && r.target_mb > 0);
+  if (any_budget) {
+    md << "### Size budgets\n\n";
+    md << "Budget runs (`--target-size-mb`) beside the λ runs: λ is the penalty weight, given by "
+          "the user for a λ run, and for a budget run the final weight its controller reached "
+          "(`SizeBudget::penalty_weight()`, the weight of `penalty()` in MB in the loss). "
+          "Model size: `true_model_size()`, the bit-packed size before zlib; a budget run's size "
+          "before `finalize()` and the groups it lowered to fit show how close training came.\n\n";
+    md << "| method | budget | model size | before finalize() | groups lowered | file size | "
+          "test accuracy | λ |\n";
+    md << "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (const auto& r : runs) {
+      if (!r.diffq) continue;
+      const bool b = r.target_mb > 0;
+      md << "| " << r.method << " | " << (b ? fmt("%.4f MB", r.target_mb) : std::string("–"))
+         << " | " << fmt("%.4f MB", r.model_size_mb) << " | "
+         << (b ? fmt("%.4f MB", r.size_before_fit_mb) : std::string("–")) << " | "
+         << (b ? std::to_string(r.lowered_groups) : std::string("–")) << " | "
+         << with_commas(r.file_bytes) << " B | " << fmt("%.2f %%", r.accuracy()) << " | "
+         << fmt("%.3g", r.lambda) << " |\n";
+    }
+    md << "\n";
   }
 
   bool all_equal = true;
@@ -387,10 +420,10 @@ inline std::string baseline_family(const std::string& method) {
   return method;
 }
 
-/// Panel: test accuracy against checkpoint size (log scale), DiffQ runs (all in palette(0)) joined
-/// by a line in order of size, each baseline quantizer method (family: `baseline_family`) in a
-/// colour of its own as diamonds, the fp32 baseline as a grey square. The legend lists exactly the
-/// kinds of points drawn.
+/// Panel: test accuracy against checkpoint size (log scale), DiffQ λ runs (all in palette(0))
+/// joined by a line in order of size, DiffQ size-budget runs as rings of the same colour, each
+/// baseline quantizer method (family: `baseline_family`) in a colour of its own as diamonds, the
+/// fp32 baseline as a grey square. The legend lists exactly the kinds of points drawn.
 inline std::string tradeoff_panel(double x0, double y0, double w, double h,
                                   const std::vector<RunResult>& runs) {
   std::ostringstream s;
@@ -401,13 +434,15 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
   struct Entry {
     std::string label;
     std::string color;
-    char shape;  // 'c' circle, 'd' diamond, 's' square
+    char shape;  // 'c' circle, 'r' ring (hollow circle), 'd' diamond, 's' square
   };
   std::vector<Entry> entries;
   std::vector<std::string> families;
-  bool has_diffq = false, has_fp32 = false;
+  bool has_diffq = false, has_budget = false, has_fp32 = false;
   for (const auto& r : runs) {
-    if (r.diffq) {
+    if (r.diffq && r.target_mb > 0) {
+      has_budget = true;
+    } else if (r.diffq) {
       has_diffq = true;
     } else if (r.quantized) {
       const std::string f = baseline_family(r.method);
@@ -421,6 +456,7 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
     return palette(1 + static_cast<size_t>(it - families.begin()));
   };
   if (has_diffq) entries.push_back({"DiffQ (one point per penalty λ)", palette(0), 'c'});
+  if (has_budget) entries.push_back({"DiffQ size budget (one per budget)", palette(0), 'r'});
   for (const auto& f : families) entries.push_back({f, family_color(f), 'd'});
   if (has_fp32) entries.push_back({"fp32 baseline", kFp32Color, 's'});
   const auto legend = legend_layout(entries.size(), px, px + pw,
@@ -433,6 +469,10 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
     if (shape == 'c') {
       return "<circle cx=\"" + num(x) + "\" cy=\"" + num(y) + "\" r=\"5\" fill=\"" + color + "\"" +
              (extra.empty() ? "" : " " + extra) + "/>\n";
+    }
+    if (shape == 'r') {
+      return "<circle cx=\"" + num(x) + "\" cy=\"" + num(y) +
+             "\" r=\"5\" fill=\"white\" stroke=\"" + color + "\" stroke-width=\"2\"/>\n";
     }
     if (shape == 'd') {
       return "<polygon points=\"" + num(x) + "," + num(y - 6) + " " + num(x + 6) + "," + num(y) +
@@ -492,7 +532,7 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
             "transform=\"rotate(-90 " + num(x0 + 14) + " " + num(py + ph / 2) + ")\"");
   std::vector<std::pair<double, const RunResult*>> dq;
   for (const auto& r : runs) {
-    if (r.diffq) dq.emplace_back(r.file_bytes / kMB, &r);
+    if (r.diffq && r.target_mb == 0) dq.emplace_back(r.file_bytes / kMB, &r);  // the λ curve
   }
   std::sort(dq.begin(), dq.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   if (dq.size() > 1) {
@@ -508,7 +548,7 @@ inline std::string tradeoff_panel(double x0, double y0, double w, double h,
     const std::string label = r.method + fmt(" (%.2f%%)", r.accuracy());
     const std::string outline = "stroke=\"white\" stroke-width=\"1\"";
     if (r.diffq) {
-      s << marker(x, y, 'c', palette(0), outline);
+      s << marker(x, y, r.target_mb > 0 ? 'r' : 'c', palette(0), outline);
     } else if (r.quantized) {
       s << marker(x, y, 'd', family_color(baseline_family(r.method)), outline);
     } else {
