@@ -1,8 +1,10 @@
 // Training-step overhead of DiffQ: median step time with and without the quantizer (Adam, batch
 // 128, one thread, cross-entropy + λ·penalty, group size 16, min_size_mb 0.01), interleaving the
-// two so machine noise hits both alike. Prints `ratio=` (DiffQ / plain) per model.
+// two so machine noise hits both alike. Prints `ratio=` (DiffQ / plain) per model, and the size
+// budget's cost, `budget_ratio=` (DiffQ with diffq::SizeBudget / DiffQ with a fixed λ).
 //
 //   ./overhead_bench [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all]
+//                    [--budget-blocks N]
 #include <diffq/diffq.h>
 
 #include <torch/torch.h>
@@ -54,10 +56,66 @@ void bench(const std::string& name, std::function<Holder()> make, const torch::T
   std::fflush(stdout);
 }
 
+/// The size budget's cost: blocks of `block` DiffQ training steps (one measurement of the true
+/// size per block, `SizeBudgetOptions::measure_every` = block), with `SizeBudget` (loss_term() and
+/// step()) against a fixed λ (λ·penalty()), interleaved; a median over blocks, not over steps,
+/// since only one step in `block` measures. Prints `budget_ratio=` (budget / λ), and the mean
+/// time inside `SizeBudget::step()` per step as a share of the step (timed around each call:
+/// the ratio alone cannot resolve 1 % on this machine).
+template <typename Holder>
+void bench_budget(const std::string& name, std::function<Holder()> make, const torch::Tensor& x,
+                  const torch::Tensor& y, int blocks, int warmup) {
+  const int64_t block = diffq::SizeBudgetOptions().measure_every();
+  torch::manual_seed(0);
+  Holder a = make();
+  Holder b = make();
+  torch::optim::Adam a_opt(a->parameters(), torch::optim::AdamOptions(1e-3));
+  torch::optim::Adam b_opt(b->parameters(), torch::optim::AdamOptions(1e-3));
+  diffq::DiffQuantizer<Holder> qa(a, diffq::DiffQOptions().group_size(16).min_size_mb(0.01));
+  diffq::DiffQuantizer<Holder> qb(b, diffq::DiffQOptions().group_size(16).min_size_mb(0.01));
+  qa.setup_optimizer(a_opt, 1e-2);
+  qb.setup_optimizer(b_opt, 1e-2);
+  // A budget of half the initial size: the model is over it throughout, λ rises.
+  diffq::SizeBudget<Holder> budget(qb, 0.5 * qb.true_model_size());
+  const double lambda = 1.0;
+  double in_step_seconds = 0;  // inside SizeBudget::step(), over every budget step
+  int64_t budget_steps = 0;
+  auto lambda_block = [&] {
+    for (int64_t i = 0; i < block; ++i) {
+      auto loss = torch::nn::functional::cross_entropy(qa.forward(x), y) + lambda * qa.penalty();
+      a_opt.zero_grad();
+      loss.backward();
+      a_opt.step();
+    }
+  };
+  auto budget_block = [&] {
+    for (int64_t i = 0; i < block; ++i) {
+      auto loss = torch::nn::functional::cross_entropy(qb.forward(x), y) + budget.loss_term();
+      b_opt.zero_grad();
+      loss.backward();
+      b_opt.step();
+      const auto t0 = std::chrono::steady_clock::now();
+      budget.step();
+      in_step_seconds += diffq_bench::seconds_since(t0);
+      ++budget_steps;
+    }
+  };
+  const auto t = diffq_bench::interleaved_medians(lambda_block, budget_block, warmup, blocks);
+  TORCH_CHECK(!budget.history().empty(), "overhead_bench: the budget never measured");
+  const double step_ms = in_step_seconds * 1e3 / budget_steps;  // mean, measurements included
+  std::printf(
+      "%-8s budget: lambda_loop_ms=%8.2f budget_loop_ms=%8.2f per step, "
+      "budget_ratio=%.4f (blocks of %lld steps, one size measurement each); "
+      "SizeBudget::step() %.4f ms per step = %.3f %% of the step\n",
+      name.c_str(), t.first * 1e3 / block, t.second * 1e3 / block, t.second / t.first,
+      static_cast<long long>(block), step_ms, 100 * step_ms / (t.second * 1e3 / block));
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  int steps = 30, warmup = 3, threads = 1;
+  int steps = 30, warmup = 3, threads = 1, budget_blocks = 9;
   std::string which = "all";
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
@@ -75,10 +133,13 @@ int main(int argc, char** argv) {
       threads = std::atoi(next());
     else if (!std::strcmp(argv[i], "--model"))
       which = next();
+    else if (!std::strcmp(argv[i], "--budget-blocks"))
+      budget_blocks = std::atoi(next());
     else {
-      std::fprintf(
-          stderr, "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all]\n",
-          argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all] "
+                   "[--budget-blocks N]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -102,6 +163,20 @@ int main(int argc, char** argv) {
   if (which == "all" || which == "cnn") {
     bench<CNN>(
         "cnn", [] { return CNN(); }, x_img, y, steps, warmup);
+  }
+  // The size budget's controller against a fixed λ (the MLP and the Fashion-MNIST CNN);
+  // --budget-blocks 0 skips it.
+  if (budget_blocks > 0 && (which == "all" || which == "mlp")) {
+    bench_budget<MLP>(
+        "mlp",
+        [] {
+          return MLP(std::vector<int64_t>{784, 512, 512, 10});
+        },
+        x_flat, y, budget_blocks, 1);
+  }
+  if (budget_blocks > 0 && (which == "all" || which == "cnn")) {
+    bench_budget<CNN>(
+        "cnn", [] { return CNN(); }, x_img, y, budget_blocks, 1);
   }
   if (which == "all" || which == "mlp10m") {
     bench<MLP>(
