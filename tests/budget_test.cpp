@@ -162,6 +162,37 @@ TEST(BudgetTest, LowerBitsToFitLowersTheGroupsClosestToRoundingDown) {
   EXPECT_EQ(Rounded(q, "fc.weight"), (std::vector<int64_t>{5, 5, 5, 6}));
 }
 
+TEST(BudgetTest, LowerBitsToFitStopsWhenTheModelFitsExactly) {
+  torch::manual_seed(0);
+  Lin model(16, 4);
+  diffq::DiffQuantizer<Lin> q(model, AllQuantized(16));
+  SetBits(q, "fc.weight", {5.8, 5.55, 4.9, 6.6});  // as above: distances 0.3, 0.05, 0.4, 0.1
+  const double before_bits = 16 * 24 + 72 + 3 * 4;
+  // 32 bits under: exactly two lowerings (16 bits each), groups 1 and 3; the size then equals
+  // the target, and a third lowering would be one too many.
+  const double target = (before_bits - 32) / kBitsPerMB;
+  const diffq::FitReport report = diffq::lower_bits_to_fit(q, target);
+  EXPECT_EQ(Rounded(q, "fc.weight"), (std::vector<int64_t>{6, 5, 5, 6}));
+  ASSERT_EQ(report.lowered.size(), 2u);
+  EXPECT_EQ(report.lowered[0].group, 1);
+  EXPECT_EQ(report.lowered[1].group, 3);
+  EXPECT_DOUBLE_EQ(q.true_model_size(), target);
+}
+
+TEST(BudgetTest, LowerBitsToFit_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(0);
+  Lin model(16, 4);
+  model->to(torch::kCUDA);
+  diffq::DiffQuantizer<Lin> q(model, AllQuantized(16));
+  SetBits(q, "fc.weight", {5.8, 5.55, 4.9, 6.6});
+  const double before_bits = 16 * 24 + 72 + 3 * 4;
+  const diffq::FitReport report = diffq::lower_bits_to_fit(q, (before_bits - 40) / kBitsPerMB);
+  EXPECT_EQ(Rounded(q, "fc.weight"), (std::vector<int64_t>{5, 5, 5, 6}));
+  EXPECT_EQ(report.lowered.size(), 3u);
+  EXPECT_DOUBLE_EQ(q.true_model_size(), (16 * 21 + 72 + 3 * 4) / kBitsPerMB);
+}
+
 TEST(BudgetTest, LowerBitsToFitStopsAtTheFloorAndKeepsTheCheckpointExact) {
   torch::manual_seed(1);
   Two model;
@@ -364,7 +395,54 @@ TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
   diffq::SizeBudget<Lin> other(*q_c, 2 * target, options);
   torch::serialize::InputArchive archive;
   archive.load_from(state_path);
-  ExpectError([&] { other.load(archive); }, "the state was saved for a budget of");
+  ExpectError([&] { other.load(archive); },
+              c10::str("diffq::SizeBudget::load: target_mb must be ", 2 * target,
+                       " MB (this controller's), got ", target, " MB (the saved state's)"));
+  // Malformed states, each refused with its own message, the controller unchanged.
+  auto write_state = [&](double lambda, const torch::Tensor& step, const torch::Tensor& history) {
+    torch::serialize::OutputArchive out;
+    const auto d = torch::TensorOptions().dtype(torch::kDouble);
+    out.write("diffq_budget_target_mb", torch::scalar_tensor(target, d));
+    out.write("diffq_budget_lambda", torch::scalar_tensor(lambda, d));
+    out.write("diffq_budget_step", step);
+    out.write("diffq_budget_history", history);
+    out.save_to(dir + "budget_bad.pt");
+    torch::serialize::InputArchive in;
+    in.load_from(dir + "budget_bad.pt");
+    return in;
+  };
+  const auto long_step = torch::scalar_tensor(20, torch::TensorOptions().dtype(torch::kLong));
+  auto rows = [](std::vector<double> v) {
+    return torch::tensor(v, torch::TensorOptions().dtype(torch::kDouble)).reshape({-1, 5}).clone();
+  };
+  const auto good = rows({10, 1e-3, 0.1, 0.5, 2.0, 20, 1e-3, 0.1, 0.6, 2.0});
+  const double before = budget_c.lambda();
+  const std::size_t history_before = budget_c.history().size();
+  const auto expect_refused = [&](torch::serialize::InputArchive in, const std::string& what) {
+    ExpectError([&] { budget_c.load(in); }, what);
+    EXPECT_EQ(budget_c.lambda(), before);
+    EXPECT_EQ(budget_c.history().size(), history_before);
+  };
+  {
+    diffq::SizeBudget<Lin> fresh(*q_c, target, options);
+    auto in = write_state(0.6, long_step, good);
+    fresh.load(in);  // well-formed: accepted
+    EXPECT_EQ(fresh.lambda(), 0.6);
+    EXPECT_EQ(fresh.history().size(), 2u);
+  }
+  expect_refused(write_state(0.6, torch::scalar_tensor(20.0), good),
+                 "'diffq_budget_step' must be one Long value, got 1 Float value(s)");
+  expect_refused(write_state(0.6, long_step, good.to(torch::kFloat)),
+                 "'diffq_budget_history' must be a [n, 5] Double tensor, got [2, 5] Float");
+  expect_refused(write_state(NAN, long_step, good),
+                 "lambda must be in [min_lambda, max_lambda] = [1e-06, 1000], got nan");
+  expect_refused(write_state(0.6, long_step, rows({10, NAN, 0.1, 0.5, 2.0})),
+                 "history row 0: expected a finite size > 0");
+  expect_refused(
+      write_state(0.6, long_step, rows({10, 1e-3, 0.1, 0.5, 2.0, 10, 1e-3, 0.1, 0.5, 2.0})),
+      "history row 1: step must be an integer in (10, 20], got 10");
+  expect_refused(write_state(0.6, long_step, rows({30, 1e-3, 0.1, 0.5, 2.0})),
+                 "history row 0: step must be an integer in (0, 20], got 30");
   torch::serialize::InputArchive empty_archive;
   torch::serialize::OutputArchive nothing;
   nothing.write("x", torch::zeros({1}));
@@ -372,7 +450,8 @@ TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
   empty_archive.load_from(dir + "budget_nothing.pt");
   ExpectError([&] { other.load(empty_archive); },
               "diffq::SizeBudget::load: the archive has no 'diffq_budget_target_mb'");
-  for (const auto& p : {model_path, opt_path, state_path, dir + "budget_nothing.pt"}) {
+  for (const auto& p :
+       {model_path, opt_path, state_path, dir + "budget_nothing.pt", dir + "budget_bad.pt"}) {
     std::remove(p.c_str());
   }
 }
@@ -410,9 +489,11 @@ TEST(BudgetTest, ErrorsNameTheProblem) {
   const double floor_mb = q.min_true_model_size();
   using O = diffq::SizeBudgetOptions;
   auto build = [&](double target, O o = O()) { diffq::SizeBudget<Two> b(q, target, o); };
-  ExpectError([&] { build(floor_mb * 0.9); }, "is below the smallest size the model can have");
-  ExpectError([&] { build(floor_mb * 0.9); }, c10::str(floor_mb, " MB (every group at 2 bits"));
-  ExpectError([&] { build(floor_mb * 0.9); }, "every group at 2 bits");
+  ExpectError([&] { build(floor_mb * 0.9); },
+              c10::str("diffq::SizeBudget: target_mb must be >= ", floor_mb,
+                       " MB, the smallest size the model can have (every group at 2 bits, plus "
+                       "the tensors kept in floating point), got ",
+                       floor_mb * 0.9, " MB"));
   ExpectError([&] { build(0); }, "diffq::SizeBudget: target_mb must be finite and > 0, got 0");
   ExpectError([&] { build(-1); }, "target_mb must be finite and > 0, got -1");
   ExpectError([&] { build(std::nan("")); }, "target_mb must be finite and > 0, got nan");
@@ -432,7 +513,7 @@ TEST(BudgetTest, ErrorsNameTheProblem) {
   ExpectError([&] { build(ok, O().warmup_steps(-1)); }, "warmup_steps must be >= 0, got -1");
   ExpectError([&] { build(ok, O().measure_every(0)); }, "measure_every must be >= 1, got 0");
   ExpectError([&] { diffq::lower_bits_to_fit(q, floor_mb / 2); },
-              "diffq::lower_bits_to_fit: target_mb");
+              "diffq::lower_bits_to_fit: target_mb must be >= ");
   ExpectError([&] { diffq::lower_bits_to_fit(q, 0); },
               "diffq::lower_bits_to_fit: target_mb must be finite and > 0, got 0");
   // A NaN logit: the bit widths cannot be read.

@@ -85,8 +85,8 @@ struct SizeBudgetOptions {
   /// `init_bits`) does not raise λ much faster than a model under it can lower it. Must be > 0 and
   /// finite.
   TORCH_ARG(double, max_violation) = 0.1;
-  /// Steps (calls of `step()`) before the first measurement; λ stays `initial_lambda` until then.
-  /// Must be >= 0.
+  /// Steps (calls of `step()`) during which nothing is measured; the first measurement comes at
+  /// step `warmup_steps + measure_every`, and λ stays `initial_lambda` until then. Must be >= 0.
   TORCH_ARG(int64_t, warmup_steps) = 0;
   /// The true model size is measured, and λ updated, every `measure_every` steps after the
   /// warm-up (k; one host synchronisation each). Must be >= 1.
@@ -132,11 +132,10 @@ void check_size_budget(const Quantizer& quantizer, double target_mb, const std::
   TORCH_CHECK(std::isfinite(target_mb) && target_mb > 0, where,
               ": target_mb must be finite and > 0, got ", target_mb);
   const double floor_mb = quantizer.min_true_model_size();
-  TORCH_CHECK(target_mb >= floor_mb, where, ": target_mb ", target_mb,
-              " MB is below the smallest size the model can have, ", floor_mb,
-              " MB (every group at ",
+  TORCH_CHECK(target_mb >= floor_mb, where, ": target_mb must be >= ", floor_mb,
+              " MB, the smallest size the model can have (every group at ",
               lowest_rounded_bits(quantizer.options().min_bits(), quantizer.options().extra_bits()),
-              " bits, plus the tensors kept in floating point)");
+              " bits, plus the tensors kept in floating point), got ", target_mb, " MB");
 }
 
 }  // namespace detail
@@ -205,8 +204,10 @@ FitReport lower_bits_to_fit(DiffQuantizer<ModuleType>& quantizer, double target_
   using Entry = std::tuple<double, std::size_t, int64_t>;
   std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap;
   for (std::size_t t = 0; t < names.size(); ++t) {
-    const at::Tensor b = quantizer.bits(names[t]).to(at::kDouble).contiguous();
-    const at::Tensor r = rounded_bits(b, o.extra_bits(), names[t]).to(at::kLong).contiguous();
+    // Rounded as true quantization rounds them (in the logits' dtype), on the host.
+    const at::Tensor native = quantizer.bits(names[t]).detach().cpu();
+    const at::Tensor b = native.to(at::kDouble).contiguous();
+    const at::Tensor r = rounded_bits(native, o.extra_bits(), names[t]).to(at::kLong).contiguous();
     const int64_t groups = b.numel();
     const int64_t numel = params[names[t]].numel();
     const int64_t gs = effective_group_size(numel, o.group_size());
@@ -363,8 +364,10 @@ class SizeBudget {
   }
 
   /// Restores a state written by `save`, so that training resumed from the same model and
-  /// optimizer state follows the same λ trajectory. Throws if an entry is missing or malformed,
-  /// or if the state was saved for another target (naming both).
+  /// optimizer state follows the same λ trajectory. Throws, changing nothing, if an entry is
+  /// missing or malformed (wrong dtype or shape; λ outside this controller's bounds; a history row
+  /// with a non-finite value or a step out of order), or if the state was saved for another target
+  /// (naming both).
   void load(torch::serialize::InputArchive& archive) {
     const std::string where = "diffq::SizeBudget::load";
     auto read = [&](const char* key) -> at::Tensor {
@@ -373,24 +376,49 @@ class SizeBudget {
                   "' (not a SizeBudget state)");
       return t;
     };
-    const at::Tensor target = read("diffq_budget_target_mb");
-    const at::Tensor lambda = read("diffq_budget_lambda");
-    const at::Tensor step = read("diffq_budget_step");
-    const at::Tensor h = read("diffq_budget_history");
-    TORCH_CHECK(target.numel() == 1 && lambda.numel() == 1 && step.numel() == 1 && h.dim() == 2 &&
-                    h.size(1) == 5 && h.scalar_type() == at::kDouble,
-                where, ": malformed state (expected three scalars and a [n, 5] double history)");
+    const at::Tensor target = read("diffq_budget_target_mb").cpu();
+    const at::Tensor lambda = read("diffq_budget_lambda").cpu();
+    const at::Tensor step = read("diffq_budget_step").cpu();
+    const at::Tensor h = read("diffq_budget_history").cpu();
+    auto scalar = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
+      TORCH_CHECK(t.numel() == 1 && t.scalar_type() == dtype, where, ": '", name, "' must be one ",
+                  dtype, " value, got ", t.numel(), " ", t.scalar_type(), " value(s)");
+    };
+    scalar(target, at::kDouble, "diffq_budget_target_mb");
+    scalar(lambda, at::kDouble, "diffq_budget_lambda");
+    scalar(step, at::kLong, "diffq_budget_step");
+    TORCH_CHECK(h.dim() == 2 && h.size(1) == 5 && h.scalar_type() == at::kDouble, where,
+                ": 'diffq_budget_history' must be a [n, 5] Double tensor, got ", h.sizes(), " ",
+                h.scalar_type());
     const double saved_target = target.item<double>();
-    TORCH_CHECK(saved_target == target_mb_, where, ": the state was saved for a budget of ",
-                saved_target, " MB, this controller's is ", target_mb_, " MB");
+    TORCH_CHECK(saved_target == target_mb_, where, ": target_mb must be ", target_mb_,
+                " MB (this controller's), got ", saved_target, " MB (the saved state's)");
+    const auto& o = options_;
+    auto in_bounds = [&](double l) {
+      return std::isfinite(l) && l >= o.min_lambda() && l <= o.max_lambda();
+    };
     const double l = lambda.item<double>();
-    TORCH_CHECK(std::isfinite(l) && l > 0, where, ": lambda must be finite and > 0, got ", l);
+    TORCH_CHECK(in_bounds(l), where, ": lambda must be in [min_lambda, max_lambda] = [",
+                o.min_lambda(), ", ", o.max_lambda(), "], got ", l);
     const int64_t s = step.item<int64_t>();
     TORCH_CHECK(s >= 0, where, ": step must be >= 0, got ", s);
     std::vector<SizeBudgetRecord> history;
     const at::Tensor hc = h.contiguous();
+    double previous_step = 0;
     for (int64_t i = 0; i < hc.size(0); ++i) {
       const double* row = hc.data_ptr<double>() + 5 * i;
+      // Steps strictly increasing integers in [1, step]; the values finite, sizes and λ in range.
+      TORCH_CHECK(std::isfinite(row[0]) && row[0] == std::floor(row[0]) && row[0] > previous_step &&
+                      row[0] <= static_cast<double>(s),
+                  where, ": history row ", i, ": step must be an integer in (", previous_step, ", ",
+                  s, "], got ", row[0]);
+      TORCH_CHECK(std::isfinite(row[1]) && row[1] > 0 && std::isfinite(row[2]) &&
+                      in_bounds(row[3]) && std::isfinite(row[4]) && row[4] > 0,
+                  where, ": history row ", i,
+                  ": expected a finite size > 0, violation, λ in [min_lambda, max_lambda] and "
+                  "penalty weight > 0, got ",
+                  row[1], ", ", row[2], ", ", row[3], ", ", row[4]);
+      previous_step = row[0];
       history.push_back({static_cast<int64_t>(row[0]), row[1], row[2], row[3], row[4]});
     }
     lambda_ = l;

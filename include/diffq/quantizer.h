@@ -455,7 +455,8 @@ class DiffQuantizer
     const auto& o = this->options_;
     auto b = bits_of(q);
     if (exact) {
-      b = rounded_bits(b, o.extra_bits(), q.name).to(b.scalar_type());
+      // In double: the sum of integer bit widths times group sizes stays exact past 2^24 bits.
+      b = rounded_bits(b, o.extra_bits(), q.name).to(at::kDouble);
     } else if (o.extra_bits() != 0) {
       b = b + o.extra_bits();
     }
