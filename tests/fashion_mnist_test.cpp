@@ -592,6 +592,9 @@ TEST(FashionMnistCli, SizeBudgetFlags) {
   expect_usage_error({"train", "--budget-lr", "0"}, {"--budget-lr must be finite and > 0, got 0"});
   expect_usage_error({"train", "--budget-measure-every", "0"}, {"--budget-measure-every"});
   expect_usage_error({"eval", "--target-size-mb", "0.1"}, {"--target-size-mb"});
+  expect_usage_error({"train", "--penalty", "none"},
+                     {"--penalty none without --target-size-mb leaves DiffQ nothing to run"});
+  EXPECT_TRUE(parse({"train", "--method", "fp32", "--penalty", "none"}).penalties.empty());
 }
 
 TEST(FashionMnistCli, ThreadsBound) {

@@ -297,6 +297,11 @@ inline void check_train_options(const Config& c) {
       }
     }
   }
+  if (c.diffq && c.penalties.empty() && c.target_sizes_mb.empty()) {
+    throw UsageError(
+        "--penalty none without --target-size-mb leaves DiffQ nothing to run; expected a λ or a "
+        "budget (or --method without diffq)");
+  }
   if (c.diffq) {
     for (size_t i = 0; i < c.target_sizes_mb.size(); ++i) {
       for (size_t j = 0; j < i; ++j) {

@@ -29,7 +29,7 @@ struct RunResult {
   /// A baseline quantizer run (uniform PTQ, QAT, LSQ): reported with its bits like DiffQ, but not
   /// on the DiffQ trade-off curve of the figure.
   bool quantized = false;
-  double lambda = 0;     ///< the penalty weight; a budget run: the final λ of its controller
+  double lambda = 0;     ///< the penalty weight; a budget run: its final `penalty_weight()`
   double target_mb = 0;  ///< size budget (MB) of a budget run; 0: a λ run
   double size_before_fit_mb = 0;  ///< a budget run's true model size before `finalize()`
   int64_t lowered_groups = 0;     ///< groups `finalize()` lowered by a bit or more
