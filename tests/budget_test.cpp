@@ -179,6 +179,32 @@ TEST(BudgetTest, LowerBitsToFitStopsWhenTheModelFitsExactly) {
   EXPECT_DOUBLE_EQ(q.true_model_size(), target);
 }
 
+TEST(BudgetTest, LowerBitsToFitWithExtraBits) {
+  torch::manual_seed(0);
+  Lin model(16, 4);
+  diffq::DiffQuantizer<Lin> q(model, AllQuantized(16).extra_bits(1));
+  SetBits(q, "fc.weight", {5.8, 5.55, 4.9, 6.6});
+  // round(b + 1): 7, 7, 6, 8; distances b + 1 − (r − ½): 0.3, 0.05, 0.4, 0.1. Size by hand:
+  // 16·28 + 72 + ceil(log2(1 + 8 − 2))·4 = 448 + 72 + 12 bits.
+  const double before_bits = 16 * 28 + 72 + 3 * 4;
+  ASSERT_DOUBLE_EQ(q.true_model_size(), before_bits / kBitsPerMB);
+  const diffq::FitReport report = diffq::lower_bits_to_fit(q, (before_bits - 40) / kBitsPerMB);
+  // Groups 1, 3, 0 lose a bit: 6, 6, 6, 7; bits_bits ceil(log2(1 + 7 − 2)) = 3.
+  ASSERT_EQ(report.lowered.size(), 3u);
+  EXPECT_EQ(report.lowered[0].group, 0);
+  EXPECT_EQ(report.lowered[0].bits_before, 7);
+  EXPECT_EQ(report.lowered[0].bits_after, 6);
+  EXPECT_EQ(report.lowered[2].group, 3);
+  EXPECT_EQ(report.lowered[2].bits_after, 7);
+  EXPECT_DOUBLE_EQ(q.true_model_size(), (16 * 25 + 72 + 3 * 4) / kBitsPerMB);
+  // The new learnt bit widths are the middles of [r − ½ − 1, r + ½ − 1]: 5 for r = 6, 6 for 7.
+  auto b = q.bits("fc.weight").to(torch::kDouble);
+  EXPECT_NEAR(b[0].item<double>(), 5.0, 1e-5);
+  EXPECT_NEAR(b[1].item<double>(), 5.0, 1e-5);
+  EXPECT_NEAR(b[2].item<double>(), 4.9, 1e-5);
+  EXPECT_NEAR(b[3].item<double>(), 6.0, 1e-5);
+}
+
 TEST(BudgetTest, LowerBitsToFit_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   torch::manual_seed(0);
