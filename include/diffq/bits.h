@@ -36,6 +36,13 @@ inline int64_t effective_group_size(int64_t numel, int64_t group_size) {
   return group_size == 0 ? std::max<int64_t>(numel, 1) : group_size;
 }
 
+/// Element count of the last group of a tensor of `numel > 0` elements (the others hold
+/// `effective_group_size` each): `numel − (num_groups − 1)·effective_group_size`, in
+/// `[1, effective_group_size]`.
+inline int64_t last_group_numel(int64_t numel, int64_t group_size) {
+  return numel - (num_groups(numel, group_size) - 1) * effective_group_size(numel, group_size);
+}
+
 /// Smallest (`min_noise`) and largest (`max_noise`) relative noise scales of `Param::kNoise`:
 /// `1/(2^max_bits − 1)` and `1/(2^min_bits − 1)`.
 inline double min_noise_scale(double max_bits) {
@@ -283,7 +290,7 @@ inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_
   const int64_t groups = num_groups(numel, group_size);
   TORCH_INTERNAL_ASSERT(b.dim() == 1 && b.size(0) == groups);
   auto total = b.sum() * static_cast<double>(gs);
-  const int64_t last = numel - (groups - 1) * gs;
+  const int64_t last = last_group_numel(numel, group_size);
   if (last != gs) total = total - b[groups - 1] * static_cast<double>(gs - last);
   return total + (64 + 8) + bits_bits(b, min_bits) * static_cast<double>(groups);
 }

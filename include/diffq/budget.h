@@ -216,7 +216,7 @@ FitReport lower_bits_to_fit(DiffQuantizer<ModuleType>& quantizer, double target_
     T.rounded.assign(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + groups);
     T.original = T.rounded;
     T.counts.assign(groups, gs);
-    if (groups > 0) T.counts[groups - 1] = numel - (groups - 1) * gs;
+    if (groups > 0) T.counts[groups - 1] = last_group_numel(numel, o.group_size());
     for (int64_t g = 0; g < groups; ++g) {
       if (T.rounded[g] > lowest) {
         heap.emplace(T.bits[g] + o.extra_bits() - (T.rounded[g] - 0.5), t, g);

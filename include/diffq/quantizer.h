@@ -118,7 +118,7 @@ struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
     for (const auto& t : layout.tensors) {
       const int64_t groups = t.slope.numel();
       const int64_t gs = t.group_size;
-      const int64_t n_last = t.numel - (groups - 1) * gs;
+      const int64_t n_last = last_group_numel(t.numel, gs);
       // Every group counted with gs elements, then the partial last group corrected.
       double sum = t.bits_sum * static_cast<double>(gs) -
                    t.last_bits * static_cast<double>(gs - n_last) +
@@ -566,7 +566,7 @@ class DiffQuantizer
     at::NoGradGuard no_grad;
     auto b = bits_of(q).to(at::kDouble);
     if (rounded) b = rounded_bits(b, this->options_.extra_bits(), q.name).to(at::kDouble);
-    const int64_t last = q.numel - (q.groups - 1) * q.group_size;
+    const int64_t last = last_group_numel(q.numel, q.group_size);
     auto total = b.sum() * static_cast<double>(q.group_size) -
                  b[q.groups - 1] * static_cast<double>(q.group_size - last);
     return total.template item<double>();
