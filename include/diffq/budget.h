@@ -140,10 +140,14 @@ void check_size_budget(const Quantizer& quantizer, double target_mb, const std::
 
 }  // namespace detail
 
-/// The relative violation of a budget, `(size_mb − target_mb)/target_mb`, clipped to
-/// `[−max_violation, max_violation]` (pure).
+/// The relative violation of a budget, `(size_mb − target_mb)/target_mb` (pure).
+inline double relative_violation(double size_mb, double target_mb) {
+  return (size_mb - target_mb) / target_mb;
+}
+
+/// `relative_violation(size_mb, target_mb)` clipped to `[−max_violation, max_violation]` (pure).
 inline double clipped_violation(double size_mb, double target_mb, const SizeBudgetOptions& o) {
-  const double v = (size_mb - target_mb) / target_mb;
+  const double v = relative_violation(size_mb, target_mb);
   return std::min(std::max(v, -o.max_violation()), o.max_violation());
 }
 
@@ -323,7 +327,7 @@ class SizeBudget {
     if (since <= 0 || since % options_.measure_every() != 0) return;
     const double size = quantizer_->true_model_size();
     lambda_ = budget_lambda_update(lambda_, size, target_mb_, options_);
-    history_.push_back({step_, size, (size - target_mb_) / target_mb_, lambda_, 0.0});
+    history_.push_back({step_, size, relative_violation(size, target_mb_), lambda_, 0.0});
     history_.back().penalty_weight = penalty_weight();
   }
 
