@@ -708,14 +708,16 @@ Parallel connect(const Config& c) {
 int run_train(const Config& c, int argc, char** argv) {
   // The options were checked by parse_args (those of the selected methods only).
   // An impossible budget is refused before anything runs (the message gives the floor).
-  for (double target : c.diffq ? c.target_sizes_mb : std::vector<double>{}) {
+  if (c.diffq && !c.target_sizes_mb.empty()) {
     Net probe;
     diffq::DiffQuantizer<Net> q(probe, diffq_options(c));
-    try {
-      (void)make_budget(c, q, target);
-    } catch (const c10::Error& e) {
-      throw UsageError("--target-size-mb " + budget_string(target) + ": " +
-                       e.what_without_backtrace());
+    for (double target : c.target_sizes_mb) {
+      try {
+        (void)make_budget(c, q, target);
+      } catch (const c10::Error& e) {
+        throw UsageError("--target-size-mb " + budget_string(target) + ": " +
+                         e.what_without_backtrace());
+      }
     }
   }
   if (c.world_size > 1 && c.rank < 0) return launch_ranks(c, argc, argv);
