@@ -351,60 +351,60 @@ TEST(BudgetTest, ControllerConvergesToTheBudgetFromAboveTheMultiplier) {
   EXPECT_GT(counts.second, 10);
 }
 
-TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
-  const std::string dir = ::testing::TempDir();
-  auto make = [](Lin& model, std::unique_ptr<torch::optim::Adam>& opt,
-                 std::unique_ptr<diffq::DiffQuantizer<Lin>>& q) {
+/// One training of the resume test: model (seeded like every other), Adam, quantizer, controller.
+struct Trainee {
+  Lin model{nullptr};
+  std::unique_ptr<torch::optim::Adam> opt;
+  std::unique_ptr<diffq::DiffQuantizer<Lin>> q;
+  std::unique_ptr<diffq::SizeBudget<Lin>> budget;
+  Trainee(double target, const diffq::SizeBudgetOptions& options) {
+    torch::manual_seed(5);
+    model = Lin(32, 16);
     opt =
         std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-2));
     q = std::make_unique<diffq::DiffQuantizer<Lin>>(model, AllQuantized(16));
     q->setup_optimizer(*opt, 5e-2);
-  };
+    budget = std::make_unique<diffq::SizeBudget<Lin>>(*q, target, options);
+  }
+  void Train(const Regression& data, int64_t first, int64_t steps) {
+    TrainSteps(*q, *model, *opt, *budget, data, first, steps);
+  }
+};
+
+TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
+  const std::string dir = ::testing::TempDir();
   torch::manual_seed(4);
   const Regression data(32, 16);
   const double target = (512 * 4 + 72 + 2 * 32) / kBitsPerMB;
   const auto options = diffq::SizeBudgetOptions().measure_every(3).warmup_steps(7);
   // Straight through: 200 steps.
-  torch::manual_seed(5);
-  Lin a(32, 16);
-  std::unique_ptr<torch::optim::Adam> opt_a;
-  std::unique_ptr<diffq::DiffQuantizer<Lin>> q_a;
-  make(a, opt_a, q_a);
-  diffq::SizeBudget<Lin> budget_a(*q_a, target, options);
-  TrainSteps(*q_a, *a, *opt_a, budget_a, data, 0, 200);
+  Trainee a(target, options);
+  a.Train(data, 0, 200);
   // 90 steps, save model, optimizer and controller; a new process' worth of objects; 110 steps.
-  torch::manual_seed(5);
-  Lin b(32, 16);
-  std::unique_ptr<torch::optim::Adam> opt_b;
-  std::unique_ptr<diffq::DiffQuantizer<Lin>> q_b;
-  make(b, opt_b, q_b);
-  diffq::SizeBudget<Lin> budget_b(*q_b, target, options);
-  TrainSteps(*q_b, *b, *opt_b, budget_b, data, 0, 90);
+  Trainee b(target, options);
+  b.Train(data, 0, 90);
   const std::string model_path = dir + "budget_model.pt", opt_path = dir + "budget_opt.pt",
                     state_path = dir + "budget_state.pt";
-  torch::save(b, model_path);
-  torch::save(*opt_b, opt_path);
+  torch::save(b.model, model_path);
+  torch::save(*b.opt, opt_path);
   {
     torch::serialize::OutputArchive archive;
-    budget_b.save(archive);
+    b.budget->save(archive);
     archive.save_to(state_path);
   }
-  Lin c(32, 16);
-  std::unique_ptr<torch::optim::Adam> opt_c;
-  std::unique_ptr<diffq::DiffQuantizer<Lin>> q_c;
-  make(c, opt_c, q_c);  // registers the logits, so that the saved model loads into it
-  torch::load(c, model_path);
-  torch::load(*opt_c, opt_path);
-  diffq::SizeBudget<Lin> budget_c(*q_c, target, options);
+  Trainee c(target, options);  // registers the logits, so that the saved model loads into it
+  torch::load(c.model, model_path);
+  torch::load(*c.opt, opt_path);
   {
     torch::serialize::InputArchive archive;
     archive.load_from(state_path);
-    budget_c.load(archive);
+    c.budget->load(archive);
   }
+  auto& budget_c = *c.budget;
   EXPECT_EQ(budget_c.steps(), 90);
-  EXPECT_EQ(budget_c.lambda(), budget_b.lambda());
-  TrainSteps(*q_c, *c, *opt_c, budget_c, data, 90, 110);
-  const auto& ha = budget_a.history();
+  EXPECT_EQ(budget_c.lambda(), b.budget->lambda());
+  c.Train(data, 90, 110);
+  const auto& ha = a.budget->history();
   const auto& hc = budget_c.history();
   // Measurements at steps 10, 13, ..., 199: (200 − 7)/3 = 64.
   ASSERT_EQ(ha.size(), 64u);
@@ -415,10 +415,10 @@ TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
     EXPECT_EQ(hc[i].lambda, ha[i].lambda) << i;
     EXPECT_EQ(hc[i].penalty_weight, ha[i].penalty_weight) << i;
   }
-  EXPECT_EQ(budget_c.penalty_weight(), budget_a.penalty_weight());
+  EXPECT_EQ(budget_c.penalty_weight(), a.budget->penalty_weight());
   EXPECT_EQ(ha.front().step, 10);
   // A state saved for another budget is refused.
-  diffq::SizeBudget<Lin> other(*q_c, 2 * target, options);
+  diffq::SizeBudget<Lin> other(*c.q, 2 * target, options);
   torch::serialize::InputArchive archive;
   archive.load_from(state_path);
   ExpectError([&] { other.load(archive); },
@@ -450,7 +450,7 @@ TEST(BudgetTest, SaveAndLoadReproduceTheLambdaTrajectory) {
     EXPECT_EQ(budget_c.history().size(), history_before);
   };
   {
-    diffq::SizeBudget<Lin> fresh(*q_c, target, options);
+    diffq::SizeBudget<Lin> fresh(*c.q, target, options);
     auto in = write_state(0.6, long_step, good);
     fresh.load(in);  // well-formed: accepted
     EXPECT_EQ(fresh.lambda(), 0.6);
