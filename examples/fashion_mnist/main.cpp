@@ -10,9 +10,9 @@
 //
 // Data: Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or --data DIR.
 
+#include "../common/progress.h"
 #include "cli.h"
 #include "idx.h"
-#include "progress.h"
 #include "report.h"
 
 #include <diffq/checkpoint.h>
@@ -51,6 +51,8 @@ extern char** environ;
 
 namespace fmnist {
 namespace {
+
+using diffq_examples::ProgressBar;
 
 constexpr int kEvalBatch = 1000;
 constexpr double kMean = 0.2860;

@@ -1,8 +1,9 @@
 #pragma once
-/// \file examples/fashion_mnist/progress.h
-/// A progress bar on stderr for one training epoch: on a terminal, one line redrawn with '\r' at
-/// most every `interval` seconds; otherwise (stderr redirected to a file or a pipe) a plain line at
-/// each tenth of the epoch, so that logs stay readable.
+/// \file examples/common/progress.h
+/// Shared by the examples (fashion_mnist, char_lm). A progress bar on stderr for one training epoch
+/// (or any counted loop): on a terminal, one line redrawn with '\r' at most every `interval`
+/// seconds; otherwise (stderr redirected to a file or a pipe) a plain line at each tenth of the
+/// epoch, so that logs stay readable.
 
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -12,7 +13,7 @@
 #include <cstdio>
 #include <string>
 
-namespace fmnist {
+namespace diffq_examples {
 
 /// `12.3s`, `4m05s` or `1h02m`.
 inline std::string format_duration(double seconds) {
@@ -115,4 +116,4 @@ class ProgressBar {
   int bar_ = -1;
 };
 
-}  // namespace fmnist
+}  // namespace diffq_examples
