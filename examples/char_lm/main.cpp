@@ -8,6 +8,7 @@
 //   char_lm eval --checkpoint FILE [model and corpus flags as for train]
 //   char_lm help
 
+#include "../common/child_process.h"
 #include "../common/progress.h"
 #include "corpus.h"
 #include "model.h"
@@ -17,8 +18,6 @@
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -38,7 +37,6 @@
 #include <string>
 #include <vector>
 
-extern char** environ;
 
 namespace char_lm {
 namespace {
@@ -75,6 +73,9 @@ struct Config {
   std::vector<int64_t> uniform_bits = {8, 4};
   int64_t qat_bits = 4;
   int64_t lsq_bits = 4;
+  /// Adam's lr of LSQ's step sizes: they are about 0.01 here, and at the weights' lr one step
+  /// can take them below zero.
+  double lsq_lr = 1e-4;
   std::string checkpoint;
   std::string format = "auto";
 };
@@ -103,6 +104,7 @@ methods:
   --target-size-mb X,. DiffQ size budgets (diffq::SizeBudget), one run each
   --group-size N [16]  --bits-lr X [3e-2]  --min-size-mb X [0.01]
   --uniform-bits B,... [8,4]   --qat-bits B [4]   --lsq-bits B [4]
+  --lsq-lr X           Adam lr of LSQ's step sizes (about 0.01 here) [1e-4]
   --out DIR            checkpoints, report.md, char_lm.svg [out_char_lm]
 eval:
   --checkpoint FILE  --format auto|fp32|diffq [auto]; prints `nll_sum=<hex float> tokens=N
@@ -237,6 +239,8 @@ Config parse_args(int argc, char** argv) {
       for (const auto& b : split_list(flag, v)) c.uniform_bits.push_back(parse_int(flag, b, 1, 15));
     } else if (flag == "--qat-bits") {
       c.qat_bits = parse_int(flag, v, 1, 15);
+    } else if (flag == "--lsq-lr") {
+      c.lsq_lr = parse_double(flag, v, 0);
     } else if (flag == "--lsq-bits") {
       c.lsq_bits = parse_int(flag, v, 2, 15);
     } else if (flag == "--checkpoint") {
@@ -400,13 +404,6 @@ struct Run {
   }
 };
 
-std::string self_exe() {
-  std::vector<char> buf(4096);
-  const ssize_t len = readlink("/proc/self/exe", buf.data(), buf.size() - 1);
-  TORCH_CHECK(len > 0, "char_lm: cannot read /proc/self/exe: ", std::strerror(errno));
-  return std::string(buf.data(), static_cast<size_t>(len));
-}
-
 /// The flags that rebuild the model and the corpus split in the eval process.
 std::vector<std::string> model_and_corpus_flags(const Config& c) {
   std::vector<std::string> a = {"--arch",    c.model.arch(),
@@ -430,43 +427,10 @@ std::vector<std::string> model_and_corpus_flags(const Config& c) {
 
 /// Runs `self eval --checkpoint path` in a new process; parses the last line of its stdout.
 NLL eval_in_new_process(const Config& c, const std::string& checkpoint, const std::string& format) {
-  const std::string exe = self_exe();
-  std::vector<std::string> args = {exe, "eval", "--checkpoint", checkpoint, "--format", format};
+  std::vector<std::string> args = {
+      diffq_examples::self_exe("char_lm"), "eval", "--checkpoint", checkpoint, "--format", format};
   for (const auto& a : model_and_corpus_flags(c)) args.push_back(a);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  int fds[2];
-  TORCH_CHECK(pipe(fds) == 0, "char_lm: pipe failed: ", std::strerror(errno));
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addclose(&actions, fds[0]);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addclose(&actions, fds[1]);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  close(fds[1]);
-  if (rc != 0) {
-    close(fds[0]);
-    TORCH_CHECK(false, "char_lm: cannot start '", exe, " eval': ", std::strerror(rc));
-  }
-  std::string output;
-  char buf[4096];
-  for (;;) {
-    const ssize_t got = read(fds[0], buf, sizeof(buf));
-    if (got > 0) {
-      output.append(buf, static_cast<size_t>(got));
-    } else if (got == 0 || errno != EINTR) {
-      break;
-    }
-  }
-  close(fds[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  TORCH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "char_lm: '", exe,
-              " eval --checkpoint ", checkpoint, "' failed; its output: ", output);
+  const std::string output = diffq_examples::run_and_capture_stdout(args, "char_lm");
   const size_t at = output.rfind("nll_sum=");
   TORCH_CHECK(at != std::string::npos, "char_lm: no nll_sum= in the eval output: ", output);
   NLL r;
@@ -479,21 +443,11 @@ NLL eval_in_new_process(const Config& c, const std::string& checkpoint, const st
   return r;
 }
 
-std::string detect_format(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(in, "char_lm: cannot open checkpoint '", path, "': ", std::strerror(errno));
-  char magic[8] = {0};
-  in.read(magic, sizeof(magic));
-  if (in.gcount() >= 4 && std::memcmp(magic, "PK\x03\x04", 4) == 0) return "fp32";
-  if (in.gcount() == 8 && std::memcmp(magic, "DIFFQCKP", 8) == 0) return "diffq";
-  TORCH_CHECK(false, "char_lm: '", path, "' is neither a DiffQ checkpoint (magic DIFFQCKP) ",
-              "nor a torch::save archive (a zip file); pass --format");
-  return "";
-}
-
 int run_eval(const Config& c) {
   torch::set_num_threads(c.threads);
-  const std::string format = c.format == "auto" ? detect_format(c.checkpoint) : c.format;
+  const std::string format = c.format == "auto"
+                                 ? diffq_examples::detect_checkpoint_format(c.checkpoint, "char_lm")
+                                 : c.format;
   CharLM model(c.model);
   try {
     if (format == "fp32") {
@@ -821,7 +775,7 @@ int run_train(const Config& c) {
     runs.push_back(run_aware<diffq::LSQQuantizer<CharLM>>(
         c, diffq::LSQOptions().bits(c.lsq_bits).min_size_mb(c.min_size_mb),
         "LSQ " + std::to_string(c.lsq_bits) + "-bit", "lsq", "lsq" + std::to_string(c.lsq_bits), d,
-        [&c](auto& q, auto& opt) { q.setup_optimizer(opt, c.lr); }));
+        [&c](auto& q, auto& opt) { q.setup_optimizer(opt, c.lsq_lr); }));
   }
   CharLM shape_model(c.model);
   int64_t numel = 0;
@@ -860,7 +814,8 @@ int run_train(const Config& c) {
           fmt("%g", c.min_size_mb) + " MB kept fp32 (every method)",
       "baselines: uniform PTQ = `diffq::UniformQuantizer` on the trained fp32 model; QAT = the "
       "same quantizer with the straight-through estimator, trained like fp32; LSQ = "
-      "`diffq::LSQQuantizer`, trained like fp32",
+      "`diffq::LSQQuantizer`, trained like fp32, its step sizes at Adam lr " +
+          fmt("%g", c.lsq_lr),
       "files: fp32 = `torch::save`; quantized = `diffq::save_quantized`. MB = 2^20 bytes",
   };
   const std::string md = markdown_report(runs, setup, shape_model);

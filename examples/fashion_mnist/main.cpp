@@ -10,6 +10,7 @@
 //
 // Data: Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist), or --data DIR.
 
+#include "../common/child_process.h"
 #include "../common/progress.h"
 #include "cli.h"
 #include "idx.h"
@@ -273,76 +274,25 @@ uint64_t file_size(const std::string& path) {
   return s;
 }
 
-/// "fp32" for a zip archive (torch::save), "diffq" for a DiffQ checkpoint (magic "DIFFQCKP").
 std::string detect_format(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  TORCH_CHECK(in, "fashion_mnist: cannot open checkpoint '", path, "': ", std::strerror(errno));
-  char magic[8] = {0};
-  in.read(magic, sizeof(magic));
-  if (in.gcount() >= 4 && std::memcmp(magic, "PK\x03\x04", 4) == 0) return "fp32";
-  if (in.gcount() == 8 && std::memcmp(magic, "DIFFQCKP", 8) == 0) return "diffq";
-  TORCH_CHECK(false, "fashion_mnist: '", path, "' is neither a DiffQ checkpoint (magic DIFFQCKP) ",
-              "nor a torch::save archive (a zip file); pass --format to force one");
-  return "";
+  return diffq_examples::detect_checkpoint_format(path, "fashion_mnist");
 }
 
 std::string self_exe() {
-  std::vector<char> buf(4096);
-  const ssize_t len = readlink("/proc/self/exe", buf.data(), buf.size() - 1);
-  TORCH_CHECK(len > 0, "fashion_mnist: cannot read /proc/self/exe: ", std::strerror(errno));
-  return std::string(buf.data(), static_cast<size_t>(len));
+  return diffq_examples::self_exe("fashion_mnist");
 }
 
 /// Runs `self eval --checkpoint path ...` in a new process and reads its accuracy from its stdout.
 Accuracy eval_in_new_process(const Config& c, const std::string& checkpoint,
                              const std::string& format) {
-  const std::string exe = self_exe();
   std::vector<std::string> args = {
-      exe,    "eval",   "--checkpoint", checkpoint,  "--format",
-      format, "--data", c.data,         "--threads", std::to_string(c.threads)};
+      self_exe(), "eval",   "--checkpoint", checkpoint,  "--format",
+      format,     "--data", c.data,         "--threads", std::to_string(c.threads)};
   if (c.test_limit > 0) {
     args.push_back("--test-limit");
     args.push_back(std::to_string(c.test_limit));
   }
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-
-  int fds[2];
-  TORCH_CHECK(pipe(fds) == 0, "fashion_mnist: pipe failed: ", std::strerror(errno));
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addclose(&actions, fds[0]);
-  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addclose(&actions, fds[1]);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  close(fds[1]);
-  if (rc != 0) {
-    close(fds[0]);
-    TORCH_CHECK(false, "fashion_mnist: cannot start '", exe, " eval': ", std::strerror(rc));
-  }
-  std::string output;
-  char buf[4096];
-  for (;;) {
-    const ssize_t got = read(fds[0], buf, sizeof(buf));
-    if (got > 0) {
-      output.append(buf, static_cast<size_t>(got));
-    } else if (got == 0 || errno != EINTR) {
-      break;
-    }
-  }
-  close(fds[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  TORCH_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "fashion_mnist: '", exe,
-              " eval --checkpoint ", checkpoint, "' failed (",
-              WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status))
-                                : "killed by signal " + std::to_string(WTERMSIG(status)),
-              "); its output: ", output);
-  return parse_eval_output(output);
+  return parse_eval_output(diffq_examples::run_and_capture_stdout(args, "fashion_mnist"));
 }
 
 int run_eval(const Config& c) {
