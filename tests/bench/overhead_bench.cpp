@@ -4,11 +4,14 @@
 // budget's cost, `budget_ratio=` (DiffQ with diffq::SizeBudget / DiffQ with a fixed λ).
 //
 //   ./overhead_bench [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all]
-//                    [--budget-blocks N]
+//                    [--budget-blocks N] [--allocator default|tuned]
 #include <diffq/diffq.h>
 
 #include <torch/torch.h>
+#include "../../examples/char_lm/model.h"
 #include "bench_models.h"
+
+#include <malloc.h>
 
 #include <algorithm>
 #include <chrono>
@@ -35,14 +38,19 @@ void bench(const std::string& name, std::function<Holder()> make, const torch::T
   diffq::DiffQuantizer<Holder> q(quant, diffq::DiffQOptions().group_size(16).min_size_mb(0.01));
   q.setup_optimizer(quant_opt, 1e-2);
   const double lambda = 1.0;
+  // Logits [N, C] (the classifiers) or [B, T, C] (the language model): classes last.
+  auto ce = [&y](const torch::Tensor& logits) {
+    return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
+                                                y.reshape({-1}));
+  };
   auto plain_step = [&] {
-    auto loss = torch::nn::functional::cross_entropy(plain->forward(x), y);
+    auto loss = ce(plain->forward(x));
     plain_opt.zero_grad();
     loss.backward();
     plain_opt.step();
   };
   auto quant_step = [&] {
-    auto loss = torch::nn::functional::cross_entropy(q.forward(x), y) + lambda * q.penalty();
+    auto loss = ce(q.forward(x)) + lambda * q.penalty();
     quant_opt.zero_grad();
     loss.backward();
     quant_opt.step();
@@ -117,6 +125,7 @@ void bench_budget(const std::string& name, std::function<Holder()> make, const t
 int main(int argc, char** argv) {
   int steps = 30, warmup = 3, threads = 1, budget_blocks = 9;
   std::string which = "all";
+  std::string allocator = "default";
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -135,19 +144,45 @@ int main(int argc, char** argv) {
       which = next();
     else if (!std::strcmp(argv[i], "--budget-blocks"))
       budget_blocks = std::atoi(next());
+    else if (!std::strcmp(argv[i], "--allocator"))
+      allocator = next();
     else {
-      std::fprintf(stderr,
-                   "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|all] "
-                   "[--budget-blocks N]\n",
-                   argv[0]);
+      std::fprintf(
+          stderr,
+          "usage: %s [--steps N] [--warmup N] [--threads N] [--model mlp|cnn|mlp10m|lm|all] "
+          "[--budget-blocks N] [--allocator default|tuned]\n",
+          argv[0]);
       return 2;
     }
   }
+  if (allocator != "default" && allocator != "tuned") {
+    std::fprintf(stderr, "--allocator expects default or tuned, got '%s'\n", allocator.c_str());
+    return 2;
+  }
+  // glibc's allocator. By default its mmap threshold is dynamic: LibTorch's Adam then gets its
+  // large temporaries from fresh mmap'd pages and page-faults on them at every step, which slows
+  // the plain step as much as the DiffQ one and lowers the ratios. `tuned` fixes the thresholds
+  // here, before any tensor exists, as a user tuning their training would: the effect of
+  // MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000 in the environment (mallopt
+  // takes an int: a trim threshold of 2e9, larger than any heap here, too).
+  const char* env_mmap = std::getenv("MALLOC_MMAP_THRESHOLD_");
+  if (allocator == "tuned") {
+    if (mallopt(M_MMAP_THRESHOLD, 33554432) != 1 || mallopt(M_TRIM_THRESHOLD, 2000000000) != 1) {
+      std::fprintf(stderr, "overhead_bench: mallopt failed\n");
+      return 1;
+    }
+  }
+  const std::string allocator_text =
+      allocator == "tuned" ? "tuned (mallopt: mmap threshold 32 MiB, trim threshold 2e9)"
+      : env_mmap != nullptr
+          ? std::string("from the environment (MALLOC_MMAP_THRESHOLD_=") + env_mmap + ")"
+          : "default (glibc's dynamic mmap threshold)";
   torch::set_num_threads(threads);
   std::printf(
-      "diffq overhead bench: Adam, batch 128, threads=%d, group_size=16, min_size_mb=0.01, "
-      "median of %d interleaved steps\n",
-      threads, steps);
+      "diffq overhead bench: Adam, batch 128 (lm: the char_lm example's batch and context), "
+      "threads=%d, group_size=16, min_size_mb=0.01, median of %d interleaved steps, "
+      "allocator=%s\n",
+      threads, steps, allocator_text.c_str());
   torch::manual_seed(0);
   auto x_flat = torch::randn({128, 784});
   auto x_img = torch::randn({128, 1, 28, 28});
@@ -185,6 +220,18 @@ int main(int argc, char** argv) {
           return MLP(std::vector<int64_t>{784, 2048, 2048, 2048, 10});
         },
         x_flat, y, std::max(5, steps / 3), std::min(warmup, 2));
+  }
+  // The char_lm example's Transformer LM (its default model), at its batch and context: tokens
+  // [B, T], next-byte targets [B, T].
+  if (which == "all" || which == "lm") {
+    const char_lm::ModelOptions lm;
+    auto tokens =
+        torch::randint(0, char_lm::kVocab, {char_lm::kDefaultBatch, lm.context()}, torch::kLong);
+    auto next =
+        torch::randint(0, char_lm::kVocab, {char_lm::kDefaultBatch, lm.context()}, torch::kLong);
+    bench<char_lm::CharLM>(
+        "lm", [lm] { return char_lm::CharLM(lm); }, tokens, next, std::max(9, steps / 2),
+        std::min(warmup, 2));
   }
   return 0;
 }
