@@ -37,7 +37,6 @@
 #include <string>
 #include <vector>
 
-
 namespace char_lm {
 namespace {
 
@@ -259,6 +258,18 @@ Config parse_args(int argc, char** argv) {
     throw UsageError(
         "--penalty none leaves DiffQ no run: give --target-size-mb, or leave diffq "
         "out of --method");
+  }
+  // The values name the checkpoints (printed with %g): two equal names would overwrite a file.
+  for (const auto* list : {&c.penalties, &c.target_sizes_mb}) {
+    for (size_t i = 0; i < list->size(); ++i) {
+      for (size_t j = 0; j < i; ++j) {
+        if (fmt("%g", (*list)[i]) == fmt("%g", (*list)[j])) {
+          throw UsageError(std::string(list == &c.penalties ? "--penalty" : "--target-size-mb") +
+                           " values must differ in their first 6 significant digits, got " +
+                           fmt("%g", (*list)[i]) + " twice");
+        }
+      }
+    }
   }
   if (c.model.arch() == "transformer" && c.model.d_model() % c.model.heads() != 0) {
     throw UsageError("--d-model (" + std::to_string(c.model.d_model()) +
