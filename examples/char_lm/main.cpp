@@ -707,11 +707,17 @@ std::string svg_figure(const std::vector<Run>& runs) {
        "character against checkpoint size (lower left is better)</text>\n";
   o << "<rect x=\"" << L << "\" y=\"" << T << "\" width=\"" << W - L - R << "\" height=\""
     << H - T - B << "\" fill=\"none\" stroke=\"#444\"/>\n";
-  for (double e = std::ceil(xmin * 2) / 2; e <= xmax; e += 0.5) {
-    const double v = std::pow(10.0, e), x = X(v);
-    o << "<line x1=\"" << x << "\" y1=\"" << H - B << "\" x2=\"" << x << "\" y2=\"" << H - B + 5
-      << "\" stroke=\"#444\"/><text x=\"" << x << "\" y=\"" << H - B + 18
-      << "\" text-anchor=\"middle\">" << fmt("%.0f", v / 1024) << " KiB</text>\n";
+  // x ticks at 1, 2 and 5 × 10^k KiB inside the range.
+  for (double decade = std::pow(10.0, std::floor(xmin - std::log10(1024.0)));
+       decade * 1024 <= std::pow(10.0, xmax); decade *= 10) {
+    for (double m : {1.0, 2.0, 5.0}) {
+      const double v = m * decade * 1024;
+      if (std::log10(v) < xmin || std::log10(v) > xmax) continue;
+      const double x = X(v);
+      o << "<line x1=\"" << x << "\" y1=\"" << H - B << "\" x2=\"" << x << "\" y2=\"" << H - B + 5
+        << "\" stroke=\"#444\"/><text x=\"" << x << "\" y=\"" << H - B + 18
+        << "\" text-anchor=\"middle\">" << fmt("%g", m * decade) << " KiB</text>\n";
+    }
   }
   const double ystep = std::max(0.01, std::pow(10.0, std::floor(std::log10((ymax - ymin) / 2))));
   for (double v = std::ceil(ymin / ystep) * ystep; v <= ymax; v += ystep) {
