@@ -64,7 +64,7 @@ struct Config {
   uint64_t seed = 42;
   int threads = 2;
   bool fp32 = true, diffq = true, uniform = true, qat = true, lsq = true;
-  std::vector<double> penalties = {2.0, 8.0};
+  std::vector<double> penalties = {2.0};
   std::vector<double> target_sizes_mb;
   int64_t group_size = 16;
   double min_size_mb = 0.01;
@@ -99,7 +99,7 @@ methods:
   --method M1,M2,...   among fp32, diffq, uniform, qat, lsq [all]; uniform is post-training
                        quantization of the trained fp32 model
   --penalty L1,...     DiffQ penalties λ (loss = cross-entropy in nats + λ·model size in MB)
-                       [2,8]; `none`: no λ run
+                       [2]; `none`: no λ run
   --target-size-mb X,. DiffQ size budgets (diffq::SizeBudget), one run each
   --group-size N [16]  --bits-lr X [3e-2]  --min-size-mb X [0.01]
   --uniform-bits B,... [8,4]   --qat-bits B [4]   --lsq-bits B [4]
