@@ -4,9 +4,12 @@
 // robustness against truncation and corruption at every byte.
 #include <diffq/bits.h>
 #include <diffq/checkpoint.h>
+#include <diffq/lsq.h>
 #include <diffq/quantizer.h>
 #include <diffq/state.h>
+#include <diffq/uniform.h>
 
+#include "test_models.h"
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -1851,3 +1854,73 @@ TEST(Checkpoint, QuantizerOnCudaExportsWhatItsEvalUses_CUDA) {
 }
 
 }  // namespace
+
+namespace {
+
+using diffq_test::BitEqual;
+
+/// With `float16`, an eval forward and `quantize()` give the non-quantized parameters (here the
+/// biases) their fp16-rounded values: the forward equals that of the model the checkpoint
+/// reloads, bit for bit, and the clean fp32 values come back after it.
+template <typename Quantizer, typename Options>
+void CheckFloat16EvalEqualsReloaded(const Options& options) {
+  torch::manual_seed(21);
+  diffq_test::MLP model;
+  Quantizer q(model, options);
+  ASSERT_EQ(q.quantized_names(), (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
+  const auto bias1 = model->fc1->bias.detach().clone();
+  const auto bias2 = model->fc2->bias.detach().clone();
+  const auto rounded1 = bias1.to(torch::kHalf).to(torch::kFloat);  // the formula, by hand
+  ASSERT_FALSE(torch::equal(rounded1, bias1)) << "the rounding must change the biases";
+  Bytes bytes;
+  diffq::save_quantized(q, bytes);
+  diffq_test::MLP fresh;
+  diffq::load_quantized(fresh, bytes);
+  EXPECT_TRUE(BitEqual(fresh->fc1->bias, rounded1));
+  const auto x = torch::randn({4, 10});
+  model->eval();
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(BitEqual(q.forward(x), fresh->forward(x)));
+  }
+  EXPECT_TRUE(BitEqual(model->fc1->bias, bias1)) << "the clean biases are back";
+  // Grad mode on: the rounded biases stay until the backward, which restores them.
+  auto y = q.forward(x);
+  EXPECT_TRUE(BitEqual(y, fresh->forward(x).detach()));
+  y.sum().backward();
+  EXPECT_TRUE(BitEqual(model->fc1->bias, bias1));
+  EXPECT_TRUE(BitEqual(model->fc2->bias, bias2));
+  {
+    diffq::QuantizedGuard<Quantizer> guard(q);
+    EXPECT_TRUE(BitEqual(model->fc1->bias, rounded1));
+    EXPECT_TRUE(BitEqual(model->fc2->bias, fresh->fc2->bias));
+    EXPECT_TRUE(BitEqual(model->fc1->weight, fresh->fc1->weight));
+  }
+  EXPECT_TRUE(BitEqual(model->fc1->bias, bias1));
+  // Training forwards use the full-precision values.
+  model->train();
+  q.no_optimizer();
+  torch::NoGradGuard no_grad;
+  q.forward(x);
+  EXPECT_TRUE(BitEqual(model->fc1->bias, bias1));
+}
+
+}  // namespace
+
+TEST(Checkpoint, Float16EvalForwardEqualsReloadedModelForEveryMethod) {
+  {
+    SCOPED_TRACE("DiffQ");
+    CheckFloat16EvalEqualsReloaded<diffq::DiffQuantizer<diffq_test::MLP>>(
+        diffq::DiffQOptions().min_size_mb(0).group_size(4).exclude({"*bias"}).float16(true));
+  }
+  {
+    SCOPED_TRACE("uniform");
+    CheckFloat16EvalEqualsReloaded<diffq::UniformQuantizer<diffq_test::MLP>>(
+        diffq::UniformOptions().bits(4).min_size_mb(0).exclude({"*bias"}).float16(true));
+  }
+  {
+    SCOPED_TRACE("LSQ");
+    CheckFloat16EvalEqualsReloaded<diffq::LSQQuantizer<diffq_test::MLP>>(
+        diffq::LSQOptions().bits(4).min_size_mb(0).exclude({"*bias"}).float16(true));
+  }
+}

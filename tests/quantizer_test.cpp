@@ -1956,3 +1956,91 @@ TEST(DiffQuantizer, AdamWithLargePenaltyLowersBitsAndWithoutDoesNot_CUDA) {
 }
 
 }  // namespace
+
+namespace {
+
+/// Embedding(20, 8) with `max_norm` 1, then a Linear(8, 3).
+struct RenormEmbeddingImpl : torch::nn::Module {
+  RenormEmbeddingImpl()
+      : emb(register_module(
+            "emb", torch::nn::Embedding(torch::nn::EmbeddingOptions(20, 8).max_norm(1.0)))),
+        fc(register_module("fc", torch::nn::Linear(8, 3))) {}
+  torch::Tensor forward(const torch::Tensor& idx) { return fc(emb(idx)); }
+  torch::nn::Embedding emb;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(RenormEmbedding);
+
+}  // namespace
+
+TEST(DiffQuantizer, EmbeddingWithMaxNormIsRefusedUnlessExcluded) {
+  torch::manual_seed(41);
+  RenormEmbedding model;
+  ExpectError([&] { DiffQuantizer<RenormEmbedding> q(model, DiffQOptions().min_size_mb(0)); },
+              "diffq::DiffQuantizer: parameter 'emb.weight' is the weight of the Embedding 'emb' "
+              "with max_norm, whose forward renormalises it in place; that write would go into "
+              "the quantizer's substitute and be lost. Keep it in floating point with "
+              "exclude({\"emb.weight\"}), or build the Embedding without max_norm");
+  EXPECT_EQ(model->named_parameters().size(), 3u) << "the refused quantizer registered nothing";
+  // Excluded, it trains as without the quantizer: the forward renormalises the clean rows.
+  DiffQuantizer<RenormEmbedding> q(
+      model, DiffQOptions().min_size_mb(0).exclude({"emb.weight", "*bias"}).float16(true));
+  EXPECT_EQ(q.quantized_names(), (std::vector<std::string>{"fc.weight"}));
+  q.no_optimizer();
+  {
+    torch::NoGradGuard ng;
+    model->emb->weight.mul_(3.0);  // rows of norm > 1
+  }
+  auto idx = torch::tensor({{1, 4, 4}}, torch::kLong);
+  const auto norms_before = model->emb->weight.detach().norm(2, 1);
+  ASSERT_GT(norms_before[1].item<double>(), 1.0);
+  q.forward(idx).sum().backward();
+  const auto norms = model->emb->weight.detach().norm(2, 1);
+  EXPECT_NEAR(norms[1].item<double>(), 1.0, 1e-5) << "row 1 renormalised in place";
+  EXPECT_NEAR(norms[4].item<double>(), 1.0, 1e-5);
+  EXPECT_TRUE(BitEqual(norms[2], norms_before[2])) << "an unused row is left alone";
+  // The eval forward too (float16: the weight is not rounded, so the renormalisation stays).
+  model->eval();
+  torch::NoGradGuard ng;
+  EXPECT_NO_THROW(q.forward(torch::tensor({{2}}, torch::kLong)));
+  EXPECT_NEAR(model->emb->weight.detach().norm(2, 1)[2].item<double>(), 1.0, 1e-5);
+  EXPECT_NO_THROW(q.forward(idx));
+}
+
+TEST(DiffQuantizer, TrainingForwardEndsQuantize) {
+  // The reference's training pre-forward unquantizes first: the forward sees the clean weights
+  // plus noise, the same noise sample as without quantize() for the same seed.
+  torch::manual_seed(42);
+  MLP model;
+  DiffQuantizer<MLP> q(model, DiffQOptions().min_size_mb(0).group_size(4));
+  q.no_optimizer();
+  RandomLogits(q);
+  const auto clean = ParamSnapshot(*model);
+  const auto x = torch::randn({3, 10});
+  torch::manual_seed(7);
+  const auto expected = q.forward(x);
+  expected.sum().backward();
+  ASSERT_TRUE(MatchesSnapshot(*model, clean));
+  q.quantize();
+  ASSERT_TRUE(q.is_quantized());
+  EXPECT_FALSE(BitEqual(model->fc1->weight, clean.at("fc1.weight")));
+  torch::manual_seed(7);
+  auto y = q.forward(x);
+  EXPECT_FALSE(q.is_quantized());
+  EXPECT_TRUE(BitEqual(y, expected));
+  y.sum().backward();
+  EXPECT_TRUE(MatchesSnapshot(*model, clean));
+  q.unquantize();  // nothing left to end: no warning, the clean weights stay
+  EXPECT_TRUE(MatchesSnapshot(*model, clean));
+  // A write into the quantized weights before the training forward is refused, not lost.
+  q.quantize();
+  {
+    torch::NoGradGuard ng;
+    model->fc1->weight.add_(1.0);
+  }
+  ExpectError([&] { q.forward(x); },
+              "diffq::DiffQuantizer::forward: parameter 'fc1.weight' was written in place while "
+              "holding a substitute");
+  EXPECT_FALSE(q.is_quantized());
+  EXPECT_TRUE(MatchesSnapshot(*model, clean));
+}

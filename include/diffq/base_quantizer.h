@@ -81,8 +81,11 @@ enum class WeightState {
 
 /// Per-parameter state shared by every quantizer; quantizers derive their own state from it.
 struct QParamBase {
-  std::string name;                          ///< first full dotted name
-  std::vector<std::string> names;            ///< all names (several for tied parameters)
+  std::string name;                ///< first full dotted name
+  std::vector<std::string> names;  ///< all names (several for tied parameters)
+  /// Not quantized but stored as fp16 (`float16` option): eval forwards and `quantize()` give it
+  /// its fp16-rounded values, as the checkpoint reloads them; training forwards leave it clean.
+  bool float16_stored = false;
   std::shared_ptr<torch::nn::Module> owner;  ///< module the auxiliary tensor is registered on
   std::string aux_name;                      ///< leaf name of the auxiliary tensor on `owner`
   at::Tensor param;                          ///< the parameter (same TensorImpl as the module's)
@@ -186,7 +189,7 @@ class BaseQuantizer {
   /// Restores the clean weights and removes the gradient hooks; the auxiliary tensors stay
   /// registered (use `detach()` to remove them).
   ~BaseQuantizer() {
-    for (auto& q : params_) {
+    for (auto& q : entries_) {
       try {
         restore(*q);
       } catch (...) {  // a destructor must not throw (restore converts after a Module::to)
@@ -199,8 +202,11 @@ class BaseQuantizer {
   }
 
   /// Calls the model's forward with any arguments. Training mode: the quantizer's training
-  /// substitute (if any; one per step, shared by several forwards before one backward). Eval
-  /// mode, or after `quantize()`: true quantized weights. An eval forward under
+  /// substitute (if any; one per step, shared by several forwards before one backward); a
+  /// training forward ends `quantize()` first, as the reference's does. Eval mode, or after
+  /// `quantize()`: true quantized weights, and with `float16` the other parameters rounded
+  /// through fp16 (so the forward equals that of the model a checkpoint reloads, bit for bit). An
+  /// eval forward under
   /// `torch::NoGradGuard` between a training forward and its backward leaves that training
   /// forward's substitute for its backward.
   ///
@@ -246,13 +252,15 @@ class BaseQuantizer {
   /// training forwards without `setup_optimizer`.
   void no_optimizer() { optimizer_ready_ = true; }
 
-  /// Gives every quantized parameter its true quantized values until `unquantize()`; forwards then
-  /// use them in both modes. Throws on NaN/Inf weights, and while a training forward awaits its
+  /// Gives every quantized parameter its true quantized values (and with `float16` the other
+  /// parameters their fp16-rounded ones: the model a checkpoint reloads) until `unquantize()` or
+  /// the next training forward, which ends it. Throws on NaN/Inf weights, and while a training
+  /// forward awaits its
   /// backward (quantizing would drop its noisy weights, so its backward would see the clean ones:
   /// evaluate in between with `model->eval()` under `torch::NoGradGuard` instead).
   void quantize() {
     check_attached("quantize");
-    for (const auto& q : params_) {
+    for (const auto& q : entries_) {
       TORCH_CHECK(!awaiting_backward(*q), traits_.name, "::quantize: parameter '", q->name,
                   "' holds the substitute of a training forward whose backward is still to "
                   "come; call backward() first, evaluate in between with model->eval() under "
@@ -261,7 +269,7 @@ class BaseQuantizer {
     }
     restore_all_checked("quantize");
     try {
-      for (auto& q : params_) set_quantized(*q);
+      for (auto& q : entries_) set_quantized(*q);
     } catch (...) {
       restore_all();  // all clean again, as before the call
       throw;
@@ -305,7 +313,7 @@ class BaseQuantizer {
   void detach() {
     check_attached("detach");
     manual_quantized_ = false;
-    for (auto& q : params_) {
+    for (auto& q : entries_) {
       restore(*q);
       if (q->hooked) q->param.remove_hook(q->hook);
       q->hooked = false;
@@ -314,6 +322,7 @@ class BaseQuantizer {
       if (q->aux.defined()) detail::erase_parameter(*q->owner, q->aux_name);
     }
     params_.clear();
+    entries_.clear();
     detached_ = true;
   }
 
@@ -475,6 +484,7 @@ class BaseQuantizer {
         if (q->aux.defined()) detail::erase_parameter(*q->owner, q->aux_name);
       }
       params_.clear();
+      entries_.clear();
       throw;
     }
   }
@@ -498,8 +508,12 @@ class BaseQuantizer {
       std::string leaf;                          ///< first name within its module
       std::vector<std::string> names;            ///< full dotted names, first one first
       bool excluded = false;
+      /// Dotted name of an Embedding or EmbeddingBag with `max_norm` whose weight this is (its
+      /// forward renormalises the weight in place); empty if none.
+      std::string renormalised_by;
     };
     std::vector<Found> found;
+    std::vector<std::shared_ptr<Param>> float16_entries;
     std::unordered_map<const void*, size_t> by_impl;
     std::vector<bool> pattern_used(options_.exclude().size(), false);
     for (const auto& mod : model_->named_modules("", /*include_self=*/true)) {
@@ -513,7 +527,7 @@ class BaseQuantizer {
         auto tied = by_impl.find(impl);
         if (tied == by_impl.end()) {
           tied = by_impl.emplace(impl, found.size()).first;
-          found.push_back(Found{p, module, item.key(), {}, false});
+          found.push_back(Found{p, module, item.key(), {}, false, {}});
         } else {
           TORCH_CHECK(options_.detect_bound(), traits_.name, ": parameter '", full,
                       "' is tied to '", found[tied->second].names[0],
@@ -521,6 +535,9 @@ class BaseQuantizer {
         }
         Found& f = found[tied->second];
         f.names.push_back(full);
+        if (item.key() == "weight" && detail::renormalises_weight(*module)) {
+          f.renormalised_by = prefix.empty() ? "<root>" : prefix;
+        }
         for (size_t k = 0; k < options_.exclude().size(); ++k) {
           const std::string& pattern = options_.exclude()[k];
           if (detail::glob_match(pattern, full) || detail::glob_match(pattern, item.key())) {
@@ -540,7 +557,26 @@ class BaseQuantizer {
     for (auto& f : found) {
       const at::Tensor& p = f.param;
       const double fp32_mb = 4.0 * static_cast<double>(p.numel()) / 1048576.0;
-      if (!p.is_floating_point() || fp32_mb <= options_.min_size_mb() || f.excluded) continue;
+      if (!p.is_floating_point() || fp32_mb <= options_.min_size_mb() || f.excluded) {
+        // Rounded through fp16 in eval forwards (not a weight that the forward renormalises in
+        // place: the renormalised values would be written into the rounded copy, and lost).
+        if (options_.float16() && p.is_floating_point() && f.renormalised_by.empty()) {
+          auto q = std::make_shared<Param>();
+          q->name = f.names[0];
+          q->names = f.names;
+          q->param = p;
+          q->numel = p.numel();
+          q->float16_stored = true;
+          float16_entries.push_back(q);
+        }
+        continue;
+      }
+      TORCH_CHECK(f.renormalised_by.empty(), traits_.name, ": parameter '", f.names[0],
+                  "' is the weight of the Embedding '", f.renormalised_by,
+                  "' with max_norm, whose forward renormalises it in place; that write would go "
+                  "into the quantizer's substitute and be lost. Keep it in floating point with "
+                  "exclude({\"",
+                  f.names[0], "\"}), or build the Embedding without max_norm");
       TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, traits_.name,
                   ": parameter '", f.names[0], "' has dtype ", p.scalar_type(),
                   "; expected float32 or float64");
@@ -557,7 +593,9 @@ class BaseQuantizer {
       }
       params_.push_back(q);
     }
-    for (auto& q : params_) {
+    entries_ = params_;
+    entries_.insert(entries_.end(), float16_entries.begin(), float16_entries.end());
+    for (auto& q : entries_) {
       hook_shared_->params.push_back(q);
       register_hook(q);
       if (q->aux.defined()) {
@@ -694,13 +732,13 @@ class BaseQuantizer {
   }
 
   void restore_all() {
-    for (auto& q : params_) restore(*q);
+    for (auto& q : entries_) restore(*q);
   }
 
   /// Names of the parameters whose substitute was written in place.
   std::vector<std::string> overwritten_substitutes() const {
     std::vector<std::string> names;
-    for (const auto& q : params_) {
+    for (const auto& q : entries_) {
       if (is_overwritten(*q)) names.push_back(q->name);
     }
     return names;
@@ -781,7 +819,7 @@ class BaseQuantizer {
 
   /// After a forward threw: undoes the substitutes it gave, puts back what it set aside.
   void roll_back_forward() {
-    for (auto& q : params_) {
+    for (auto& q : entries_) {
       if (q->parked.defined()) {
         unpark(*q);
       } else if (q->touched) {
@@ -805,7 +843,8 @@ class BaseQuantizer {
                        q.quantized.scalar_type() == w.scalar_type() &&
                        q.quantized.device() == w.device();
     if (!valid) {
-      q.quantized = derived().quantized_weights(q, w);
+      q.quantized = q.float16_stored ? w.to(at::kHalf).to(w.scalar_type())
+                                     : derived().quantized_weights(q, w);
       q.cached_param_version = q.param._version();
       q.cached_aux_version = aux_version;
       q.cached_data_ptr = w.data_ptr();
@@ -849,12 +888,18 @@ class BaseQuantizer {
   void pre_forward() {
     const bool training = model_->is_training();
     const bool grad = at::GradMode::is_enabled();
-    if (training && !manual_quantized_ && traits_.needs_optimizer) {
+    // A training forward ends `quantize()`, as the reference's training pre-forward does: it
+    // trains the clean weights (a write into the quantized ones is refused, not lost).
+    if (training && manual_quantized_) {
+      manual_quantized_ = false;
+      restore_all_checked("forward");
+    }
+    if (training && traits_.needs_optimizer) {
       TORCH_CHECK(optimizer_ready_, traits_.name,
                   "::forward: call setup_optimizer(optimizer) (or no_optimizer()) before a ",
                   "training forward");
     }
-    for (auto& q : params_) {
+    for (auto& q : entries_) {
       q->touched = false;
       q->accumulator_uses = accumulator_uses(*q);
     }
@@ -865,9 +910,9 @@ class BaseQuantizer {
     // kept for may be that backward's.
     const bool backward_to_come =
         training && !manual_quantized_ &&
-        std::any_of(params_.begin(), params_.end(),
+        std::any_of(entries_.begin(), entries_.end(),
                     [](const std::shared_ptr<Param>& p) { return awaiting_backward(*p); });
-    for (auto& q : params_) {
+    for (auto& q : entries_) {
       // A parameter frozen when the quantizer was built and trainable now has no hook yet (the
       // hook also drops the eval cache when a backward reaches the parameter): register it, in
       // every mode (training may run through the model's own forward, evaluation through this),
@@ -885,6 +930,10 @@ class BaseQuantizer {
         // The optimizer step that follows a training step may write through `.data()` (LibTorch's
         // SGD does), which leaves the version counters alone: the eval cache cannot trust them.
         q->cached_param_version = -1;
+        if (q->float16_stored) {  // trained in full precision
+          restore(*q);
+          continue;
+        }
         // Several forwards before one backward share one training substitute.
         if (!awaiting_backward(*q) && !(backward_to_come && may_await_backward(*q))) {
           restore(*q);
@@ -919,16 +968,16 @@ class BaseQuantizer {
   }
 
   void post_forward() {
-    for (auto& q : params_) q->touched = false;
+    for (auto& q : entries_) q->touched = false;
     if (manual_quantized_) return;
     const bool grad = at::GradMode::is_enabled();
     // Substituted parameters in a live graph, with a hook to end their substitute: 2 if this
     // forward surely used them (their accumulator gained edges), 1 if maybe (an older graph may
     // be what keeps the accumulator alive).
-    std::vector<int> in_graph(params_.size(), 0);
+    std::vector<int> in_graph(entries_.size(), 0);
     bool surely_used = false;
-    for (std::size_t i = 0; grad && i < params_.size(); ++i) {
-      const auto& q = params_[i];
+    for (std::size_t i = 0; grad && i < entries_.size(); ++i) {
+      const auto& q = entries_[i];
       if (q->parked.defined() || q->state == WeightState::kClean || !q->hooked ||
           !q->param.requires_grad()) {
         continue;
@@ -938,8 +987,8 @@ class BaseQuantizer {
       in_graph[i] = uses > q->accumulator_uses ? 2 : 1;
       surely_used = surely_used || in_graph[i] == 2;
     }
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& q = params_[i];
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      auto& q = entries_[i];
       if (q->parked.defined()) {
         unpark(*q);
         continue;
@@ -960,7 +1009,10 @@ class BaseQuantizer {
   std::shared_ptr<Impl> model_;
   Options options_;
   detail::QuantizerTraits traits_;
-  std::vector<std::shared_ptr<Param>> params_;
+  std::vector<std::shared_ptr<Param>> params_;  ///< the quantized parameters
+  /// Every parameter whose data the quantizer substitutes: `params_`, then the non-quantized
+  /// ones rounded through fp16 (`float16`).
+  std::vector<std::shared_ptr<Param>> entries_;
   std::shared_ptr<detail::HookShared> hook_shared_ = std::make_shared<detail::HookShared>();
   bool optimizer_ready_ = false;
   bool aux_trained_ = false;  ///< `setup_optimizer` was called (not only `no_optimizer`)

@@ -53,9 +53,10 @@ struct DiffQOptions {
   /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
   /// quantized. Must be >= 0.
   TORCH_ARG(double, min_size_mb) = 0.01;
-  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32. The
-  /// quantizer's own eval forwards keep them in fp32, so a model loaded from the checkpoint can
-  /// differ from them slightly (by the fp16 rounding of those tensors).
+  /// Store (and count in the model size) the non-quantized parameters as fp16 instead of fp32.
+  /// Eval forwards and `quantize()` then give them their fp16-rounded values, as the checkpoint
+  /// reloads them (training forwards use the full-precision ones), except the weight of an
+  /// Embedding with `max_norm`, which its forward renormalises in place.
   TORCH_ARG(bool, float16) = false;
   /// Distribution of the pseudo quantization noise.
   TORCH_ARG(Noise, noise) = Noise::kGaussian;
