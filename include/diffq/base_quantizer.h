@@ -40,6 +40,7 @@
 #include <diffq/bits.h>
 #include <diffq/detail/glob.h>
 #include <diffq/detail/module_access.h>
+#include <diffq/options.h>
 #include <diffq/state.h>
 
 #include <c10/util/Exception.h>
@@ -125,6 +126,25 @@ struct QParamBase {
   const void* cached_data_ptr = nullptr;
 };
 
+/// The model argument of a quantizer's constructor: a `std::shared_ptr<Impl>` (or anything that
+/// converts to one), or a `torch::nn::ModuleHolder` of `Impl` such as `torch::nn::Linear`, whose
+/// module is taken. One constructor then serves both.
+template <typename Impl>
+struct ModelRef {
+  template <
+      typename Holder,
+      std::enable_if_t<std::is_base_of<torch::nn::ModuleHolder<Impl>, std::decay_t<Holder>>::value,
+                       int> = 0>
+  ModelRef(const Holder& holder) : ptr(holder.ptr()) {}  // NOLINT: implicit by design
+  template <
+      typename Ptr,
+      std::enable_if_t<!std::is_base_of<torch::nn::ModuleHolder<Impl>, std::decay_t<Ptr>>::value &&
+                           std::is_convertible<Ptr, std::shared_ptr<Impl>>::value,
+                       int> = 0>
+  ModelRef(Ptr&& model) : ptr(std::forward<Ptr>(model)) {}  // NOLINT: implicit by design
+  std::shared_ptr<Impl> ptr;
+};
+
 /// What the gradient hooks of one quantizer share: its parameters, so that the first hook to fire
 /// in a backward pass can queue one sweep, run once the pass is done, that restores the parameters
 /// the pass did not reach (substituted by a forward that did not use them, or frozen).
@@ -173,7 +193,8 @@ inline void add_param_group_without_decay(torch::optim::Optimizer& optimizer,
 
 /// CRTP base of the quantizers (see the file comment for what a derived class provides).
 /// `ModuleType`: an `Impl` class held by `std::shared_ptr`, or a `torch::nn::ModuleHolder`;
-/// `Options`: the quantizer's options (with `min_size_mb`, `exclude`, `float16`, `detect_bound`);
+/// `Options`: the quantizer's options, derived from `SharedOptions` (`min_size_mb`, `exclude`,
+/// `float16`, `detect_bound`), with a `check_options` overload (diffq/options.h);
 /// `Param`: the per-parameter state, derived from `detail::QParamBase`.
 /// Not thread-safe: one forward/backward at a time.
 template <typename Derived, typename ModuleType, typename Options, typename Param>
@@ -411,6 +432,39 @@ class BaseQuantizer {
   BaseQuantizer(std::shared_ptr<Impl> model, Options options, detail::QuantizerTraits traits)
       : model_(std::move(model)), options_(std::move(options)), traits_(std::move(traits)) {
     TORCH_CHECK(model_ != nullptr, traits_.name, ": model is null");
+    check_options(options_, traits_.name);  // the overload of `Options` (diffq/options.h)
+    // The CRTP contract (file comment), checked where `Derived` is complete.
+    static_assert(std::is_base_of<detail::QParamBase, Param>::value,
+                  "diffq::BaseQuantizer: Param must derive from diffq::detail::QParamBase");
+    static_assert(std::is_base_of<SharedOptions<Options>, Options>::value,
+                  "diffq::BaseQuantizer: Options must derive from diffq::SharedOptions<Options>");
+    static_assert(std::is_base_of<BaseQuantizer, Derived>::value,
+                  "diffq::BaseQuantizer: Derived must derive from BaseQuantizer<Derived, ...>");
+    using Tensor = at::Tensor;
+    static_assert(
+        std::is_same<decltype(std::declval<const Derived&>().init_param(std::declval<Param&>())),
+                     Tensor>::value,
+        "diffq::BaseQuantizer: Derived::init_param(Param&) must return at::Tensor");
+    static_assert(std::is_same<decltype(Derived::training_backward(std::declval<Param&>(),
+                                                                   std::declval<const Tensor&>())),
+                               Tensor>::value,
+                  "diffq::BaseQuantizer: Derived::training_backward(Param&, const at::Tensor&) "
+                  "must be static and return at::Tensor");
+    static_assert(std::is_same<decltype(std::declval<const Derived&>().quantized_weights(
+                                   std::declval<const Param&>(), std::declval<const Tensor&>())),
+                               Tensor>::value,
+                  "diffq::BaseQuantizer: Derived::quantized_weights(const Param&, const "
+                  "at::Tensor&) const must return at::Tensor");
+    static_assert(std::is_same<decltype(std::declval<const Derived&>().size_bits(
+                                   std::declval<const Param&>(), true)),
+                               Tensor>::value,
+                  "diffq::BaseQuantizer: Derived::size_bits(const Param&, bool) const must return "
+                  "at::Tensor");
+    static_assert(std::is_same<decltype(std::declval<const Derived&>().sum_bits(
+                                   std::declval<const Param&>(), true)),
+                               double>::value,
+                  "diffq::BaseQuantizer: Derived::sum_bits(const Param&, bool) const must return "
+                  "double");
   }
 
   Derived& derived() { return static_cast<Derived&>(*this); }
@@ -870,6 +924,15 @@ class BaseQuantizer {
       other_bits += static_cast<double>(p.numel() * float_bits(options_.float16()));
     }
     return other_bits;
+  }
+
+  /// `size_bits` and `sum_bits` of a quantizer with one fixed bit width for every tensor.
+  static at::Tensor fixed_width_size_bits(const Param& q, int64_t bits) {
+    return at::scalar_tensor(static_cast<double>(diffq::fixed_width_size_bits(q.numel, bits)),
+                             at::TensorOptions().dtype(at::kDouble));
+  }
+  static double fixed_width_sum_bits(const Param& q, int64_t bits) {
+    return static_cast<double>(bits * q.numel);
   }
 
   at::Tensor size_mb(bool exact) const {

@@ -295,6 +295,12 @@ inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_
   return total + (64 + 8) + bits_bits(b, min_bits) * static_cast<double>(groups);
 }
 
+/// Size in bits of one tensor of `numel` elements quantized at the fixed bit width `bits` with a
+/// per-tensor min/max (uniform PTQ/QAT, LSQ): `bits·numel + 64`.
+inline int64_t fixed_width_size_bits(int64_t numel, int64_t bits) {
+  return bits * numel + 64;
+}
+
 /// Bits per element of a non-quantized tensor: 16 when stored as fp16, else 32.
 inline int64_t float_bits(bool float16) {
   return float16 ? 16 : 32;

@@ -20,6 +20,7 @@
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
+#include <diffq/options.h>
 #include <diffq/state.h>
 
 #include <ATen/ATen.h>
@@ -38,34 +39,6 @@
 #include <vector>
 
 namespace diffq {
-
-/// Options of `diffq::LSQQuantizer`, chainable: `LSQOptions().bits(3).exclude({"*bias"})`.
-struct LSQOptions {
-  /// Bit width of every quantized tensor, in [2, 15] (signed levels need `Qp = 2^(b−1) − 1 >= 1`).
-  TORCH_ARG(int64_t, bits) = 4;
-  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
-  /// quantized. Must be >= 0.
-  TORCH_ARG(double, min_size_mb) = 0.01;
-  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32.
-  TORCH_ARG(bool, float16) = false;
-  /// Glob patterns of parameters never quantized (as `DiffQOptions::exclude`).
-  TORCH_ARG(std::vector<std::string>, exclude) = {};
-  /// Tied parameters share one step size; with `false` a model with tied parameters is refused.
-  TORCH_ARG(bool, detect_bound) = true;
-  /// Suffix of the step-size parameters registered on the owning modules: `<name><suffix>`.
-  TORCH_ARG(std::string, suffix) = "_lsq";
-};
-
-/// Checks `LSQOptions`; throws `c10::Error` naming the option, e.g.
-/// `"diffq::LSQQuantizer: bits must be in [2, 15], got 1"`.
-inline void check_options(const LSQOptions& o, const std::string& where = "diffq::LSQQuantizer") {
-  TORCH_CHECK(o.bits() >= 2 && o.bits() <= kMaxStoredBits, where, ": bits must be in [2, ",
-              kMaxStoredBits, "], got ", o.bits());
-  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
-              ": min_size_mb must be >= 0, got ", o.min_size_mb());
-  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
-              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
-}
 
 /// `w/step` as `[numel]` in `w`'s dtype, by true division on every device (CUDA divides by a
 /// CPU scalar as a product with its reciprocal, which could move levels against the CPU's).
@@ -100,17 +73,10 @@ struct LSQParam : QParamBase {
 };
 }  // namespace detail
 
-/// LSQ quantizer with a fixed bit width and a learnt step size per tensor, wrapping a model `M` (an
-/// `Impl` class held by `std::shared_ptr`, or a `torch::nn::ModuleHolder`). Shares the machinery
-/// of `diffq::BaseQuantizer`: `forward`, `quantize()`/`unquantize()`, `detach()`,
-/// `quantized_state()` (for `diffq::save_quantized`), `model_size()`, `true_model_size()`,
-/// `mean_bits()`. Usage:
-/// \code
-///   torch::optim::Adam opt(model->parameters(), 1e-3);   // optimizer first
-///   diffq::LSQQuantizer<Net> q(model, diffq::LSQOptions().bits(4));
-///   q.setup_optimizer(opt, 1e-3);                        // step sizes in their own group
-///   auto loss = ce(q.forward(x), y); loss.backward(); opt.step();
-/// \endcode
+/// LSQ quantizer wrapping a model `M` (an `Impl` class held by `std::shared_ptr`, or a
+/// `torch::nn::ModuleHolder`): a fixed bit width and a learnt step size per tensor, on the
+/// machinery of `diffq::BaseQuantizer` (forwards, `quantize()`, export, sizes). The optimizer is
+/// created first; `setup_optimizer(opt, lr)` then adds the step sizes as a group of their own.
 /// Training forwards see `w_q` (set with `Tensor::set_data`); the gradient hook replaces the weight
 /// gradient by the STE gradient and adds the step-size gradient (see the file comment). The step
 /// is initialised to `2·mean|w|/sqrt(Qp)` (LSQ Section 2.1; 1 for an all-zero tensor, or one
@@ -126,22 +92,16 @@ class LSQQuantizer
  public:
   using Impl = typename Base::Impl;
 
-  /// Wraps `model`. Throws on bad options (see `check_options(const LSQOptions&)`), on a model that
-  /// already carries step sizes with this suffix, on tied parameters when `detect_bound` is false,
-  /// and on NaN/Inf weights (step initialisation).
-  explicit LSQQuantizer(std::shared_ptr<Impl> model, LSQOptions options = {})
-      : Base(std::move(model), options,
+  /// Wraps `model` (a `std::shared_ptr<Impl>`, or a `ModuleHolder` such as `torch::nn::Linear`,
+  /// whose module is taken). Throws on bad options (see `check_options(const LSQOptions&)`), on a
+  /// model that already carries step sizes with this suffix, on tied parameters when `detect_bound`
+  /// is false, and on NaN/Inf weights (step initialisation).
+  explicit LSQQuantizer(detail::ModelRef<Impl> model, LSQOptions options = {})
+      : Base(std::move(model.ptr), options,
              {"diffq::LSQQuantizer", options.suffix(), "step size", "LSQ step size",
               /*needs_optimizer=*/true}) {
-    check_options(this->options_);
     this->build();
   }
-
-  /// Wraps the module of a `ModuleHolder` (e.g. `torch::nn::Linear`).
-  template <typename Holder, typename = std::enable_if_t<std::is_base_of<
-                                 torch::nn::ModuleHolder<Impl>, std::decay_t<Holder>>::value>>
-  explicit LSQQuantizer(const Holder& holder, LSQOptions options = {})
-      : LSQQuantizer(holder.ptr(), std::move(options)) {}
 
   LSQQuantizer(LSQQuantizer&&) noexcept = default;
 
@@ -268,13 +228,9 @@ class LSQQuantizer
   }
 
   at::Tensor size_bits(const Param& q, bool) const {
-    return at::scalar_tensor(static_cast<double>(this->options_.bits() * q.numel + 64),
-                             at::TensorOptions().dtype(at::kDouble));
+    return this->fixed_width_size_bits(q, bits());
   }
-
-  double sum_bits(const Param& q, bool) const {
-    return static_cast<double>(this->options_.bits() * q.numel);
-  }
+  double sum_bits(const Param& q, bool) const { return this->fixed_width_sum_bits(q, bits()); }
 };
 
 }  // namespace diffq

@@ -1,7 +1,8 @@
 #pragma once
 /// \file diffq/options.h
-/// Options of the DiffQ quantizer (Défossez, Adi, Synnaeve, "Differentiable Model Compression via
-/// Pseudo Quantization Noise", TMLR 2022, arXiv 2104.09987).
+/// Options of every quantizer: DiffQ (Défossez, Adi, Synnaeve, "Differentiable Model Compression
+/// via Pseudo Quantization Noise", TMLR 2022, arXiv 2104.09987), the uniform PTQ/QAT baselines and
+/// LSQ. What they share (`SharedOptions`, `AuxOptions`) is declared and checked once.
 
 #include <c10/util/Exception.h>
 #include <torch/arg.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffq {
@@ -34,10 +36,90 @@ enum class Param {
   kNoise,
 };
 
+/// Declares an option of a CRTP options base: a chainable setter returning the options struct
+/// `Derived` (as `TORCH_ARG` does for its own struct), a getter, and the private member
+/// `name_`, which the next `= value` initialises.
+#define DIFFQ_SHARED_ARG(T, name)          \
+ public:                                   \
+  Derived& name(const T& new_##name) {     \
+    this->name##_ = new_##name;            \
+    return static_cast<Derived&>(*this);   \
+  }                                        \
+  Derived& name(T&& new_##name) {          \
+    this->name##_ = std::move(new_##name); \
+    return static_cast<Derived&>(*this);   \
+  }                                        \
+  const T& name() const noexcept {         \
+    return name##_;                        \
+  }                                        \
+  T& name() noexcept {                     \
+    return name##_;                        \
+  }                                        \
+                                           \
+ private:                                  \
+  T name##_
+
+/// The options every quantizer has (DiffQ, uniform PTQ/QAT, LSQ): which parameters it quantizes
+/// and how it stores the others. A CRTP base of each quantizer's options struct `Derived`, so that
+/// its setters chain with the struct's own: `LSQOptions().min_size_mb(0).bits(3)`. Checked by
+/// `detail::check_shared_options`.
+template <typename Derived>
+struct SharedOptions {
+  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
+  /// quantized. Must be >= 0.
+  DIFFQ_SHARED_ARG(double, min_size_mb) = 0.01;
+  /// Store (and count in the model size) the non-quantized parameters as fp16 instead of fp32.
+  /// Eval forwards and `quantize()` then give them their fp16-rounded values, as the checkpoint
+  /// reloads them (training forwards use the full-precision ones), except the weight of an
+  /// Embedding with `max_norm`, which its forward renormalises in place.
+  DIFFQ_SHARED_ARG(bool, float16) = false;
+  /// Glob patterns (`*`, `?`, `[...]`) of parameters never quantized, matched against the full
+  /// dotted name (`"encoder.0.bias"`) and the leaf name (`"bias"`). A tied parameter is excluded
+  /// if any of its names matches. A pattern that matches no name gets a warning (`TORCH_WARN`).
+  DIFFQ_SHARED_ARG(std::vector<std::string>, exclude) = {};
+  /// Tied parameters (one tensor registered under several names) are quantized once, share one
+  /// auxiliary tensor (DiffQ's logit, LSQ's step size) and count once in the model size. With
+  /// `false`, a model with tied parameters is refused.
+  DIFFQ_SHARED_ARG(bool, detect_bound) = true;
+};
+
+/// `SharedOptions` plus the suffix of the learnable tensor a quantizer registers per quantized
+/// parameter (DiffQ's logits, LSQ's step sizes) on the owning module, as `<name><suffix>`.
+template <typename Derived>
+struct AuxOptions : SharedOptions<Derived> {
+  explicit AuxOptions(std::string default_suffix) : suffix_(std::move(default_suffix)) {}
+  /// Suffix of the learnable tensors' names. Must be non-empty and contain no '.'.
+  DIFFQ_SHARED_ARG(std::string, suffix);
+};
+
+#undef DIFFQ_SHARED_ARG
+
+namespace detail {
+
+/// Checks the options of `SharedOptions`; `where` prefixes the message (e.g.
+/// `"diffq::LSQQuantizer: min_size_mb must be >= 0, got -1"`).
+template <typename Derived>
+void check_shared_options(const SharedOptions<Derived>& o, const std::string& where) {
+  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
+              ": min_size_mb must be >= 0, got ", o.min_size_mb());
+}
+
+/// `check_shared_options`, and the suffix.
+template <typename Derived>
+void check_shared_options(const AuxOptions<Derived>& o, const std::string& where) {
+  check_shared_options(static_cast<const SharedOptions<Derived>&>(o), where);
+  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
+              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
+}
+
+}  // namespace detail
+
 /// Options of `diffq::DiffQuantizer`, chainable like `torch::nn::LinearOptions`:
-/// `DiffQOptions().group_size(16).min_size(0.01).exclude({"*bias"})`.
-/// They are checked when the quantizer is built (`diffq::check_options`).
-struct DiffQOptions {
+/// `DiffQOptions().group_size(16).min_size_mb(0.01).exclude({"*bias"})`. Besides its own, the
+/// options of `SharedOptions` and `AuxOptions` (suffix `"_diffq"`). They are checked when the
+/// quantizer is built (`diffq::check_options`).
+struct DiffQOptions : AuxOptions<DiffQOptions> {
+  DiffQOptions() : AuxOptions<DiffQOptions>("_diffq") {}
   /// Number of consecutive elements (in the flattened tensor) sharing one bit width.
   /// 0 means one group for the whole tensor. Need not divide the tensor size: the last group of a
   /// tensor may be partial. Must be >= 0.
@@ -50,31 +132,14 @@ struct DiffQOptions {
   TORCH_ARG(double, init_bits) = 8;
   /// Bits added to the learnt bit width before rounding, for true quantization and model size.
   TORCH_ARG(double, extra_bits) = 0;
-  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
-  /// quantized. Must be >= 0.
-  TORCH_ARG(double, min_size_mb) = 0.01;
-  /// Store (and count in the model size) the non-quantized parameters as fp16 instead of fp32.
-  /// Eval forwards and `quantize()` then give them their fp16-rounded values, as the checkpoint
-  /// reloads them (training forwards use the full-precision ones), except the weight of an
-  /// Embedding with `max_norm`, which its forward renormalises in place.
-  TORCH_ARG(bool, float16) = false;
   /// Distribution of the pseudo quantization noise.
   TORCH_ARG(Noise, noise) = Noise::kGaussian;
   /// What the logits parametrise.
   TORCH_ARG(Param, param) = Param::kBits;
-  /// Glob patterns (`*`, `?`, `[...]`) of parameters never quantized, matched against the full
-  /// dotted name (`"encoder.0.bias"`) and the leaf name (`"bias"`). A tied parameter is excluded
-  /// if any of its names matches. A pattern that matches no name gets a warning (`TORCH_WARN`).
-  TORCH_ARG(std::vector<std::string>, exclude) = {};
-  /// Tied parameters (one tensor registered under several names) share one logit and count once in
-  /// the model size. With `false`, a model with tied parameters is refused.
-  TORCH_ARG(bool, detect_bound) = true;
-  /// Suffix of the logit parameters registered on the owning modules: `<name><suffix>`.
-  TORCH_ARG(std::string, suffix) = "_diffq";
 };
 
-/// Checks the option values shared by every quantizer; throws `c10::Error` naming the option,
-/// e.g. `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
+/// Checks `DiffQOptions`; throws `c10::Error` naming the option, e.g.
+/// `"diffq::DiffQuantizer: group_size must be >= 0, got -3"`. `where` prefixes the message.
 inline void check_options(const DiffQOptions& o,
                           const std::string& where = "diffq::DiffQuantizer") {
   TORCH_CHECK(o.group_size() >= 0, where, ": group_size must be >= 0, got ", o.group_size());
@@ -90,10 +155,44 @@ inline void check_options(const DiffQOptions& o,
               " and max_bits=", o.max_bits());
   TORCH_CHECK(std::isfinite(o.extra_bits()), where, ": extra_bits must be finite, got ",
               o.extra_bits());
-  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
-              ": min_size_mb must be >= 0, got ", o.min_size_mb());
-  TORCH_CHECK(!o.suffix().empty() && o.suffix().find('.') == std::string::npos, where,
-              ": suffix must be non-empty and contain no '.', got '", o.suffix(), "'");
+  detail::check_shared_options(o, where);
+}
+
+/// Options of `diffq::UniformQuantizer`, chainable: `UniformOptions().bits(4).qat(true)`. Besides
+/// its own, the options of `SharedOptions` (it registers no learnable tensor, so no suffix).
+struct UniformOptions : SharedOptions<UniformOptions> {
+  /// Bit width of every quantized tensor, in [1, 15].
+  TORCH_ARG(int64_t, bits) = 8;
+  /// Quantization-aware training: training forwards see the quantized weights and the gradient
+  /// passes to the clean weights unchanged (straight-through estimator). With `false` (PTQ)
+  /// training forwards see the clean weights.
+  TORCH_ARG(bool, qat) = false;
+};
+
+/// Checks `UniformOptions`; throws `c10::Error` naming the option, e.g.
+/// `"diffq::UniformQuantizer: bits must be in [1, 15], got 16"`.
+inline void check_options(const UniformOptions& o,
+                          const std::string& where = "diffq::UniformQuantizer") {
+  TORCH_CHECK(o.bits() >= 1 && o.bits() <= kMaxStoredBits, where, ": bits must be in [1, ",
+              kMaxStoredBits, "], got ", o.bits());
+  detail::check_shared_options(o, where);
+}
+
+/// Options of `diffq::LSQQuantizer`, chainable: `LSQOptions().bits(3).exclude({"*bias"})`.
+/// Besides its own, the options of `SharedOptions` and `AuxOptions` (suffix `"_lsq"`, of the step
+/// sizes).
+struct LSQOptions : AuxOptions<LSQOptions> {
+  LSQOptions() : AuxOptions<LSQOptions>("_lsq") {}
+  /// Bit width of every quantized tensor, in [2, 15] (signed levels need `Qp = 2^(b−1) − 1 >= 1`).
+  TORCH_ARG(int64_t, bits) = 4;
+};
+
+/// Checks `LSQOptions`; throws `c10::Error` naming the option, e.g.
+/// `"diffq::LSQQuantizer: bits must be in [2, 15], got 1"`.
+inline void check_options(const LSQOptions& o, const std::string& where = "diffq::LSQQuantizer") {
+  TORCH_CHECK(o.bits() >= 2 && o.bits() <= kMaxStoredBits, where, ": bits must be in [2, ",
+              kMaxStoredBits, "], got ", o.bits());
+  detail::check_shared_options(o, where);
 }
 
 }  // namespace diffq

@@ -218,21 +218,15 @@ class DiffQuantizer
  public:
   using Impl = typename Base::Impl;
 
-  /// Wraps `model`. Throws on bad options (see `diffq::check_options`), on a model that already
-  /// carries logits with this suffix, and on tied parameters when `detect_bound` is false. A model
-  /// wrapped by another quantizer under another suffix is not recognised: that quantizer's
+  /// Wraps `model` (a `std::shared_ptr<Impl>`, or a `ModuleHolder` such as `torch::nn::Linear`,
+  /// whose module is taken). Throws on bad options (see `diffq::check_options`), on a model that
+  /// already carries logits with this suffix, and on tied parameters when `detect_bound` is false.
+  /// A model wrapped by another quantizer under another suffix is not recognised: that quantizer's
   /// tensors would be quantized like weights (exclude them, e.g. `"*_lsq"`).
-  explicit DiffQuantizer(std::shared_ptr<Impl> model, DiffQOptions options = {})
-      : Base(std::move(model), options, traits(options)) {
-    check_options(this->options_);
+  explicit DiffQuantizer(detail::ModelRef<Impl> model, DiffQOptions options = {})
+      : Base(std::move(model.ptr), options, traits(options)) {
     this->build();
   }
-
-  /// Wraps the module of a `ModuleHolder` (e.g. `torch::nn::Linear`).
-  template <typename Holder, typename = std::enable_if_t<std::is_base_of<
-                                 torch::nn::ModuleHolder<Impl>, std::decay_t<Holder>>::value>>
-  explicit DiffQuantizer(const Holder& holder, DiffQOptions options = {})
-      : DiffQuantizer(holder.ptr(), std::move(options)) {}
 
   DiffQuantizer(DiffQuantizer&&) noexcept = default;
 

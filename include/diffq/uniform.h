@@ -12,6 +12,7 @@
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
+#include <diffq/options.h>
 #include <diffq/state.h>
 
 #include <ATen/ATen.h>
@@ -28,36 +29,6 @@
 #include <vector>
 
 namespace diffq {
-
-/// Options of `diffq::UniformQuantizer`, chainable: `UniformOptions().bits(4).qat(true)`.
-struct UniformOptions {
-  /// Bit width of every quantized tensor, in [1, 15].
-  TORCH_ARG(int64_t, bits) = 8;
-  /// Tensors whose fp32 size (4 · numel bytes) is at or below this many MB (2^20 bytes) are not
-  /// quantized. Must be >= 0.
-  TORCH_ARG(double, min_size_mb) = 0.01;
-  /// Store (and count in the model size) the non-quantized tensors as fp16 instead of fp32.
-  TORCH_ARG(bool, float16) = false;
-  /// Glob patterns of parameters never quantized, matched against the full dotted name and the
-  /// leaf name (as `DiffQOptions::exclude`).
-  TORCH_ARG(std::vector<std::string>, exclude) = {};
-  /// Tied parameters are quantized once; with `false` a model with tied parameters is refused.
-  TORCH_ARG(bool, detect_bound) = true;
-  /// Quantization-aware training: training forwards see the quantized weights and the gradient
-  /// passes to the clean weights unchanged (straight-through estimator). With `false` (PTQ)
-  /// training forwards see the clean weights.
-  TORCH_ARG(bool, qat) = false;
-};
-
-/// Checks `UniformOptions`; throws `c10::Error` naming the option, e.g.
-/// `"diffq::UniformQuantizer: bits must be in [1, 15], got 16"`.
-inline void check_options(const UniformOptions& o,
-                          const std::string& where = "diffq::UniformQuantizer") {
-  TORCH_CHECK(o.bits() >= 1 && o.bits() <= kMaxStoredBits, where, ": bits must be in [1, ",
-              kMaxStoredBits, "], got ", o.bits());
-  TORCH_CHECK(std::isfinite(o.min_size_mb()) && o.min_size_mb() >= 0, where,
-              ": min_size_mb must be >= 0, got ", o.min_size_mb());
-}
 
 namespace detail {
 /// Per-parameter state of `UniformQuantizer` (no auxiliary tensor).
@@ -90,21 +61,15 @@ class UniformQuantizer : public BaseQuantizer<UniformQuantizer<ModuleType>, Modu
  public:
   using Impl = typename Base::Impl;
 
-  /// Wraps `model`. Throws on bad options (see `check_options(const UniformOptions&)`), on tied
-  /// parameters when `detect_bound` is false, and on quantized parameters that are neither
+  /// Wraps `model` (a `std::shared_ptr<Impl>`, or a `ModuleHolder` such as `torch::nn::Linear`,
+  /// whose module is taken). Throws on bad options (see `check_options(const UniformOptions&)`), on
+  /// tied parameters when `detect_bound` is false, and on quantized parameters that are neither
   /// float32 nor float64.
-  explicit UniformQuantizer(std::shared_ptr<Impl> model, UniformOptions options = {})
-      : Base(std::move(model), options,
+  explicit UniformQuantizer(detail::ModelRef<Impl> model, UniformOptions options = {})
+      : Base(std::move(model.ptr), options,
              {"diffq::UniformQuantizer", "", "", "", /*needs_optimizer=*/false}) {
-    check_options(this->options_);
     this->build();
   }
-
-  /// Wraps the module of a `ModuleHolder` (e.g. `torch::nn::Linear`).
-  template <typename Holder, typename = std::enable_if_t<std::is_base_of<
-                                 torch::nn::ModuleHolder<Impl>, std::decay_t<Holder>>::value>>
-  explicit UniformQuantizer(const Holder& holder, UniformOptions options = {})
-      : UniformQuantizer(holder.ptr(), std::move(options)) {}
 
   UniformQuantizer(UniformQuantizer&&) noexcept = default;
 
@@ -144,13 +109,9 @@ class UniformQuantizer : public BaseQuantizer<UniformQuantizer<ModuleType>, Modu
   }
 
   at::Tensor size_bits(const Param& q, bool) const {
-    return at::scalar_tensor(static_cast<double>(this->options_.bits() * q.numel + 64),
-                             at::TensorOptions().dtype(at::kDouble));
+    return this->fixed_width_size_bits(q, bits());
   }
-
-  double sum_bits(const Param& q, bool) const {
-    return static_cast<double>(this->options_.bits() * q.numel);
-  }
+  double sum_bits(const Param& q, bool) const { return this->fixed_width_sum_bits(q, bits()); }
 };
 
 }  // namespace diffq
