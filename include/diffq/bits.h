@@ -20,27 +20,56 @@
 
 namespace diffq {
 
+/// How a tensor of `numel` elements splits into groups of `group_size` consecutive elements (in
+/// the flattened tensor) sharing one bit width: every group but the last holds `group_size`
+/// elements, the last `last_group_numel` in `[1, group_size]` (it may be partial).
+/// `group_size == 0` in the options means one group for the whole tensor. The one home of the
+/// rule for the partial last group: kernels, penalty, sizes and the size budget use it.
+struct GroupLayout {
+  int64_t numel = 0;
+  int64_t group_size = 1;        ///< effective group size (> 0): `numel` for option 0
+  int64_t groups = 0;            ///< `ceil(numel / group_size)`; 0 for an empty tensor
+  int64_t last_group_numel = 0;  ///< elements of the last group; 0 for an empty tensor
+
+  GroupLayout() = default;
+  /// Throws if `numel < 0` or `group_size < 0` (`group_size == 0`: one group per tensor).
+  GroupLayout(int64_t numel_, int64_t group_size_option) : numel(numel_) {
+    TORCH_CHECK(numel >= 0, "diffq::GroupLayout: numel must be >= 0, got ", numel);
+    TORCH_CHECK(group_size_option >= 0, "diffq::GroupLayout: group_size must be >= 0, got ",
+                group_size_option);
+    group_size = group_size_option == 0 ? std::max<int64_t>(numel, 1) : group_size_option;
+    groups = numel == 0 ? 0 : (numel + group_size - 1) / group_size;
+    last_group_numel = numel - std::max<int64_t>(groups - 1, 0) * group_size;
+  }
+
+  /// `Σ_g n_g·x_g` from `sum = Σ_g x_g` and `last = x_{groups−1}`: every group counted with
+  /// `group_size` elements, then the partial last group corrected. `S`: double or a 0-dim tensor.
+  template <typename S>
+  S element_sum(const S& sum, const S& last) const {
+    if (last_group_numel == group_size) return sum * static_cast<double>(group_size);
+    return sum * static_cast<double>(group_size) -
+           last * static_cast<double>(group_size - last_group_numel);
+  }
+};
+
 /// Number of groups of a tensor of `numel` elements: `ceil(numel / group_size)`, or 1 when
 /// `group_size == 0` (one group per tensor). A tensor with no element has 0 groups.
 /// Throws if `numel < 0` or `group_size < 0`.
 inline int64_t num_groups(int64_t numel, int64_t group_size) {
   TORCH_CHECK(numel >= 0, "diffq::num_groups: numel must be >= 0, got ", numel);
   TORCH_CHECK(group_size >= 0, "diffq::num_groups: group_size must be >= 0, got ", group_size);
-  if (numel == 0) return 0;
-  if (group_size == 0) return 1;
-  return (numel + group_size - 1) / group_size;
+  return GroupLayout(numel, group_size).groups;
 }
 
 /// Effective group size: `group_size`, or `numel` when `group_size == 0`.
 inline int64_t effective_group_size(int64_t numel, int64_t group_size) {
-  return group_size == 0 ? std::max<int64_t>(numel, 1) : group_size;
+  return GroupLayout(numel, group_size).group_size;
 }
 
 /// Element count of the last group of a tensor of `numel > 0` elements (the others hold
-/// `effective_group_size` each): `numel − (num_groups − 1)·effective_group_size`, in
-/// `[1, effective_group_size]`.
+/// `effective_group_size` each), in `[1, effective_group_size]`.
 inline int64_t last_group_numel(int64_t numel, int64_t group_size) {
-  return numel - (num_groups(numel, group_size) - 1) * effective_group_size(numel, group_size);
+  return GroupLayout(numel, group_size).last_group_numel;
 }
 
 /// Smallest (`min_noise`) and largest (`max_noise`) relative noise scales of `Param::kNoise`:
@@ -51,6 +80,137 @@ inline double min_noise_scale(double max_bits) {
 inline double max_noise_scale(double min_bits) {
   return 1.0 / (std::exp2(min_bits) - 1.0);
 }
+
+// GCC keeps float clamps out of vectorized loops under its default -ftrapping-math; the CPU
+// kernels raise no floating-point exception that anyone reads, so they and the scalar math they
+// inline opt out (clang vectorizes anyway).
+#ifndef DIFFQ_VECTORIZE_CLAMPS
+#if defined(__GNUC__) && !defined(__clang__)
+#define DIFFQ_VECTORIZE_CLAMPS __attribute__((optimize("no-trapping-math")))
+#else
+#define DIFFQ_VECTORIZE_CLAMPS
+#endif
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define DIFFQ_MATH_INLINE inline __attribute__((always_inline))
+#else
+#define DIFFQ_MATH_INLINE inline
+#endif
+
+namespace detail {
+
+// ---- The parametrisation of the bit widths by logits, written once ----
+// Scalar templates in the precision `T` (float in the CPU kernels, double elsewhere) with the
+// `2^x` of the caller (`Exp2`: an approximation in the kernels, `std::exp2` elsewhere). Every
+// scalar computation of bit widths, their slopes and the quantization units calls these; the
+// ATen expressions of the reference path (`bits_from_logit`, the tensor `unit_from_logit`) are
+// their only other statement. Source: reference implementation, `DiffQuantizer._get_bits`.
+
+constexpr double kLn2 = 0.693147180559945309417;
+constexpr double kLog2e = 1.442695040888963407360;
+
+/// `2^x` by `std::exp2`.
+struct Exp2Exact {
+  double operator()(double x) const { return std::exp2(x); }
+};
+
+/// `t = sigmoid(l)` and `dt = dt/dl = t(1 − t)`.
+template <typename T>
+struct SigmoidTerms {
+  T t, dt;
+};
+
+/// `sigmoid_terms` in double from `e = exp(−|l|) <= 1`: no overflow and no cancellation for any
+/// finite `l`.
+inline SigmoidTerms<double> sigmoid_terms(double l) {
+  const double e = std::exp(-std::abs(l));
+  return {l >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e), e / ((1.0 + e) * (1.0 + e))};
+}
+
+/// The kernels' `sigmoid_terms`, in `T` with `exp2`: `e = 2^(−l·log2 e)`, `t = 1/(1 + e)`,
+/// `dt = e·t²` (no cancellation). `exp2` must not overflow to inf for large `−l` (the kernels'
+/// approximation clamps its argument).
+template <typename T, typename Exp2>
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_MATH_INLINE SigmoidTerms<T> sigmoid_terms(T l, Exp2 exp2) {
+  const T e = exp2(-l * static_cast<T>(kLog2e));
+  const T t = static_cast<T>(1) / (static_cast<T>(1) + e);
+  return {t, e * t * t};
+}
+
+/// The constants of one parametrisation in `T`, from `min_bits` and `max_bits`.
+template <typename T>
+struct BitsParam {
+  T min_bits;  ///< `Param::kBits`: `b = min_bits + range·t`
+  T range;     ///< `max_bits − min_bits`
+  T unit_k;    ///< `−ln 2·range`: `d unit/d logit = unit_k·(u + u²)·dt` (`Param::kBits`)
+  T log_max;   ///< `Param::kNoise`: `log s = log_max + span·t`, `log_max = log max_noise_scale`
+  T span;      ///< `log min_noise_scale − log max_noise_scale` (< 0)
+
+  BitsParam(double min_bits_, double max_bits_)
+      : min_bits(static_cast<T>(min_bits_)),
+        range(static_cast<T>(max_bits_ - min_bits_)),
+        unit_k(static_cast<T>(-kLn2) * static_cast<T>(max_bits_ - min_bits_)),
+        log_max(static_cast<T>(std::log(max_noise_scale(min_bits_)))),
+        span(static_cast<T>(std::log(min_noise_scale(max_bits_))) -
+             static_cast<T>(std::log(max_noise_scale(min_bits_)))) {}
+};
+
+/// A group's bit width `b` and its slope `db/dl`.
+template <typename T>
+struct BitsAndSlope {
+  T bits, dbits;
+};
+
+/// The quantization unit `u = 1/(2^b − 1)` (the noise scale relative to `max − min`) and
+/// `du/dl`.
+template <typename T>
+struct UnitAndSlope {
+  T unit, dunit;
+};
+
+/// The noise scale `s = exp(log_max + span·t)` of `Param::kNoise`.
+template <typename T, typename Exp2>
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_MATH_INLINE T noise_scale(T t, const BitsParam<T>& c, Exp2 exp2) {
+  return exp2((c.log_max + c.span * t) * static_cast<T>(kLog2e));
+}
+
+/// `b(l)` and `db/dl` from `sigmoid_terms(l)`:
+/// - `Param::kBits`: `b = min_bits + range·t`, `db/dl = range·t(1 − t)`;
+/// - `Param::kNoise`: `b = log2(1 + 1/s)`, `db/dl = −span·t(1 − t)/(ln 2·(1 + s))`.
+template <Param P, typename T, typename Exp2>
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_MATH_INLINE BitsAndSlope<T> bits_and_slope(SigmoidTerms<T> st,
+                                                                        const BitsParam<T>& c,
+                                                                        Exp2 exp2) {
+  if (P == Param::kBits) return {c.min_bits + c.range * st.t, c.range * st.dt};
+  const T s = noise_scale(st.t, c, exp2);
+  return {std::log2(static_cast<T>(1) + static_cast<T>(1) / s),
+          -c.span * st.dt / (static_cast<T>(kLn2) * (static_cast<T>(1) + s))};
+}
+
+/// `u` and `du/dl` from `sigmoid_terms(l)` and, for `Param::kBits`, the group's `b`:
+/// - `Param::kBits`: `u = 1/(2^b − 1)`, `du/dl = −ln 2·range·(u + u²)·t(1 − t)` (`2^b·u² = u +
+/// u²`);
+/// - `Param::kNoise`: `u = s`, `du/dl = s·span·t(1 − t)`.
+template <Param P, typename T, typename Exp2>
+DIFFQ_VECTORIZE_CLAMPS DIFFQ_MATH_INLINE UnitAndSlope<T> unit_and_slope(SigmoidTerms<T> st, T bits,
+                                                                        const BitsParam<T>& c,
+                                                                        Exp2 exp2) {
+  if (P == Param::kBits) {
+    const T u = static_cast<T>(1) / (exp2(bits) - static_cast<T>(1));
+    return {u, c.unit_k * (u + u * u) * st.dt};
+  }
+  const T s = noise_scale(st.t, c, exp2);
+  return {s, s * c.span * st.dt};
+}
+
+/// `bits_and_slope` of one logit in double, for a parametrisation known at run time.
+inline BitsAndSlope<double> bits_and_slope(double logit, const BitsParam<double>& c, Param param) {
+  const auto st = sigmoid_terms(logit);
+  return param == Param::kBits ? bits_and_slope<Param::kBits>(st, c, Exp2Exact{})
+                               : bits_and_slope<Param::kNoise>(st, c, Exp2Exact{});
+}
+
+}  // namespace detail
 
 /// Bit widths `b` from logits, differentiable (ATen ops), same shape as `logit` (`[num_groups]`).
 /// - `Param::kBits`: `b = min_bits + (max_bits − min_bits)·sigmoid(logit)`;
@@ -72,15 +232,10 @@ inline at::Tensor bits_from_logit(const at::Tensor& logit, double min_bits, doub
 inline double logit_for_bits(double bits, double min_bits, double max_bits, Param param) {
   TORCH_CHECK(min_bits < bits && bits < max_bits, "diffq::logit_for_bits: bits must be in (",
               min_bits, ", ", max_bits, "), got ", bits);
-  double t;
-  if (param == Param::kBits) {
-    t = (bits - min_bits) / (max_bits - min_bits);
-  } else {
-    const double log_min = std::log(min_noise_scale(max_bits));
-    const double log_max = std::log(max_noise_scale(min_bits));
-    const double log_s = -std::log(std::exp2(bits) - 1.0);
-    t = (log_s - log_max) / (log_min - log_max);
-  }
+  // The inverse of `detail::bits_and_slope`'s `b(t)`, then of the sigmoid.
+  const detail::BitsParam<double> c(min_bits, max_bits);
+  const double t = param == Param::kBits ? (bits - c.min_bits) / c.range
+                                         : (-std::log(std::exp2(bits) - 1.0) - c.log_max) / c.span;
   return std::log(t / (1 - t));
 }
 
@@ -91,23 +246,20 @@ struct UnitAndGrad {
   double dunit_dlogit;  ///< `d unit / d logit`
 };
 
-/// `unit = 1/(2^b − 1)` with `b = bits_from_logit(logit)`, and its exact derivative:
+/// `unit = 1/(2^b − 1)` with `b = bits_from_logit(logit)`, and its exact derivative
+/// (`detail::unit_and_slope`, in double):
 /// - `Param::kBits`: `d unit/d b = −2^b·ln 2/(2^b − 1)²`, `d b/d logit = (max_bits −
 /// min_bits)·t(1−t)`;
 /// - `Param::kNoise`: `unit = s` and `d s/d logit = s·(log min_noise − log max_noise)·t(1−t)`.
 inline UnitAndGrad unit_from_logit(double logit, double min_bits, double max_bits, Param param) {
-  const double t = 1.0 / (1.0 + std::exp(-logit));
-  const double dt = t * (1.0 - t);
-  if (param == Param::kBits) {
-    const double b = min_bits + (max_bits - min_bits) * t;
-    const double p = std::exp2(b);
-    const double unit = 1.0 / (p - 1.0);
-    return {unit, -p * std::log(2.0) * unit * unit * (max_bits - min_bits) * dt};
-  }
-  const double log_min = std::log(min_noise_scale(max_bits));
-  const double log_max = std::log(max_noise_scale(min_bits));
-  const double s = std::exp(t * log_min + (1 - t) * log_max);
-  return {s, s * (log_min - log_max) * dt};
+  const detail::BitsParam<double> c(min_bits, max_bits);
+  const auto st = detail::sigmoid_terms(logit);
+  const detail::Exp2Exact exp2;
+  const auto u = param == Param::kBits
+                     ? detail::unit_and_slope<Param::kBits>(
+                           st, detail::bits_and_slope<Param::kBits>(st, c, exp2).bits, c, exp2)
+                     : detail::unit_and_slope<Param::kNoise>(st, 0.0, c, exp2);
+  return {u.unit, u.dunit};
 }
 
 /// Tensor form of `unit_from_logit`: `{unit, d unit/d logit}`, each `[num_groups]` with the dtype
@@ -286,13 +438,10 @@ inline at::Tensor bits_bits(const at::Tensor& b, double min_bits) {
 /// `DiffQuantizer.model_size`, with exact counts for partial groups.
 inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_t group_size,
                                       double min_bits) {
-  const int64_t gs = effective_group_size(numel, group_size);
-  const int64_t groups = num_groups(numel, group_size);
-  TORCH_INTERNAL_ASSERT(b.dim() == 1 && b.size(0) == groups);
-  auto total = b.sum() * static_cast<double>(gs);
-  const int64_t last = last_group_numel(numel, group_size);
-  if (last != gs) total = total - b[groups - 1] * static_cast<double>(gs - last);
-  return total + (64 + 8) + bits_bits(b, min_bits) * static_cast<double>(groups);
+  const GroupLayout layout(numel, group_size);
+  TORCH_INTERNAL_ASSERT(b.dim() == 1 && b.size(0) == layout.groups);
+  return layout.element_sum(b.sum(), b[layout.groups - 1]) + (64 + 8) +
+         bits_bits(b, min_bits) * static_cast<double>(layout.groups);
 }
 
 /// Size in bits of one tensor of `numel` elements quantized at the fixed bit width `bits` with a

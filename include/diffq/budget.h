@@ -213,14 +213,14 @@ FitReport lower_bits_to_fit(DiffQuantizer<ModuleType>& quantizer, double target_
     const at::Tensor b = native.to(at::kDouble).contiguous();
     const at::Tensor r = rounded_bits(native, o.extra_bits(), names[t]).to(at::kLong).contiguous();
     const int64_t groups = b.numel();
-    const int64_t numel = params[names[t]].numel();
-    const int64_t gs = effective_group_size(numel, o.group_size());
+    const GroupLayout layout(params[names[t]].numel(), o.group_size());
+    TORCH_INTERNAL_ASSERT(layout.groups == groups);
     auto& T = tensors[t];
     T.bits.assign(b.data_ptr<double>(), b.data_ptr<double>() + groups);
     T.rounded.assign(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + groups);
     T.original = T.rounded;
-    T.counts.assign(groups, gs);
-    if (groups > 0) T.counts[groups - 1] = last_group_numel(numel, o.group_size());
+    T.counts.assign(groups, layout.group_size);
+    if (groups > 0) T.counts[groups - 1] = layout.last_group_numel;
     for (int64_t g = 0; g < groups; ++g) {
       if (T.rounded[g] > lowest) {
         heap.emplace(T.bits[g] + o.extra_bits() - (T.rounded[g] - 0.5), t, g);

@@ -38,13 +38,8 @@ struct Extremes {
   }
 };
 
-// GCC keeps float clamps out of vectorized loops under its default -ftrapping-math; these kernels
-// raise no floating-point exception that anyone reads, so they opt out (clang vectorizes anyway).
-#if defined(__GNUC__) && !defined(__clang__)
-#define DIFFQ_VECTORIZE_CLAMPS __attribute__((optimize("no-trapping-math")))
-#else
-#define DIFFQ_VECTORIZE_CLAMPS
-#endif
+// DIFFQ_VECTORIZE_CLAMPS (bits.h): the kernels opt out of -ftrapping-math so that GCC vectorizes
+// their float clamps.
 
 /// `2^x` in float for `x` in [-126, 126] (clamped outside), relative error below 2e-7: `2^floor(x)`
 /// from the exponent bits times a degree-6 Taylor polynomial of `2^f` around `f = 1/2`. Branch-free
@@ -64,6 +59,13 @@ DIFFQ_VECTORIZE_CLAMPS inline float exp2_approx(float x) {
   return scale * (poly * 1.41421356f);
 }
 
+/// `exp2_approx` as the `Exp2` of the bit-width math (bits.h).
+struct Exp2Approx {
+  DIFFQ_VECTORIZE_CLAMPS DIFFQ_MATH_INLINE float operator()(float x) const {
+    return exp2_approx(x);
+  }
+};
+
 /// Whether `x[0, n)` holds a NaN.
 DIFFQ_VECTORIZE_CLAMPS inline bool any_nan(const float* x, int64_t n) {
   int nan = 0;
@@ -82,26 +84,23 @@ struct BitsStats {
 };
 
 /// Groups `[0, n)` of a block (`Param::kBits`): `b`, `slope = db/dl` and, with `kUnits`, the
-/// quantization unit `1/(2^b − 1)` and its derivative with respect to the logit. `t = sigmoid(l)`,
-/// `b = min_bits + range·t`, `db/dl = range·t(1 − t)`, with `t(1 − t) = e·t²`, `e = exp(−l)` (no
-/// cancellation). Shared by `units_cpu` and `bits_terms_cpu`, so both give the same units.
+/// quantization unit `1/(2^b − 1)` and its derivative with respect to the logit, in float with
+/// `exp2_approx` (`detail::sigmoid_terms`, `bits_and_slope`, `unit_and_slope`, bits.h). Shared by
+/// `units_cpu` and `bits_terms_cpu`, so both give the same units.
 template <bool kUnits>
 DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void bits_terms_block(
-    const float* __restrict logit, int64_t n, float lo_bits, float range, float* __restrict b,
+    const float* __restrict logit, int64_t n, const BitsParam<float>& c, float* __restrict b,
     float* __restrict slope, float* __restrict unit, float* __restrict dunit) {
-  const float log2e = 1.44269504f;
-  const float k = -0.69314718f * range;
+  const Exp2Approx exp2;
   for (int64_t g = 0; g < n; ++g) {
-    const float e = exp2_approx(-logit[g] * log2e);
-    const float t = 1.0f / (1.0f + e);
-    const float bits = lo_bits + range * t;
-    const float dt = e * t * t;
-    b[g] = bits;
-    slope[g] = range * dt;
+    const auto st = sigmoid_terms(logit[g], exp2);
+    const auto bs = bits_and_slope<Param::kBits>(st, c, exp2);
+    b[g] = bs.bits;
+    slope[g] = bs.dbits;
     if (kUnits) {
-      const float u = 1.0f / (exp2_approx(bits) - 1.0f);
-      unit[g] = u;
-      dunit[g] = k * (u + u * u) * dt;
+      const auto us = unit_and_slope<Param::kBits>(st, bs.bits, c, exp2);
+      unit[g] = us.unit;
+      dunit[g] = us.dunit;
     }
   }
 }
@@ -110,25 +109,19 @@ DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void bits_terms_blo
 DIFFQ_VECTORIZE_CLAMPS inline __attribute__((always_inline)) void units_impl(
     const float* __restrict logit, float* __restrict unit, float* __restrict dunit, int64_t groups,
     double min_bits, double max_bits, Param param) {
-  const float range = static_cast<float>(max_bits - min_bits);
-  const float lo_bits = static_cast<float>(min_bits);
+  const BitsParam<float> c(min_bits, max_bits);
   if (param == Param::kBits) {
     float b[kBitsBlock], slope[kBitsBlock];  // not needed here
     for (int64_t g0 = 0; g0 < groups; g0 += kBitsBlock) {
       const int64_t n = std::min(kBitsBlock, groups - g0);
-      bits_terms_block<true>(logit + g0, n, lo_bits, range, b, slope, unit + g0, dunit + g0);
+      bits_terms_block<true>(logit + g0, n, c, b, slope, unit + g0, dunit + g0);
     }
   } else {
-    const float log2e = 1.44269504f;
-    const float log_min = static_cast<float>(std::log(min_noise_scale(max_bits)));
-    const float log_max = static_cast<float>(std::log(max_noise_scale(min_bits)));
-    const float span = log_min - log_max;
+    const Exp2Approx exp2;
     for (int64_t g = 0; g < groups; ++g) {
-      const float e = exp2_approx(-logit[g] * log2e);
-      const float t = 1.0f / (1.0f + e);
-      const float s = exp2_approx((log_max + span * t) * log2e);
-      unit[g] = s;
-      dunit[g] = s * span * (e * t * t);
+      const auto us = unit_and_slope<Param::kNoise>(sigmoid_terms(logit[g], exp2), 0.0f, c, exp2);
+      unit[g] = us.unit;
+      dunit[g] = us.dunit;
     }
   }
 }
@@ -177,15 +170,15 @@ DIFFQ_VECTORIZE_CLAMPS DIFFQ_KERNEL_INLINE BitsStats bits_terms_impl(const float
                                                                      double min_bits,
                                                                      double max_bits, float* slope,
                                                                      float* unit, float* dunit) {
-  const float lo_bits = static_cast<float>(min_bits);
-  const float range = static_cast<float>(max_bits - min_bits);
+  const BitsParam<float> c(min_bits, max_bits);
+  const float lo_bits = c.min_bits;
   BitsStats stats;
   stats.max = lo_bits;
   float b[kBitsBlock];
   for (int64_t g0 = 0; g0 < groups; g0 += kBitsBlock) {
     const int64_t n = std::min(kBitsBlock, groups - g0);
-    bits_terms_block<kUnits>(logit + g0, n, lo_bits, range, b, slope + g0,
-                             kUnits ? unit + g0 : nullptr, kUnits ? dunit + g0 : nullptr);
+    bits_terms_block<kUnits>(logit + g0, n, c, b, slope + g0, kUnits ? unit + g0 : nullptr,
+                             kUnits ? dunit + g0 : nullptr);
     // Eight float lanes (vectorizable), combined in a fixed order.
     float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     float top[8] = {lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits, lo_bits};
