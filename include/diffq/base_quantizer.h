@@ -16,8 +16,8 @@
 ///   the end of that backward pass restores the frozen ones and those the forward may not have
 ///   used); eval forwards (and `quantize()`) see the true quantized weights, cached until the
 ///   weights or the auxiliary tensor change or a backward reaches either; a substitute written
-///   in place (a write that restoring would lose) is detected by its version counter (not a write
-///   through `.data()`, as LibTorch's SGD makes);
+///   in place (a write that restoring would lose) is detected by its version counter (for writes
+///   through `.data()`, see the README's "Limitations");
 /// - `model_size()`/`true_model_size()` (quantized tensors as the derived quantizer counts them,
 ///   the others 32 bits, or 16 with `float16`, per element), `mean_bits()`;
 /// - `quantized_state()`, the method-independent export of `diffq/checkpoint.h`.

@@ -13,15 +13,9 @@
 /// backward (grad mode off, or the parameter unused by the forward) restore the clean values right
 /// after the forward; a parameter that a forward may not have used (an older graph keeps it in a
 /// live graph) and that its backward did not reach is restored once that backward pass is done.
-/// A forward with grad enabled whose graph is never backpropagated leaves the substituted values
-/// in place until the next call of the quantizer (`forward`, `quantize`, `unquantize`,
-/// `restore_clean_weights`, `detach`): evaluate under `torch::NoGradGuard`, or call
-/// `restore_clean_weights()` before `torch::save(model)` or an optimizer step in that case. A
-/// write into substituted values (which restoring would lose) is reported by the next such call
-/// if it moved the version counter (LibTorch's SGD writes through `.data()`, unseen), and a second
-/// backward through one training forward (`retain_graph`) is refused; see
-/// `BaseQuantizer::forward`. The gradients must come from `backward()`: `torch::autograd::grad`
-/// runs no hook of a leaf tensor on LibTorch 1.13 (not supported).
+/// What follows from LibTorch having no forward hooks (substitutes kept until the backward, writes
+/// through `.data()` unseen, `torch::autograd::grad` not supported) is in the README's
+/// "Limitations" section.
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
@@ -61,13 +55,12 @@ inline uint64_t draw_seed() {
 
 /// What the fused penalty needs of one quantized tensor besides its logit.
 struct PenaltyTerms {
-  int64_t numel = 0;
-  int64_t group_size = 0;  ///< effective group size (> 0)
-  double bits_sum = 0;     ///< `Σ_g b_g`, every group counted once, without extra_bits
-  double bits_max = 0;     ///< `max_g b_g`, without extra_bits
-  double last_bits = 0;    ///< `b` of the last group, in double
-  double last_slope = 0;   ///< `db/dl` of the last group, in double
-  at::Tensor slope;        ///< `[num_groups]` float: `db_g/dl_g`
+  GroupLayout layout;
+  double bits_sum = 0;    ///< `Σ_g b_g`, every group counted once, without extra_bits
+  double bits_max = 0;    ///< `max_g b_g`, without extra_bits
+  double last_bits = 0;   ///< `b` of the last group, in double
+  double last_slope = 0;  ///< `db/dl` of the last group, in double
+  at::Tensor slope;       ///< `[num_groups]` float: `db_g/dl_g`
 };
 
 /// What the fused penalty needs besides the logits.
@@ -76,29 +69,6 @@ struct PenaltyLayout {
   double min_bits = 2, extra_bits = 0;
   double other_bits = 0;  ///< bits of the non-quantized parameters
 };
-
-/// `b` and `db/dl` of one logit, in double: `Param::kBits` `b = min + (max − min)·t`,
-/// `db/dl = (max − min)·t(1 − t)`; `Param::kNoise` `b = log2(1 + 1/s)`,
-/// `db/dl = −span·t(1 − t)/(ln 2·(1 + s))`, `s` the noise scale, `span = log(min_noise/max_noise)`;
-/// `t = sigmoid(l)`.
-inline void bits_and_slope(double l, double min_bits, double max_bits, bool noise_param, double& b,
-                           double& db) {
-  // t = sigmoid(l) and t(1 − t) from e = exp(−|l|) <= 1: no overflow, no cancellation.
-  const double e = std::exp(-std::abs(l));
-  const double t = l >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-  const double dt = e / ((1.0 + e) * (1.0 + e));
-  if (!noise_param) {
-    b = min_bits + (max_bits - min_bits) * t;
-    db = (max_bits - min_bits) * dt;
-    return;
-  }
-  const double log_min = std::log(min_noise_scale(max_bits));
-  const double log_max = std::log(max_noise_scale(min_bits));
-  const double span = log_min - log_max;
-  const double s = std::exp(t * log_min + (1 - t) * log_max);
-  b = std::log2(1 + 1 / s);
-  db = -span * dt / (std::log(2.0) * (1 + s));
-}
 
 /// `DiffQuantizer::penalty()` on CPU float32 logits as one autograd node: the model size in MB,
 /// `(Σ_tensors [Σ_g n_g·(b_g + extra_bits) + 72 + bits_bits·groups] + other_bits) / (8·2^20)`
@@ -116,20 +86,16 @@ struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
     std::vector<int64_t> group_size, last;
     std::vector<double> last_slope;
     for (const auto& t : layout.tensors) {
-      const int64_t groups = t.slope.numel();
-      const int64_t gs = t.group_size;
-      const int64_t n_last = last_group_numel(t.numel, gs);
-      // Every group counted with gs elements, then the partial last group corrected.
-      double sum = t.bits_sum * static_cast<double>(gs) -
-                   t.last_bits * static_cast<double>(gs - n_last) +
-                   layout.extra_bits * static_cast<double>(t.numel);
+      const int64_t groups = t.layout.groups;
+      const double sum = t.layout.element_sum(t.bits_sum, t.last_bits) +
+                         layout.extra_bits * static_cast<double>(t.layout.numel);
       const double max_b = t.bits_max + layout.extra_bits;
       const double bits_bits =
           std::ceil(std::log2(std::max(1.0, 1 + std::nearbyint(max_b) - layout.min_bits)));
       total += sum + (64 + 8) + bits_bits * static_cast<double>(groups);
       slopes.push_back(t.slope);
-      group_size.push_back(gs);
-      last.push_back(n_last);
+      group_size.push_back(t.layout.group_size);
+      last.push_back(t.layout.last_group_numel);
       last_slope.push_back(t.last_slope);
     }
     ctx->save_for_backward(slopes);  // released after the backward
@@ -165,8 +131,7 @@ struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
 /// Per-parameter state of the DiffQ quantizer (`aux` is the logit `[num_groups]`); shared with the
 /// gradient hook.
 struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
-  int64_t group_size = 0;  ///< effective group size (> 0)
-  int64_t groups = 0;
+  GroupLayout layout;
   // Pseudo quantization noise of the current sample.
   bool fast = false;   ///< CPU kernels (else ATen ops)
   at::Tensor noisy;    ///< `[numel]` buffer reused across steps
@@ -278,7 +243,7 @@ class DiffQuantizer
     const double lowest = static_cast<double>(lowest_rounded_bits(o.min_bits(), o.extra_bits()));
     double total_bits = this->unquantized_bits();
     for (const auto& q : this->params_) {
-      auto b = at::full({q->groups}, lowest, at::TensorOptions().dtype(at::kDouble));
+      auto b = at::full({q->layout.groups}, lowest, at::TensorOptions().dtype(at::kDouble));
       total_bits +=
           quantized_size_bits(b, q->numel, o.group_size(), o.min_bits()).template item<double>();
     }
@@ -342,7 +307,7 @@ class DiffQuantizer
     for (const auto& q : this->params_) {
       const auto& l = q->aux;
       if (!l.defined() || !l.device().is_cpu() || l.scalar_type() != at::kFloat ||
-          !l.is_contiguous() || l.numel() != q->groups) {
+          !l.is_contiguous() || l.numel() != q->layout.groups) {
         return false;
       }
     }
@@ -352,31 +317,32 @@ class DiffQuantizer
   using QParam = detail::QParam;
   using WeightState = detail::WeightState;
 
+  /// Throws if the (CPU float32) logit of `q` holds NaN; the fused kernels need finite logits.
+  static void check_logit_not_nan(const QParam& q) {
+    TORCH_CHECK(!detail::any_nan(q.aux.data_ptr<float>(), q.layout.groups),
+                "diffq::DiffQuantizer: the logit of parameter '", q.name,
+                "' holds NaN (did the training diverge?)");
+  }
+
   /// Makes `q.slope` and `q.bits_stats` those of the logit's current values (`Param::kBits`, CPU
   /// float32 contiguous logit of `[num_groups]`). Without `units`, recomputes them only if the
   /// logit changed since (other version or data pointer); with `units`, always recomputes them and
   /// also writes the noise's `q.unit` and `q.dunit`. A slope still held elsewhere (by a penalty
   /// node awaiting its backward) is left alone for a new one.
-  /// Throws if the (CPU float32) logit of `q` holds NaN; the fused kernels need finite logits.
-  static void check_logit_not_nan(const QParam& q) {
-    TORCH_CHECK(!detail::any_nan(q.aux.data_ptr<float>(), q.groups),
-                "diffq::DiffQuantizer: the logit of parameter '", q.name,
-                "' holds NaN (did the training diverge?)");
-  }
-
   void refresh_bits_terms(QParam& q, bool units) const {
     const bool valid = q.terms_source.defined() && q.slope.defined() &&
                        q.terms_source.data_ptr() == q.aux.data_ptr() &&
                        q.terms_version == q.aux._version();
     if (valid && !units) return;
     if (!units) check_logit_not_nan(q);  // the training forward checked before the noise
-    if (!q.slope.defined() || q.slope.use_count() > 1 || q.slope.numel() != q.groups) {
-      q.slope = at::empty({q.groups}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+    if (!q.slope.defined() || q.slope.use_count() > 1 || q.slope.numel() != q.layout.groups) {
+      q.slope =
+          at::empty({q.layout.groups}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
     }
     q.bits_stats = detail::bits_terms_cpu(
-        q.aux.data_ptr<float>(), q.groups, this->options_.min_bits(), this->options_.max_bits(),
-        q.slope.data_ptr<float>(), units ? q.unit.data_ptr<float>() : nullptr,
-        units ? q.dunit.data_ptr<float>() : nullptr);
+        q.aux.data_ptr<float>(), q.layout.groups, this->options_.min_bits(),
+        this->options_.max_bits(), q.slope.data_ptr<float>(),
+        units ? q.unit.data_ptr<float>() : nullptr, units ? q.dunit.data_ptr<float>() : nullptr);
     // Holding the logit's storage keeps its address from being reused by a new storage, which
     // could otherwise match `data_ptr()` by chance; `detach()` shares the version counter.
     q.terms_source = q.aux.detach();
@@ -389,11 +355,12 @@ class DiffQuantizer
     const auto& o = this->options_;
     const bool noise_param = o.param() == Param::kNoise;
     const float* l = q.aux.data_ptr<float>();
+    const detail::BitsParam<double> c(o.min_bits(), o.max_bits());
     detail::PenaltyTerms t;
-    t.numel = q.numel;
-    t.group_size = q.group_size;
-    detail::bits_and_slope(l[q.groups - 1], o.min_bits(), o.max_bits(), noise_param, t.last_bits,
-                           t.last_slope);
+    t.layout = q.layout;
+    const auto last = detail::bits_and_slope(l[q.layout.groups - 1], c, o.param());
+    t.last_bits = last.bits;
+    t.last_slope = last.dbits;
     if (!noise_param) {
       refresh_bits_terms(q, /*units=*/false);
       t.bits_sum = q.bits_stats.sum;
@@ -401,15 +368,14 @@ class DiffQuantizer
       t.slope = q.slope;
       return t;
     }
-    t.slope = at::empty({q.groups}, q.aux.options());
+    t.slope = at::empty({q.layout.groups}, q.aux.options());
     float* d = t.slope.data_ptr<float>();
     double sum = 0, max_b = -std::numeric_limits<double>::infinity();
-    for (int64_t g = 0; g < q.groups; ++g) {
-      double b, db;
-      detail::bits_and_slope(l[g], o.min_bits(), o.max_bits(), true, b, db);
-      sum += b;
-      max_b = std::max(max_b, b);
-      d[g] = static_cast<float>(db);
+    for (int64_t g = 0; g < q.layout.groups; ++g) {
+      const auto bs = detail::bits_and_slope(l[g], c, Param::kNoise);
+      sum += bs.bits;
+      max_b = std::max(max_b, bs.bits);
+      d[g] = static_cast<float>(bs.dbits);
     }
     t.bits_sum = sum;
     t.bits_max = max_b;
@@ -425,10 +391,9 @@ class DiffQuantizer
   /// Group layout and the initial logit (`b == init_bits`), in the parameter's dtype.
   at::Tensor init_param(QParam& q) const {
     const auto& o = this->options_;
-    q.group_size = effective_group_size(q.numel, o.group_size());
-    q.groups = num_groups(q.numel, o.group_size());
+    q.layout = GroupLayout(q.numel, o.group_size());
     const double init = logit_for_bits(o.init_bits(), o.min_bits(), o.max_bits(), o.param());
-    return at::full({q.groups}, init, q.param.options());
+    return at::full({q.layout.groups}, init, q.param.options());
   }
 
   at::Tensor quantized_weights(const QParam& q, const at::Tensor& w) const {
@@ -481,7 +446,7 @@ class DiffQuantizer
     if (fast) {
       const at::Tensor dense = grad.contiguous();
       const double s = detail::noise_backward_cpu(
-          dense.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel, q.group_size,
+          dense.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel, q.layout.group_size,
           q.unit.data_ptr<float>(), q.dunit.data_ptr<float>(), q.scale, lg.data_ptr<float>(),
           q.partial.data_ptr<double>());
       if (s == 0 || q.scale == 0) return at::Tensor();
@@ -500,9 +465,9 @@ class DiffQuantizer
     // ATen-op path: no host synchronisation.
     auto g = grad.reshape(-1).to(q.noise.scalar_type());
     auto gu = g * q.noise;
-    const int64_t padded = q.groups * q.group_size;
+    const int64_t padded = q.layout.groups * q.layout.group_size;
     if (padded != q.numel) gu = at::constant_pad_nd(gu, {0, padded - q.numel});
-    auto group_sum = gu.view({q.groups, q.group_size}).sum(1);
+    auto group_sum = gu.view({q.layout.groups, q.layout.group_size}).sum(1);
     auto scale = (q.hi - q.lo).to(group_sum.scalar_type());
     lg.add_((group_sum * scale * q.dunit).to(lg.scalar_type()));
     auto s = (group_sum * q.unit).sum();
@@ -560,10 +525,7 @@ class DiffQuantizer
     at::NoGradGuard no_grad;
     auto b = bits_of(q).to(at::kDouble);
     if (rounded) b = rounded_bits(b, this->options_.extra_bits(), q.name).to(at::kDouble);
-    const int64_t last = last_group_numel(q.numel, q.group_size);
-    auto total = b.sum() * static_cast<double>(q.group_size) -
-                 b[q.groups - 1] * static_cast<double>(q.group_size - last);
-    return total.template item<double>();
+    return q.layout.element_sum(b.sum(), b[q.layout.groups - 1]).template item<double>();
   }
 
   /// Draws a new noise sample and gives the parameter `w + Δ·u`.
@@ -574,7 +536,7 @@ class DiffQuantizer
     const auto w = q.param.detach().contiguous();
     q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
              q.aux.is_contiguous() && q.aux.scalar_type() == at::kFloat &&
-             q.aux.device().is_cpu() && q.aux.numel() == q.groups;
+             q.aux.device().is_cpu() && q.aux.numel() == q.layout.groups;
     const auto noise_dtype = q.fast ? at::kFloat : w.scalar_type();
     if (!q.noisy.defined() || q.noisy.numel() != q.numel ||
         q.noisy.scalar_type() != w.scalar_type() || q.noisy.device() != w.device()) {
@@ -586,11 +548,11 @@ class DiffQuantizer
     }
     if (q.fast) {
       const int64_t chunks = (q.numel + kNoiseChunk - 1) / kNoiseChunk;
-      if (!q.partial.defined() || q.partial.numel() != q.groups) {
+      if (!q.partial.defined() || q.partial.numel() != q.layout.groups) {
         const auto cpu = at::TensorOptions().device(at::kCPU);
-        q.partial = at::empty({q.groups}, cpu.dtype(at::kDouble));
-        q.unit = at::empty({q.groups}, cpu.dtype(at::kFloat));
-        q.dunit = at::empty({q.groups}, cpu.dtype(at::kFloat));
+        q.partial = at::empty({q.layout.groups}, cpu.dtype(at::kDouble));
+        q.unit = at::empty({q.layout.groups}, cpu.dtype(at::kFloat));
+        q.dunit = at::empty({q.layout.groups}, cpu.dtype(at::kFloat));
         q.chunk_minmax = at::empty({2, chunks}, cpu.dtype(at::kFloat));
       }
       float* chunk_lo = q.chunk_minmax.data_ptr<float>();
@@ -610,12 +572,12 @@ class DiffQuantizer
         refresh_bits_terms(q, /*units=*/true);  // the penalty reuses this pass over the logit
       } else {
         detail::units_cpu(q.aux.data_ptr<float>(), q.unit.data_ptr<float>(),
-                          q.dunit.data_ptr<float>(), q.groups, this->options_.min_bits(),
+                          q.dunit.data_ptr<float>(), q.layout.groups, this->options_.min_bits(),
                           this->options_.max_bits(), this->options_.param());
       }
       detail::apply_noise_cpu(
           w.data_ptr<float>(), q.noisy.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel,
-          q.group_size, q.unit.data_ptr<float>(), q.scale,
+          q.layout.group_size, q.unit.data_ptr<float>(), q.scale,
           rank_noise_seed(detail::draw_seed(), std::max<int64_t>(noise_rank_, 0)),
           this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
     } else {
