@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -1923,4 +1924,63 @@ TEST(Checkpoint, Float16EvalForwardEqualsReloadedModelForEveryMethod) {
     CheckFloat16EvalEqualsReloaded<diffq::LSQQuantizer<diffq_test::MLP>>(
         diffq::LSQOptions().bits(4).min_size_mb(0).exclude({"*bias"}).float16(true));
   }
+}
+
+namespace {
+
+/// The child of `SaveFlushesTheFileThenRenamesThenFlushesTheFolder`: saves a checkpoint to the
+/// path in DIFFQ_FSYNC_TEST_PATH (run under strace); does nothing without it.
+TEST(Checkpoint, SaveForTheFsyncTrace) {
+  const char* path = std::getenv("DIFFQ_FSYNC_TEST_PATH");
+  if (path == nullptr) return;
+  diffq::save_quantized_state(small_state(), path);
+}
+
+}  // namespace
+
+TEST(Checkpoint, SaveFlushesTheFileThenRenamesThenFlushesTheFolder) {
+  if (std::system("command -v strace > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "strace is not installed (tests/run_tests.sh installs it)";
+  }
+  const fs::path dir = fresh_temp_dir("diffq_ckpt_fsync");
+  const std::string target = (dir / "m.ckpt").string();
+  const std::string trace = (dir / "trace.txt").string();
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  const std::string cmd = "DIFFQ_FSYNC_TEST_PATH='" + target + "' timeout 60 strace -f -qq -o '" +
+                          trace + "' -e trace=openat,fsync,rename,renameat,renameat2,close '" +
+                          self + "' --gtest_filter=Checkpoint.SaveForTheFsyncTrace > /dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  ASSERT_TRUE(fs::exists(target));
+  // The sequence on the checkpoint's files, from strace's lines `<pid> call(args) = result`.
+  std::ifstream in(trace);
+  std::string line, tmp_fd, dir_fd;
+  std::vector<std::string> steps;
+  while (std::getline(in, line)) {
+    const auto eq = line.rfind("= ");
+    const std::string result = eq == std::string::npos ? "" : line.substr(eq + 2);
+    if (line.find("openat(") != std::string::npos &&
+        line.find(target + ".tmp-") != std::string::npos) {
+      tmp_fd = result;
+      steps.push_back("open tmp");
+    } else if (line.find("openat(") != std::string::npos &&
+               line.find("\"" + dir.string() + "\"") != std::string::npos &&
+               line.find("O_DIRECTORY") != std::string::npos) {
+      dir_fd = result;
+      if (dir_fd == tmp_fd) tmp_fd.clear();  // the temporary file's descriptor was closed
+      steps.push_back("open dir");
+    } else if (line.find("fsync(") != std::string::npos) {
+      const std::string fd =
+          line.substr(line.find("fsync(") + 6, line.find(')') - line.find("fsync(") - 6);
+      if (fd == tmp_fd && !tmp_fd.empty()) steps.push_back("fsync tmp = " + result);
+      if (fd == dir_fd && !dir_fd.empty()) steps.push_back("fsync dir = " + result);
+    } else if (line.find("rename") != std::string::npos &&
+               line.find(target + ".tmp-") != std::string::npos &&
+               line.find("\"" + target + "\"") != std::string::npos) {
+      steps.push_back("rename = " + result);
+    }
+  }
+  const std::vector<std::string> expected = {"open tmp", "fsync tmp = 0", "rename = 0", "open dir",
+                                             "fsync dir = 0"};
+  EXPECT_EQ(steps, expected);
+  EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }

@@ -3,7 +3,8 @@
 #   bash tests/run_tests.sh            (build directory: build/)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/cmake/install_deps.sh" dataset-fashion-mnist clang libclang-rt-14-dev
+# strace: the checkpoint test of the writer's fsync calls.
+bash "$root/cmake/install_deps.sh" dataset-fashion-mnist clang libclang-rt-14-dev strace
 build="${DIFFQ_BUILD_DIR:-$root/build}"
 jobs="$(nproc)"
 # Tests, examples and the install (for the consumer test) on, whatever an older configure of the
