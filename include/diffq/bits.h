@@ -42,13 +42,14 @@ struct GroupLayout {
     last_group_numel = numel - std::max<int64_t>(groups - 1, 0) * group_size;
   }
 
-  /// `Σ_g n_g·x_g` from `sum = Σ_g x_g` and `last = x_{groups−1}`: every group counted with
-  /// `group_size` elements, then the partial last group corrected. `S`: double or a 0-dim tensor.
-  template <typename S>
-  S element_sum(const S& sum, const S& last) const {
+  /// `Σ_g n_g·x_g` from `sum = Σ_g x_g` and `last() = x_{groups−1}`: every group counted with
+  /// `group_size` elements, then the partial last group corrected. `S`: double or a 0-dim tensor;
+  /// `last` is called only for a partial last group (no indexing op when every group is full).
+  template <typename S, typename Last>
+  S element_sum(const S& sum, Last last) const {
     if (last_group_numel == group_size) return sum * static_cast<double>(group_size);
     return sum * static_cast<double>(group_size) -
-           last * static_cast<double>(group_size - last_group_numel);
+           last() * static_cast<double>(group_size - last_group_numel);
   }
 };
 
@@ -440,7 +441,7 @@ inline at::Tensor quantized_size_bits(const at::Tensor& b, int64_t numel, int64_
                                       double min_bits) {
   const GroupLayout layout(numel, group_size);
   TORCH_INTERNAL_ASSERT(b.dim() == 1 && b.size(0) == layout.groups);
-  return layout.element_sum(b.sum(), b[layout.groups - 1]) + (64 + 8) +
+  return layout.element_sum(b.sum(), [&] { return b[layout.groups - 1]; }) + (64 + 8) +
          bits_bits(b, min_bits) * static_cast<double>(layout.groups);
 }
 

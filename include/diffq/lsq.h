@@ -75,8 +75,13 @@ struct LSQParam : QParamBase {
 
 /// LSQ quantizer wrapping a model `M` (an `Impl` class held by `std::shared_ptr`, or a
 /// `torch::nn::ModuleHolder`): a fixed bit width and a learnt step size per tensor, on the
-/// machinery of `diffq::BaseQuantizer` (forwards, `quantize()`, export, sizes). The optimizer is
-/// created first; `setup_optimizer(opt, lr)` then adds the step sizes as a group of their own.
+/// machinery of `diffq::BaseQuantizer` (forwards, `quantize()`, export, sizes). Usage:
+/// \code
+///   torch::optim::Adam opt(model->parameters(), 1e-3);   // optimizer first
+///   diffq::LSQQuantizer<Net> q(model, diffq::LSQOptions().bits(4));
+///   q.setup_optimizer(opt, 1e-3);                        // step sizes in their own group
+///   auto loss = ce(q.forward(x), y); loss.backward(); opt.step();
+/// \endcode
 /// Training forwards see `w_q` (set with `Tensor::set_data`); the gradient hook replaces the weight
 /// gradient by the STE gradient and adds the step-size gradient (see the file comment). The step
 /// is initialised to `2·mean|w|/sqrt(Qp)` (LSQ Section 2.1; 1 for an all-zero tensor, or one

@@ -87,7 +87,7 @@ struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
     std::vector<double> last_slope;
     for (const auto& t : layout.tensors) {
       const int64_t groups = t.layout.groups;
-      const double sum = t.layout.element_sum(t.bits_sum, t.last_bits) +
+      const double sum = t.layout.element_sum(t.bits_sum, [&t] { return t.last_bits; }) +
                          layout.extra_bits * static_cast<double>(t.layout.numel);
       const double max_b = t.bits_max + layout.extra_bits;
       const double bits_bits =
@@ -525,7 +525,8 @@ class DiffQuantizer
     at::NoGradGuard no_grad;
     auto b = bits_of(q).to(at::kDouble);
     if (rounded) b = rounded_bits(b, this->options_.extra_bits(), q.name).to(at::kDouble);
-    return q.layout.element_sum(b.sum(), b[q.layout.groups - 1]).template item<double>();
+    return q.layout.element_sum(b.sum(), [&] { return b[q.layout.groups - 1]; })
+        .template item<double>();
   }
 
   /// Draws a new noise sample and gives the parameter `w + Δ·u`.
