@@ -9,6 +9,7 @@
 #include <diffq/state.h>
 #include <diffq/uniform.h>
 
+#include "fuzz/seeds.h"
 #include "test_models.h"
 #include "test_util.h"
 
@@ -170,6 +171,12 @@ void expect_same_state(const diffq::QuantizedState& a, const diffq::QuantizedSta
   }
 }
 
+/// `DiffQOptions()` as the metadata block records it (docs/checkpoint_format.md).
+const std::vector<std::pair<std::string, std::string>> kDefaultDiffQOptionText = {
+    {"group_size", "8"},  {"min_bits", "2"},        {"max_bits", "15"},  {"init_bits", "8"},
+    {"extra_bits", "0"},  {"noise", "gaussian"},    {"param", "bits"},   {"min_size_mb", "0.01"},
+    {"float16", "false"}, {"detect_bound", "true"}, {"suffix", "_diffq"}};
+
 Bytes encode(const diffq::QuantizedState& s,
              const c10::optional<diffq::DiffQOptions>& o = c10::nullopt) {
   Bytes b;
@@ -251,17 +258,26 @@ TEST(Checkpoint, WriterMatchesHandBuiltBytes) {
   s.tied.push_back({"w2", "w"});
 
   Bytes e;
-  // Header: magic, version 1, header size 60, file size, 3 records, no flags, segments of 2^18
-  // elements, counts (1 quantized, 1 float, 0 buffers, 1 alias, 0 logits), CRC.
+  // Header: magic, version 2, header size, file size, 3 records, flags 1 (a metadata block),
+  // segments of 2^18 elements, counts (1 quantized, 1 float, 0 buffers, 1 alias, 0 logits); the
+  // metadata block: 1 entry, "library_version" = the version; CRC.
+  const std::string version = DIFFQ_VERSION_STRING;
+  const uint64_t header_bytes = 56 + 4 + 2 + 15 + 2 + version.size() + 4;
   str(e, "DIFFQCKP");
-  le(e, 1, 4);
-  le(e, 60, 4);
-  le(e, 210, 8);
+  le(e, 2, 4);
+  le(e, header_bytes, 4);
+  le(e, header_bytes + 150, 8);
   le(e, 3, 4);
-  le(e, 0, 4);
+  le(e, 1, 4);
   le(e, 1u << 18, 4);
   for (uint64_t c : {1, 1, 0, 1, 0}) le(e, c, 4);
-  le(e, zcrc(e.data(), 56), 4);
+  le(e, 1, 4);
+  le(e, 15, 2);
+  str(e, "library_version");
+  le(e, version.size(), 2);
+  str(e, version);
+  le(e, zcrc(e.data(), e.size()), 4);
+  ASSERT_EQ(e.size(), header_bytes);
   // Record 0: quantized 'w', float32, shape [4], group size 2, min -1, max 1, bit widths [3, 3]
   // as the raw nibbles 0x33, one bit-packed chunk of 4 3-bit levels 1 2 3 4 -> 0xD1 0x08.
   size_t r = e.size();
@@ -305,7 +321,7 @@ TEST(Checkpoint, WriterMatchesHandBuiltBytes) {
   le(e, 1, 2);
   str(e, "w");
   le(e, zcrc(e.data() + r, e.size() - r), 4);
-  ASSERT_EQ(e.size(), 210u);
+  ASSERT_EQ(e.size(), header_bytes + 150);
 
   const Bytes got = encode(s);
   EXPECT_EQ(got, e);
@@ -479,8 +495,18 @@ TEST(Checkpoint, InfoReportsShapesHistogramsAndOptions) {
                      .exclude({"*bias", "bn.*"});
   const Bytes bytes = encode(s, o);
   const auto info = diffq::read_checkpoint_info(bytes);
-  EXPECT_EQ(info.version, 1u);
+  EXPECT_EQ(info.version, 2u);
   EXPECT_EQ(info.file_bytes, static_cast<int64_t>(bytes.size()));
+  EXPECT_EQ(info.method, "diffq");
+  EXPECT_EQ(info.library_version, DIFFQ_VERSION_STRING);
+  const std::vector<std::pair<std::string, std::string>> expected_text = {
+      {"group_size", "5"},    {"min_bits", "1.5"},     {"max_bits", "14"},
+      {"init_bits", "8"},     {"extra_bits", "0.5"},   {"noise", "uniform"},
+      {"param", "noise"},     {"min_size_mb", "0.01"}, {"float16", "true"},
+      {"exclude.0", "*bias"}, {"exclude.1", "bn.*"},   {"detect_bound", "true"},
+      {"suffix", "_q"}};
+  EXPECT_EQ(info.method_options, expected_text);
+  EXPECT_TRUE(info.user_metadata.empty());
   ASSERT_TRUE(info.options.has_value());
   EXPECT_EQ(info.options->group_size(), 5);
   EXPECT_EQ(info.options->min_bits(), 1.5);
@@ -506,9 +532,17 @@ TEST(Checkpoint, InfoReportsShapesHistogramsAndOptions) {
   EXPECT_EQ(b.encoding, "bitpack");
   int64_t total = 0;
   for (const auto& t : info.tensors) total += t.stored_bytes;
-  EXPECT_EQ(total + 60 + 56 + 2 + (2 + 5) + (2 + 4), static_cast<int64_t>(bytes.size()))
-      << "records plus the header (fixed 56, options 56 + suffix + patterns, CRC) make the file";
-  EXPECT_FALSE(diffq::read_checkpoint_info(encode(s)).options.has_value());
+  // The header: fixed 56 bytes, the entry count, the entries (u16 key size, "option." key, u16
+  // value size, value; plus method and library_version), the CRC.
+  int64_t metadata = 4 + (2 + 6 + 2 + 5) + (2 + 15 + 2 + int64_t(info.library_version.size()));
+  for (const auto& e : expected_text)
+    metadata += 2 + 7 + int64_t(e.first.size()) + 2 + int64_t(e.second.size());
+  EXPECT_EQ(total + 56 + metadata + 4, static_cast<int64_t>(bytes.size()))
+      << "records plus the header (fixed 56, metadata entries, CRC) make the file";
+  const auto bare = diffq::read_checkpoint_info(encode(s));
+  EXPECT_FALSE(bare.options.has_value());
+  EXPECT_EQ(bare.method, "");
+  EXPECT_TRUE(bare.method_options.empty());
 }
 
 TEST(Checkpoint, OutputIndependentOfThreadCount) {
@@ -959,9 +993,10 @@ TEST(Checkpoint, TruncationAtEveryOffsetThrows) {
     const std::string info = error_of([&] { diffq::read_checkpoint_info(cut); });
     ASSERT_NE(info.find("diffq::read_checkpoint_info: <bytes>: "), std::string::npos) << info;
   }
-  EXPECT_ERROR_HAS(diffq::read_checkpoint_info(Bytes(bytes.begin(), bytes.begin() + 300)),
+  const size_t cut_at = static_cast<size_t>(rd(bytes, 12, 4)) + 10;  // past the header
+  EXPECT_ERROR_HAS(diffq::read_checkpoint_info(Bytes(bytes.begin(), bytes.begin() + cut_at)),
                    "header at byte 16: the header declares " + std::to_string(bytes.size()) +
-                       " bytes but the file has 300 (truncated)");
+                       " bytes but the file has " + std::to_string(cut_at) + " (truncated)");
   EXPECT_ERROR_HAS(diffq::read_checkpoint_info(Bytes(bytes.begin(), bytes.begin() + 5)),
                    "header at byte 0: truncated magic: needs 8 bytes, only 5 remain");
 }
@@ -1034,11 +1069,11 @@ TEST(Checkpoint, RejectsBadMagicVersionFlagsCountsAndCrcs) {
   EXPECT_NE(info_error(b).find("header at byte 0: not a diffq checkpoint (bad magic"),
             std::string::npos);
   b = good;
-  wr(b, 8, 2, 4);
+  wr(b, 8, 3, 4);
   fix_crcs(b);
   EXPECT_NE(
-      info_error(b).find("header at byte 8: unsupported format version 2 (this reader supports "
-                         "version 1)"),
+      info_error(b).find("header at byte 8: unsupported format version 3 (this reader supports "
+                         "versions 1 and 2)"),
       std::string::npos)
       << info_error(b);
   b = good;
@@ -1064,7 +1099,10 @@ TEST(Checkpoint, RejectsBadMagicVersionFlagsCountsAndCrcs) {
   EXPECT_NE(info_error(b).find("100000 records cannot fit"), std::string::npos) << info_error(b);
   b = good;
   b[20] ^= 1;
-  EXPECT_NE(info_error(b).find("header at byte 56: header CRC mismatch"), std::string::npos);
+  EXPECT_NE(info_error(b).find("header at byte " + std::to_string(rd(b, 12, 4) - 4) +
+                               ": header CRC mismatch"),
+            std::string::npos)
+      << info_error(b);
   b = good;
   b.push_back(0);
   EXPECT_NE(info_error(b).find("(trailing bytes)"), std::string::npos);
@@ -1215,7 +1253,7 @@ TEST(Checkpoint, RejectsInconsistentRecordsBehindValidCrcs) {
     Bytes lv(64);
     for (size_t i = 0; i < 64; ++i) lv[i] = static_cast<uint8_t>(i % 100);
     lv[10] = 200;
-    const Bytes quad = diffq::deflate_huffman4(lv.data(), lv.size());
+    const Bytes quad = diffq::detail::deflate_huffman4(lv.data(), lv.size());
     const auto r = record_offsets(z)[0];
     const size_t ch = r + 8 + 8 + 1 + 8 + 32 + 4;  // 8 groups of 7 bits: 4 raw nibble bytes
     Bytes head(z.begin(), z.begin() + static_cast<std::ptrdiff_t>(ch));
@@ -1298,7 +1336,10 @@ TEST(Checkpoint, RejectsFloatAliasHeaderAndLayoutInconsistencies) {
   wr(b, 12, 1 << 20, 4);
   EXPECT_HAS(raw_error(b), "truncated header: declares 1048576 bytes, the file has " +
                                std::to_string(good.size()));
-  const Bytes with_options = encode(small_state(), diffq::DiffQOptions());
+  // Version 1's options block (the reader still reads version 1; diffq_fuzz::as_version1 builds
+  // it field by field from the specification).
+  const diffq::DiffQOptions default_options;
+  const Bytes with_options = diffq_fuzz::as_version1(good, &default_options);
   b = with_options;
   b[56 + 48] = 2;  // float16 flag
   EXPECT_HAS(fixed_error(b),
@@ -1471,12 +1512,14 @@ TEST(Checkpoint, RejectsNamesDimsAndTrailingRecordsBehindValidCrcs) {
   EXPECT_HAS(save_error(s), "tensor 'q' has a negative dim -1");
   s.quantized.clear();
   EXPECT_HAS(save_error(s, diffq::DiffQOptions().suffix(std::string(70000, 's'))),
-             "options suffix or exclude list too long");
+             "diffq::save_quantized: metadata 'option.suffix': a metadata value must have at most "
+             "65535 bytes, got 70000");
   EXPECT_HAS(save_error(s, diffq::DiffQOptions().exclude({std::string(70000, 'e')})),
-             "exclude pattern too long");
+             "diffq::save_quantized: metadata 'option.exclude.0': a metadata value must have at "
+             "most 65535 bytes, got 70000");
   EXPECT_HAS(save_error(s, diffq::DiffQOptions().exclude(
                                std::vector<std::string>(20, std::string(60000, 'e')))),
-             "options too large for the header");
+             "diffq::save_quantized: metadata too large for the header (1048576 bytes at most)");
   EXPECT_HAS(error_of([&] { diffq::load_quantized(std::shared_ptr<NetImpl>(), good); }),
              "diffq::load_quantized: null model");
 #undef EXPECT_HAS
@@ -1602,7 +1645,11 @@ TEST(Checkpoint, AtomicWriteKeepsThePreviousFileOnFailure) {
   std::sort(names.begin(), names.end());
   EXPECT_EQ(names, (std::vector<std::string>{"blocked.ckpt", "m.ckpt"})) << "no temporary left";
   // Overwriting works.
-  EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + 56 + 6);
+  // With options: the method and option entries (u16 key size, key, u16 value size, value).
+  size_t entries = 2 + 6 + 2 + 5;  // method = diffq
+  for (const auto& e : kDefaultDiffQOptionText)
+    entries += 2 + 7 + e.first.size() + 2 + e.second.size();
+  EXPECT_EQ(diffq::save_quantized_state(s, path, diffq::DiffQOptions()), n + entries);
   EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
 
@@ -1984,3 +2031,252 @@ TEST(Checkpoint, SaveFlushesTheFileThenRenamesThenFlushesTheFolder) {
   EXPECT_EQ(steps, expected);
   EXPECT_TRUE(diffq_test::RemoveTree(dir.string()));
 }
+
+// ---- Format version 2: metadata; version 1 still loads ----------------------------------------
+
+namespace {
+
+/// `bytes` (a version-2 checkpoint) with its metadata block replaced by `entries`, written raw
+/// (field by field per docs/checkpoint_format.md, nothing checked), CRCs fixed.
+Bytes with_metadata(const Bytes& bytes,
+                    const std::vector<std::pair<std::string, std::string>>& entries,
+                    int64_t count = -1) {
+  const size_t hb = static_cast<size_t>(rd(bytes, 12, 4));
+  Bytes h(bytes.begin(), bytes.begin() + 56);
+  wr(h, 28, 1, 4);
+  le(h, count >= 0 ? static_cast<uint64_t>(count) : entries.size(), 4);
+  for (const auto& e : entries) {
+    le(h, e.first.size(), 2);
+    str(h, e.first);
+    le(h, e.second.size(), 2);
+    str(h, e.second);
+  }
+  wr(h, 12, h.size() + 4, 4);
+  wr(h, 16, h.size() + 4 + (bytes.size() - hb), 8);
+  le(h, zcrc(h.data(), h.size()), 4);
+  h.insert(h.end(), bytes.begin() + static_cast<std::ptrdiff_t>(hb), bytes.end());
+  return h;
+}
+
+/// The model of tests/data/v1_diffq.dqc (see tests/data/README.md): a tied embedding, Linear,
+/// BatchNorm1d, Linear.
+struct V1ProjImpl : torch::nn::Module {
+  explicit V1ProjImpl(const torch::Tensor& w) : weight(register_parameter("weight", w)) {}
+  torch::Tensor weight;
+};
+TORCH_MODULE(V1Proj);
+struct V1NetImpl : torch::nn::Module {
+  V1NetImpl()
+      : emb(register_module("emb", torch::nn::Embedding(16, 12))),
+        fc(register_module("fc", torch::nn::Linear(12, 24))),
+        bn(register_module("bn", torch::nn::BatchNorm1d(24))),
+        head(register_module("head", torch::nn::Linear(24, 12))),
+        out(register_module("out", V1Proj(emb->weight))) {}
+  torch::nn::Embedding emb;
+  torch::nn::Linear fc;
+  torch::nn::BatchNorm1d bn;
+  torch::nn::Linear head;
+  V1Proj out;
+};
+TORCH_MODULE(V1Net);
+
+}  // namespace
+
+TEST(Checkpoint, Version1FileOfDiffQ01Loads) {
+  const std::string dir = DIFFQ_TEST_DATA_DIR;
+  const std::string path = dir + "/v1_diffq.dqc";
+  torch::serialize::InputArchive expected;
+  expected.load_from(dir + "/v1_diffq.expected.pt");
+  // Into a plain model: every tensor as the quantizer's eval forward saw it (fp16-rounded floats).
+  V1Net net;
+  diffq::load_quantized(net, path);
+  for (const auto& p : net->named_parameters()) {
+    torch::Tensor want;
+    expected.read(p.key(), want);
+    EXPECT_TRUE(torch::equal(p.value(), want)) << p.key();
+  }
+  for (const auto& b : net->named_buffers()) {
+    torch::Tensor want;
+    expected.read(b.key(), want);
+    EXPECT_TRUE(torch::equal(b.value(), want)) << b.key();
+  }
+  EXPECT_TRUE(net->out->weight.is_same(net->emb->weight));
+  // Its options block reads as method diffq with those options; no library version.
+  const auto info = diffq::read_checkpoint_info(path);
+  EXPECT_EQ(info.version, 1u);
+  EXPECT_EQ(info.method, "diffq");
+  EXPECT_EQ(info.library_version, "");
+  ASSERT_TRUE(info.options.has_value());
+  EXPECT_EQ(info.options->group_size(), 8);
+  EXPECT_EQ(info.options->init_bits(), 6);
+  EXPECT_EQ(info.options->min_size_mb(), 0);
+  EXPECT_TRUE(info.options->float16());
+  EXPECT_EQ(info.options->exclude(), (std::vector<std::string>{"head.bias"}));
+  const std::pair<std::string, std::string> exclude0{"exclude.0", "head.bias"};
+  EXPECT_NE(std::find(info.method_options.begin(), info.method_options.end(), exclude0),
+            info.method_options.end());
+  // Into a model wrapped again by a quantizer: the stored logits come back too.
+  V1Net again;
+  diffq::DiffQuantizer<V1Net> q(again, *info.options);
+  diffq::restore_quantized(q, path);
+  for (const auto& p : again->named_parameters()) {
+    torch::Tensor want;
+    expected.read(p.key(), want);
+    if (p.key().find("_diffq") != std::string::npos) {
+      EXPECT_TRUE(torch::equal(p.value(), want)) << p.key();
+    }
+  }
+}
+
+TEST(Checkpoint, MetadataRecordsMethodOptionsVersionAndUserEntries) {
+  const diffq::UserMetadata user = {{"model", "mlp 10-6-3"}, {"epoch", "3"}, {"note", ""}};
+  auto check_common = [&](const diffq::CheckpointInfo& info, const char* method) {
+    EXPECT_EQ(info.version, 2u);
+    EXPECT_EQ(info.method, method);
+    EXPECT_EQ(info.library_version, DIFFQ_VERSION_STRING);
+    EXPECT_EQ(info.user_metadata, user);
+  };
+  torch::manual_seed(3);
+  {
+    diffq_test::MLP m;
+    diffq::DiffQuantizer<diffq_test::MLP> q(
+        m, diffq::DiffQOptions().group_size(4).min_bits(1.25).min_size_mb(0).exclude({"*bias"}));
+    Bytes b;
+    diffq::save_quantized(q, b, false, user);
+    const auto info = diffq::read_checkpoint_info(b);
+    check_common(info, "diffq");
+    ASSERT_TRUE(info.options.has_value());
+    EXPECT_EQ(info.options->group_size(), 4);
+    EXPECT_EQ(info.options->min_bits(), 1.25);
+    EXPECT_EQ(info.options->exclude(), (std::vector<std::string>{"*bias"}));
+    EXPECT_FALSE(info.uniform_options.has_value());
+    EXPECT_FALSE(info.lsq_options.has_value());
+  }
+  for (bool qat : {false, true}) {
+    diffq_test::MLP m;
+    diffq::UniformQuantizer<diffq_test::MLP> q(
+        m, diffq::UniformOptions().bits(3).qat(qat).min_size_mb(0).float16(true));
+    Bytes b;
+    diffq::save_quantized(q, b, false, user);
+    const auto info = diffq::read_checkpoint_info(b);
+    check_common(info, qat ? "qat" : "uniform");
+    const std::vector<std::pair<std::string, std::string>> text = {{"bits", "3"},
+                                                                   {"qat", qat ? "true" : "false"},
+                                                                   {"min_size_mb", "0"},
+                                                                   {"float16", "true"},
+                                                                   {"detect_bound", "true"}};
+    EXPECT_EQ(info.method_options, text);
+    ASSERT_TRUE(info.uniform_options.has_value());
+    EXPECT_EQ(info.uniform_options->bits(), 3);
+    EXPECT_EQ(info.uniform_options->qat(), qat);
+    EXPECT_TRUE(info.uniform_options->float16());
+    EXPECT_FALSE(info.options.has_value());
+  }
+  {
+    diffq_test::MLP m;
+    diffq::LSQQuantizer<diffq_test::MLP> q(
+        m, diffq::LSQOptions().bits(5).min_size_mb(0).suffix("_step").detect_bound(false));
+    Bytes b;
+    diffq::save_quantized(q, b, true, user);
+    const auto info = diffq::read_checkpoint_info(b);
+    check_common(info, "lsq");
+    ASSERT_TRUE(info.lsq_options.has_value());
+    EXPECT_EQ(info.lsq_options->bits(), 5);
+    EXPECT_EQ(info.lsq_options->suffix(), "_step");
+    EXPECT_FALSE(info.lsq_options->detect_bound());
+  }
+  // Bad user entries are refused by the writer, naming the entry.
+  diffq_test::MLP m;
+  diffq::UniformQuantizer<diffq_test::MLP> q(m, diffq::UniformOptions().min_size_mb(0));
+  Bytes b;
+  EXPECT_ERROR_HAS(diffq::save_quantized(q, b, false, {{"a b", "x"}}),
+                   "diffq::save_quantized: user metadata 'a b': a metadata key must be printable "
+                   "ASCII without spaces, got byte 32 at position 6");
+  EXPECT_ERROR_HAS(diffq::save_quantized(q, b, false, {{"", "x"}}),
+                   "diffq::save_quantized: user metadata: a key must not be empty");
+  EXPECT_ERROR_HAS(diffq::save_quantized(q, b, false, {{std::string(251, 'k'), "x"}}),
+                   "a metadata key must have 1 to 255 bytes, got 256");
+  EXPECT_ERROR_HAS(diffq::save_quantized(q, b, false, {{"k", std::string("a\0b", 3)}}),
+                   "diffq::save_quantized: user metadata 'k': a metadata value contains a NUL byte "
+                   "at position 1");
+  EXPECT_ERROR_HAS(diffq::save_quantized(q, b, false, {{"k", std::string(65536, 'v')}}),
+                   "a metadata value must have at most 65535 bytes, got 65536");
+}
+
+TEST(Checkpoint, OptionValuesReadBackExactly) {
+  // Doubles are written in the shortest decimal form that reads back to the same value.
+  for (double v : {0.0, 0.01, 0.1, 1.0 / 3, 2.5, 1e-300, 123456789.125, 15.0, -0.75,
+                   std::nextafter(8.0, 9.0)}) {
+    const std::string t = diffq::detail::option_text(v);
+    double back = -1;
+    ASSERT_TRUE(diffq::detail::read_option(t, back)) << t;
+    EXPECT_EQ(back, v) << t;
+    EXPECT_EQ(std::strtod(t.c_str(), nullptr), v) << t;  // and by the C library
+  }
+  EXPECT_EQ(diffq::detail::option_text(0.01), "0.01");
+  EXPECT_EQ(diffq::detail::option_text(8.0), "8");
+  double d = 0;
+  for (const char* bad : {"", " 1", "1 ", "1x", "nan", "0x10", "--1"}) {
+    EXPECT_FALSE(diffq::detail::read_option(bad, d)) << "'" << bad << "'";
+  }
+  int64_t i = 0;
+  EXPECT_FALSE(diffq::detail::read_option("1.5", i));
+  EXPECT_FALSE(diffq::detail::read_option("99999999999999999999", i));
+  bool f = false;
+  EXPECT_FALSE(diffq::detail::read_option("1", f));
+}
+
+#define EXPECT_HAS(what, sub) \
+  EXPECT_NE((what).find(sub), std::string::npos) << "expected '" << (sub) << "' in: " << (what)
+TEST(Checkpoint, RejectsBadMetadataAndSetsAsideOptionsItCannotRead) {
+  const Bytes good = encode(small_state());
+  const auto expected_state = diffq::read_quantized_state(good);
+  auto info_error = [](const Bytes& b) {
+    return error_of([&] { diffq::read_checkpoint_info(b); });
+  };
+  EXPECT_HAS(info_error(with_metadata(good, {{"k", "1"}, {"k", "2"}})),
+             "diffq::read_checkpoint_info: <bytes>: header at byte 66: duplicate metadata key 'k'");
+  EXPECT_HAS(info_error(with_metadata(good, {{"a b", "1"}})),
+             "header at byte 60: metadata entry 0: a metadata key must be printable ASCII without "
+             "spaces, got byte 32 at position 1");
+  EXPECT_HAS(info_error(with_metadata(good, {{"", "1"}})),
+             "header at byte 60: metadata entry 0: a metadata key must have 1 to 255 bytes, got 0");
+  EXPECT_HAS(
+      info_error(with_metadata(good, {{"k\x1b", "1"}})),
+      "metadata entry 0: a metadata key must be printable ASCII without spaces, got byte 27");
+  EXPECT_HAS(info_error(with_metadata(good, {{"k", std::string("a\0b", 3)}})),
+             "header at byte 60: metadata 'k': a metadata value contains a NUL byte at position 1");
+  EXPECT_HAS(info_error(with_metadata(good, {{"k", "1"}}, 1000)),
+             "header at byte 56: 1000 metadata entries cannot fit in the 6 bytes left in the "
+             "header");
+  EXPECT_HAS(info_error(with_metadata(good, {{"k", "1234567890"}}, 2)),
+             "header at byte 75: truncated");
+  // Entries of a later writer are not reported; a method this reader does not know is, with its
+  // options as text.
+  auto info = diffq::read_checkpoint_info(
+      with_metadata(good, {{"method", "gptq"}, {"option.damp", "0.01"}, {"later.key", "v"}}));
+  EXPECT_EQ(info.method, "gptq");
+  EXPECT_EQ(info.method_options,
+            (std::vector<std::pair<std::string, std::string>>{{"damp", "0.01"}}));
+  EXPECT_TRUE(info.user_metadata.empty());
+  EXPECT_FALSE(info.options.has_value());
+  // Options that do not read back as the method's are set aside with a warning; the tensors load.
+  auto info_warning = [&](const Bytes& bytes) {
+    testing::internal::CaptureStderr();
+    const auto i2 = diffq::read_checkpoint_info(bytes);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_FALSE(i2.options.has_value());
+    EXPECT_FALSE(i2.method_options.empty());
+    expect_same_state(diffq::read_quantized_state(bytes), expected_state);
+    return err;
+  };
+  EXPECT_HAS(info_warning(with_metadata(good, {{"method", "diffq"}, {"option.bogus", "1"}})),
+             "header at byte 56: metadata: unknown option 'bogus'; the options are not reported");
+  EXPECT_HAS(info_warning(with_metadata(good, {{"method", "diffq"}, {"option.min_bits", "abc"}})),
+             "metadata: option min_bits: cannot read 'abc'; the options are not reported");
+  EXPECT_HAS(info_warning(with_metadata(good, {{"method", "diffq"}, {"option.max_bits", "16"}})),
+             "metadata: option: max_bits must be <= 15, got 16; the options are not reported");
+  EXPECT_HAS(info_warning(with_metadata(good, {{"method", "lsq"}, {"option.bits", "1"}})),
+             "metadata: option: bits must be in [2, 15], got 1");
+}
+#undef EXPECT_HAS

@@ -1,7 +1,7 @@
-// Tests of diffq/packing.h and diffq/detail/huffman.h: bit packing against hand-packed bytes,
-// CRC-32 against its check value, canonical Huffman codes against RFC 1951's example, and the
-// literal-only deflate coder against zlib's own inflater.
-#include <diffq/packing.h>
+// Tests of diffq/detail/packing.h and diffq/detail/huffman.h: bit packing against hand-packed
+// bytes, CRC-32 against its check value, canonical Huffman codes against RFC 1951's example, and
+// the literal-only deflate coder against zlib's own inflater.
+#include <diffq/detail/packing.h>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -51,14 +51,14 @@ uint32_t le32(const uint8_t* p) {
 
 TEST(Packing, PackBitsMatchesHandPackedBytes) {
   // 3 bits: 001 010 011 100 101 110 111 000, LSB-first -> 0xD1 0x58 0x1F.
-  EXPECT_EQ(diffq::pack_bits({1, 2, 3, 4, 5, 6, 7, 0}, 3), (Bytes{0xD1, 0x58, 0x1F}));
+  EXPECT_EQ(diffq::detail::pack_bits({1, 2, 3, 4, 5, 6, 7, 0}, 3), (Bytes{0xD1, 0x58, 0x1F}));
   // 9 bits: 0x1FF then 0x001 -> bits 0..8 set, bit 9 set -> 0xFF 0x03 0x00.
-  EXPECT_EQ(diffq::pack_bits({0x1FF, 0x001}, 9), (Bytes{0xFF, 0x03, 0x00}));
+  EXPECT_EQ(diffq::detail::pack_bits({0x1FF, 0x001}, 9), (Bytes{0xFF, 0x03, 0x00}));
   // 16 bits: little-endian.
-  EXPECT_EQ(diffq::pack_bits({0xABCD}, 16), (Bytes{0xCD, 0xAB}));
+  EXPECT_EQ(diffq::detail::pack_bits({0xABCD}, 16), (Bytes{0xCD, 0xAB}));
   // 1 bit: 1 0 1 1 0 0 0 0 1 -> 0b00001101, 0b1.
-  EXPECT_EQ(diffq::pack_bits({1, 0, 1, 1, 0, 0, 0, 0, 1}, 1), (Bytes{0x0D, 0x01}));
-  EXPECT_EQ(diffq::unpack_bits(Bytes{0xD1, 0x58, 0x1F}, 8, 3),
+  EXPECT_EQ(diffq::detail::pack_bits({1, 0, 1, 1, 0, 0, 0, 0, 1}, 1), (Bytes{0x0D, 0x01}));
+  EXPECT_EQ(diffq::detail::unpack_bits(Bytes{0xD1, 0x58, 0x1F}, 8, 3),
             (std::vector<uint16_t>{1, 2, 3, 4, 5, 6, 7, 0}));
 }
 
@@ -68,10 +68,10 @@ TEST(Packing, PackBitsRoundTripEveryWidthAndLength) {
     for (size_t n : {0u, 1u, 7u, 8u, 9u, 15u, 16u, 17u, 31u, 100u, 1000u}) {
       std::vector<uint16_t> v(n);
       for (auto& x : v) x = static_cast<uint16_t>(rng() & ((1u << bits) - 1));
-      const Bytes packed = diffq::pack_bits(v, bits);
+      const Bytes packed = diffq::detail::pack_bits(v, bits);
       ASSERT_EQ(packed.size(), (n * static_cast<size_t>(bits) + 7) / 8) << bits << " " << n;
-      EXPECT_EQ(diffq::packed_bytes(n, bits), packed.size());
-      EXPECT_EQ(diffq::unpack_bits(packed, n, bits), v) << "bits=" << bits << " n=" << n;
+      EXPECT_EQ(diffq::detail::packed_bytes(n, bits), packed.size());
+      EXPECT_EQ(diffq::detail::unpack_bits(packed, n, bits), v) << "bits=" << bits << " n=" << n;
       // Value i's bit j sits at bit i·bits + j of the stream (checked independently).
       for (size_t i = 0; i < std::min<size_t>(n, 40); ++i) {
         for (int j = 0; j < bits; ++j) {
@@ -85,19 +85,19 @@ TEST(Packing, PackBitsRoundTripEveryWidthAndLength) {
 
 TEST(Packing, UnpackBitsRejectsShortInputAndBadWidth) {
   try {
-    diffq::unpack_bits(Bytes{0x00}, 3, 3);  // needs 2 bytes
+    diffq::detail::unpack_bits(Bytes{0x00}, 3, 3);  // needs 2 bytes
     FAIL() << "expected c10::Error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("need 2 bytes, got 1"), std::string::npos) << e.what();
   }
   try {
-    diffq::pack_bits(std::vector<uint16_t>{1}, 17);
+    diffq::detail::pack_bits(std::vector<uint16_t>{1}, 17);
     FAIL() << "expected c10::Error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("bits must be in [1, 16], got 17"), std::string::npos);
   }
   try {
-    diffq::unpack_bits(Bytes{0x00}, 1, 0);
+    diffq::detail::unpack_bits(Bytes{0x00}, 1, 0);
     FAIL() << "expected c10::Error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("bits must be in [1, 16], got 0"), std::string::npos);
@@ -106,17 +106,17 @@ TEST(Packing, UnpackBitsRejectsShortInputAndBadWidth) {
 
 TEST(Packing, NibblesMatchHandPackedBytes) {
   const uint8_t widths[3] = {1, 15, 7};
-  EXPECT_EQ(diffq::pack_nibbles(widths, 3), (Bytes{0xF1, 0x07}));
+  EXPECT_EQ(diffq::detail::pack_nibbles(widths, 3), (Bytes{0xF1, 0x07}));
   uint8_t back[3];
   const Bytes packed{0xF1, 0x07};
-  diffq::unpack_nibbles(packed.data(), 3, back);
+  diffq::detail::unpack_nibbles(packed.data(), 3, back);
   EXPECT_EQ(std::vector<uint8_t>(back, back + 3), std::vector<uint8_t>(widths, widths + 3));
 }
 
 TEST(Packing, Crc32MatchesCheckValue) {
   const std::string s = "123456789";
-  EXPECT_EQ(diffq::crc32(s.data(), s.size()), 0xCBF43926u);  // the CRC-32 check value
-  EXPECT_EQ(diffq::crc32(s.data() + 4, 5, diffq::crc32(s.data(), 4)), 0xCBF43926u);
+  EXPECT_EQ(diffq::detail::crc32(s.data(), s.size()), 0xCBF43926u);  // the CRC-32 check value
+  EXPECT_EQ(diffq::detail::crc32(s.data() + 4, 5, diffq::detail::crc32(s.data(), 4)), 0xCBF43926u);
 }
 
 TEST(Packing, CanonicalCodesMatchRfc1951Example) {
@@ -179,24 +179,25 @@ TEST(Packing, DeflateHuffmanIsReadByZlib) {
     skew.insert(skew.end(), size_t{1} << std::min(s, 18), static_cast<uint8_t>(s));
   inputs.push_back(skew);
   for (const Bytes& in : inputs) {
-    const Bytes z = diffq::deflate_huffman(in.data(), in.size());
+    const Bytes z = diffq::detail::deflate_huffman(in.data(), in.size());
     EXPECT_EQ(zlib_inflate(z, in.size()), in) << "n=" << in.size();
     uint64_t freq[256];
     diffq::detail::byte_histogram(in.data(), in.size(), freq);
     EXPECT_EQ(z.size(), diffq::detail::plan_literal_block(freq).bytes());
     Bytes back(in.size());
-    EXPECT_EQ(diffq::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()), nullptr);
+    EXPECT_EQ(diffq::detail::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()),
+              nullptr);
     EXPECT_EQ(back, in);
   }
   // One symbol: ~1 bit per byte.
-  const Bytes z = diffq::deflate_huffman(inputs[2].data(), inputs[2].size());
+  const Bytes z = diffq::detail::deflate_huffman(inputs[2].data(), inputs[2].size());
   EXPECT_LT(z.size(), 1000 / 8 + 40);
 }
 
 TEST(Packing, DeflateHuffmanSizeMatchesZlibHuffmanOnly) {
   const Bytes in = gaussian_bytes(200000, 128, 24, 8, 3);
-  const Bytes ours = diffq::deflate_huffman(in.data(), in.size());
-  const Bytes theirs = diffq::deflate_raw(in.data(), in.size(), 6, Z_HUFFMAN_ONLY);
+  const Bytes ours = diffq::detail::deflate_huffman(in.data(), in.size());
+  const Bytes theirs = diffq::detail::deflate_raw(in.data(), in.size(), 6, Z_HUFFMAN_ONLY);
   EXPECT_LE(static_cast<double>(ours.size()), 1.01 * static_cast<double>(theirs.size()));
   // The entropy of the source bounds both from below.
   uint64_t freq[256];
@@ -216,7 +217,7 @@ TEST(Packing, HuffmanQuadHoldsFourZlibStreams) {
     for (double sd : {0.2, 30.0, 90.0}) {
       SCOPED_TRACE("n=" + std::to_string(n) + " sd=" + std::to_string(sd));
       const Bytes in = gaussian_bytes(n, 100, sd, 8, 4);
-      const Bytes quad = diffq::deflate_huffman4(in.data(), in.size());
+      const Bytes quad = diffq::detail::deflate_huffman4(in.data(), in.size());
       // Layout: three u32 sizes, then the four quarters [k·q, (k+1)·q), q = ceil(n/4).
       ASSERT_GE(quad.size(), 12u);
       const size_t q = (n + 3) / 4;
@@ -235,7 +236,7 @@ TEST(Packing, HuffmanQuadHoldsFourZlibStreams) {
       }
       EXPECT_EQ(joined, in);
       Bytes back(n);
-      EXPECT_EQ(diffq::inflate_huffman4(quad.data(), quad.size(), back.data(), n), nullptr);
+      EXPECT_EQ(diffq::detail::inflate_huffman4(quad.data(), quad.size(), back.data(), n), nullptr);
       EXPECT_EQ(back, in);
     }
 }
@@ -245,47 +246,49 @@ TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
   // by zlib.
   Bytes text;
   for (int i = 0; i < 2000; ++i) text.push_back(static_cast<uint8_t>("abcabcabd"[i % 9]));
-  const Bytes z = diffq::deflate_raw(text.data(), text.size(), 9, Z_DEFAULT_STRATEGY);
+  const Bytes z = diffq::detail::deflate_raw(text.data(), text.size(), 9, Z_DEFAULT_STRATEGY);
   EXPECT_LT(z.size(), text.size() / 10);
   EXPECT_FALSE(diffq::detail::inflate_literals_fast(z.data(), z.size(), Bytes(2000).data(), 2000));
   Bytes back(text.size());
-  EXPECT_EQ(diffq::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()), nullptr);
+  EXPECT_EQ(diffq::detail::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()),
+            nullptr);
   EXPECT_EQ(back, text);
 
   const Bytes in = gaussian_bytes(3000, 128, 20, 8, 5);
-  const Bytes h = diffq::deflate_huffman(in.data(), in.size());
+  const Bytes h = diffq::detail::deflate_huffman(in.data(), in.size());
   Bytes out(4000);
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(h.data(), h.size(), out.data(), 2999)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_exact(h.data(), h.size(), out.data(), 2999)),
             "deflate stream holds more data than declared");
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(h.data(), h.size(), out.data(), 3001)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_exact(h.data(), h.size(), out.data(), 3001)),
             "deflate stream holds less data than declared");
   Bytes trailing = h;
   trailing.push_back(0);
-  EXPECT_EQ(
-      std::string(diffq::inflate_raw_exact(trailing.data(), trailing.size(), out.data(), 3000)),
-      "bytes left over after the end of the deflate stream");
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_exact(trailing.data(), trailing.size(),
+                                                         out.data(), 3000)),
+            "bytes left over after the end of the deflate stream");
   Bytes cut(h.begin(), h.begin() + static_cast<std::ptrdiff_t>(h.size() / 2));
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(cut.data(), cut.size(), out.data(), 3000)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_exact(cut.data(), cut.size(), out.data(), 3000)),
             "deflate stream ends before the declared size");
   const Bytes bad{0xFF, 0xFF, 0xFF, 0xFF};  // BTYPE = 11: invalid block type
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10)),
             "corrupt deflate stream");
   std::string reason;
-  EXPECT_EQ(std::string(diffq::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10, &reason)),
+  EXPECT_EQ(std::string(
+                diffq::detail::inflate_raw_exact(bad.data(), bad.size(), out.data(), 10, &reason)),
             "corrupt deflate stream");
   EXPECT_EQ(reason, "invalid block type");  // zlib's own message
   // An empty stream for an empty output lacks its final block; it does not hold too much data.
-  EXPECT_EQ(std::string(diffq::inflate_raw_zlib(h.data(), 0, out.data(), 0)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_raw_zlib(h.data(), 0, out.data(), 0)),
             "deflate stream ends before its final block");
-  const Bytes quad = diffq::deflate_huffman4(in.data(), in.size());
-  EXPECT_EQ(std::string(diffq::inflate_huffman4(quad.data(), 11, out.data(), 3000)),
+  const Bytes quad = diffq::detail::deflate_huffman4(in.data(), in.size());
+  EXPECT_EQ(std::string(diffq::detail::inflate_huffman4(quad.data(), 11, out.data(), 3000)),
             "Huffman quad shorter than its 12-byte size table");
   Bytes big = quad;
   big[3] = 0x7F;  // first stream claims 2 GB
-  EXPECT_EQ(std::string(diffq::inflate_huffman4(big.data(), big.size(), out.data(), 3000)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_huffman4(big.data(), big.size(), out.data(), 3000)),
             "Huffman quad stream sizes exceed the payload");
   std::string detail;
-  diffq::inflate_huffman4(big.data(), big.size(), out.data(), 3000, &detail);
+  diffq::detail::inflate_huffman4(big.data(), big.size(), out.data(), 3000, &detail);
   EXPECT_EQ(detail.find("the first three streams declare " +
                         std::to_string(diffq::detail::load_le<uint32_t>(big.data())) + " + "),
             0u)
@@ -296,8 +299,8 @@ TEST(Packing, InflateRawExactFallsBackToZlibAndReportsErrors) {
   const uint32_t s2 = diffq::detail::load_le<uint32_t>(quad.data() + 4);
   corrupt[12 + s1] = 0xFF;  // first byte of stream 2: BTYPE = 11
   detail.clear();
-  EXPECT_EQ(std::string(
-                diffq::inflate_huffman4(corrupt.data(), corrupt.size(), out.data(), 3000, &detail)),
+  EXPECT_EQ(std::string(diffq::detail::inflate_huffman4(corrupt.data(), corrupt.size(), out.data(),
+                                                        3000, &detail)),
             "corrupt deflate stream");
   EXPECT_EQ(detail, "stream 2 of 4: " + std::to_string(s2) +
                         " bytes for 750 symbols; zlib: invalid block type");
@@ -307,9 +310,10 @@ TEST(Packing, DeflateRawRoundTrip) {
   torch::manual_seed(0);
   auto t = torch::randn({1000});
   const auto* p = static_cast<const uint8_t*>(t.data_ptr());
-  const Bytes z = diffq::deflate_raw(p, 4000, 1);
+  const Bytes z = diffq::detail::deflate_raw(p, 4000, 1);
   Bytes back(4000);
-  EXPECT_EQ(diffq::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()), nullptr);
+  EXPECT_EQ(diffq::detail::inflate_raw_exact(z.data(), z.size(), back.data(), back.size()),
+            nullptr);
   EXPECT_TRUE(std::equal(back.begin(), back.end(), p));
 }
 

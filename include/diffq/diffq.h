@@ -14,7 +14,6 @@
 ///   `lower_bits_to_fit`;
 /// - `diffq/uniform.h`: `UniformQuantizer<M>`, `UniformOptions` (PTQ and QAT baselines);
 /// - `diffq/lsq.h`: `LSQQuantizer<M>`, `LSQOptions` (Learned Step Size Quantization baseline);
-/// - `diffq/packing.h`: bit packing and entropy coding of integer levels;
 /// - `diffq/checkpoint.h`: `save_quantized`, `load_quantized`, `read_checkpoint_info`;
 /// - `diffq/distributed.h`: `DataParallel` and the process-group helpers (data parallelism on
 ///   c10d), included where `DIFFQ_WITH_DISTRIBUTED` is 1 (`DiffQ::diffq` defines it, 1 or 0, from
@@ -27,7 +26,6 @@
 #include <diffq/lsq.h>
 #include <diffq/noise.h>
 #include <diffq/options.h>
-#include <diffq/packing.h>
 #include <diffq/quantizer.h>
 #include <diffq/state.h>
 #include <diffq/uniform.h>

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -193,6 +194,65 @@ inline void check_options(const LSQOptions& o, const std::string& where = "diffq
   TORCH_CHECK(o.bits() >= 2 && o.bits() <= kMaxStoredBits, where, ": bits must be in [2, ",
               kMaxStoredBits, "], got ", o.bits());
   detail::check_shared_options(o, where);
+}
+
+// -------------------------------------------------------------------------------------------------
+// The list of each struct's options, in one place: checkpoints record them by these names
+// (`docs/checkpoint_format.md`, `read_checkpoint_info`). Adding an option means adding it here.
+
+namespace detail {
+
+template <class O, class F>
+void visit_shared_options(O& o, F&& f) {
+  f("min_size_mb", o.min_size_mb());
+  f("float16", o.float16());
+  f("exclude", o.exclude());
+  f("detect_bound", o.detect_bound());
+}
+
+template <class O, class Want>
+using if_options_t = std::enable_if_t<std::is_same<std::remove_const_t<O>, Want>::value, int>;
+
+}  // namespace detail
+
+/// Calls `f(name, value)` for each option of `o` (a `DiffQOptions`, `UniformOptions` or
+/// `LSQOptions`, const or not; `value` is a reference to the option's member), the method's own
+/// options first, in declaration order, then the shared ones. The names are those of the setters.
+template <class O, class F, detail::if_options_t<O, DiffQOptions> = 0>
+void visit_options(O& o, F&& f) {
+  f("group_size", o.group_size());
+  f("min_bits", o.min_bits());
+  f("max_bits", o.max_bits());
+  f("init_bits", o.init_bits());
+  f("extra_bits", o.extra_bits());
+  f("noise", o.noise());
+  f("param", o.param());
+  detail::visit_shared_options(o, f);
+  f("suffix", o.suffix());
+}
+template <class O, class F, detail::if_options_t<O, UniformOptions> = 0>
+void visit_options(O& o, F&& f) {
+  f("bits", o.bits());
+  f("qat", o.qat());
+  detail::visit_shared_options(o, f);
+}
+template <class O, class F, detail::if_options_t<O, LSQOptions> = 0>
+void visit_options(O& o, F&& f) {
+  f("bits", o.bits());
+  detail::visit_shared_options(o, f);
+  f("suffix", o.suffix());
+}
+
+/// The name of the quantization method a checkpoint records for these options: `"diffq"`,
+/// `"uniform"` (post-training), `"qat"` (`UniformOptions::qat`) or `"lsq"`.
+inline const char* method_name(const DiffQOptions&) {
+  return "diffq";
+}
+inline const char* method_name(const UniformOptions& o) {
+  return o.qat() ? "qat" : "uniform";
+}
+inline const char* method_name(const LSQOptions&) {
+  return "lsq";
 }
 
 }  // namespace diffq

@@ -18,7 +18,6 @@ struct Seed {
   std::vector<std::vector<int16_t>> levels;
   std::vector<std::vector<uint8_t>> floats;
   diffq::detail::WriterInput in;
-  diffq::DiffQOptions options;
   std::vector<uint8_t> bytes;
 };
 
@@ -81,16 +80,52 @@ inline void finish(Seed& s) {
   s.bytes = diffq::detail::encode_checkpoint(s.in, diffq::detail::serial_for(), "seed").concat();
 }
 
+/// `bytes` (a checkpoint) rewritten as format version 1, as diffq 0.1 wrote it: the same fixed
+/// header with version 1, then, when `o` is given, the version-1 options block built field by
+/// field (docs/checkpoint_format.md, "Version 1"), in place of the metadata block; the records
+/// unchanged.
+inline std::vector<uint8_t> as_version1(const std::vector<uint8_t>& bytes,
+                                        const diffq::DiffQOptions* o) {
+  using namespace diffq::detail;
+  const uint32_t hb = load_le<uint32_t>(bytes.data() + 12);
+  std::vector<uint8_t> h(bytes.begin(), bytes.begin() + 56);
+  patch_u32(h, 8, 1);
+  patch_u32(h, 28, o ? 1 : 0);
+  if (o) {
+    put_i64(h, o->group_size());
+    for (double v :
+         {o->min_bits(), o->max_bits(), o->init_bits(), o->extra_bits(), o->min_size_mb()}) {
+      put_f64(h, v);
+    }
+    put_u8(h, o->float16() ? 1 : 0);
+    put_u8(h, o->noise() == diffq::Noise::kGaussian ? 0 : 1);
+    put_u8(h, o->param() == diffq::Param::kBits ? 0 : 1);
+    put_u8(h, o->detect_bound() ? 1 : 0);
+    put_u16(h, static_cast<uint16_t>(o->suffix().size()));
+    put_u16(h, static_cast<uint16_t>(o->exclude().size()));
+    put_bytes(h, o->suffix().data(), o->suffix().size());
+    for (const auto& e : o->exclude()) {
+      put_u16(h, static_cast<uint16_t>(e.size()));
+      put_bytes(h, e.data(), e.size());
+    }
+  }
+  patch_u32(h, 12, static_cast<uint32_t>(h.size() + 4));
+  patch_u64(h, 16, h.size() + 4 + (bytes.size() - hb));
+  put_u32(h, crc32(h.data(), h.size()));
+  h.insert(h.end(), bytes.begin() + hb, bytes.end());
+  return h;
+}
+
 inline std::vector<uint8_t> float_bytes(const std::vector<float>& v) {
   std::vector<uint8_t> b(v.size() * 4);
   std::memcpy(b.data(), v.data(), b.size());
   return b;
 }
 
-/// The seed checkpoints (each well under 4 KiB).
+/// The seed checkpoints (each well under 4 KiB): four of version 2, one of version 1.
 inline std::vector<Seed> make_seeds() {
   using namespace diffq::detail;
-  std::vector<Seed> seeds(4);
+  std::vector<Seed> seeds(5);
   std::mt19937 rng(2024);
   {
     Seed& s = seeds[0];  // every record kind, mixed widths over several 64-element segments
@@ -105,8 +140,12 @@ inline std::vector<Seed> make_seeds() {
     add_float(s, "half", {40}, kKindFloat, kDtFloat32, std::vector<uint8_t>(80, 0x3C), kDtFloat16);
     add_float(s, "enc.0.weight_diffq", {38}, kKindLogit, kDtFloat32, std::vector<uint8_t>(152, 1));
     s.in.aliases.push_back({"dec.weight", "enc.0.weight"});
-    s.options = diffq::DiffQOptions().group_size(8).suffix("_diffq").exclude({"*bias"});
-    s.in.options = &s.options;
+    // The metadata block as save_quantized writes it: method, library version, options, user.
+    s.in.metadata = diffq::detail::metadata_entries(
+        diffq::detail::checkpoint_metadata(
+            diffq::DiffQOptions().group_size(8).suffix("_diffq").exclude({"*bias"}),
+            {{"model", "seed 0"}}, "seed"),
+        "0.2.0", "seed");
   }
   {
     Seed& s = seeds[1];  // Huffman-coded chunks: zlib-bytes and zlib-planes
@@ -126,7 +165,13 @@ inline std::vector<Seed> make_seeds() {
     s.in.segment_elems = 512;
     add_quantized(s, rng, "mlp.weight", {2000}, 16, 6, 11, 0.1);
   }
-  for (auto& s : seeds) finish(s);
+  for (size_t i = 0; i < 4; ++i) finish(seeds[i]);
+  {
+    Seed& s = seeds[4];  // seed 0 as a version-1 file, with its DiffQ options block
+    s = seeds[0];
+    const auto o = diffq::DiffQOptions().group_size(8).suffix("_diffq").exclude({"*bias"});
+    s.bytes = as_version1(seeds[0].bytes, &o);
+  }
   return seeds;
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-/// \file diffq/packing.h
+/// \file diffq/detail/packing.h
 /// Byte-level building blocks of the compressed checkpoint (`diffq/checkpoint.h`,
 /// `docs/checkpoint_format.md`): bit packing of integer levels, 4-bit packing of bit widths, byte
 /// planes of 9..15-bit levels, raw-deflate (zlib) compression helpers and CRC-32.
@@ -26,13 +26,12 @@
 #include <vector>
 
 namespace diffq {
+namespace detail {
 
 /// Bytes needed to bit-pack `n` values of `bits` bits: `ceil(n·bits / 8)`.
 inline uint64_t packed_bytes(uint64_t n, int bits) {
   return (n / 8) * static_cast<uint64_t>(bits) + ((n % 8) * static_cast<uint64_t>(bits) + 7) / 8;
 }
-
-namespace detail {
 
 /// Packs 8 values of `B` bits into `B` bytes at `out` (LSB-first).
 template <int B>
@@ -138,8 +137,6 @@ inline void unpack_bits_t(const uint8_t* in, size_t n, uint16_t* out) {
     std::memcpy(out + 8 * full, last, rest * sizeof(uint16_t));
   }
 }
-
-}  // namespace detail
 
 /// Packs `n` values of `bits` bits (1..16) each, LSB-first, into `out` (`packed_bytes(n, bits)`
 /// bytes). The values must be `< 2^bits` (not checked: higher bits would spill into the next
@@ -446,4 +443,5 @@ inline const char* inflate_huffman4(const uint8_t* in, size_t n_in, uint8_t* out
   return nullptr;
 }
 
+}  // namespace detail
 }  // namespace diffq
