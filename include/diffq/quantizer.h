@@ -19,6 +19,7 @@
 
 #include <diffq/base_quantizer.h>
 #include <diffq/bits.h>
+#include <diffq/detail/noisy_weights.h>
 #include <diffq/detail/pqn_kernels.h>
 #include <diffq/noise.h>
 #include <diffq/options.h>
@@ -44,14 +45,6 @@
 
 namespace diffq {
 namespace detail {
-
-/// A 64-bit seed drawn from LibTorch's default CPU generator, so `torch::manual_seed` makes the
-/// pseudo quantization noise reproducible.
-inline uint64_t draw_seed() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
-}
 
 /// What the fused penalty needs of one quantized tensor besides its logit.
 struct PenaltyTerms {
@@ -130,16 +123,8 @@ struct SizePenaltyFunction : torch::autograd::Function<SizePenaltyFunction> {
 
 /// Per-parameter state of the DiffQ quantizer (`aux` is the logit `[num_groups]`); shared with the
 /// gradient hook.
-struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
+struct QParam : QParamBase, NoisySample, std::enable_shared_from_this<QParam> {
   GroupLayout layout;
-  // Pseudo quantization noise of the current sample.
-  bool fast = false;   ///< CPU kernels (else ATen ops)
-  at::Tensor noisy;    ///< `[numel]` buffer reused across steps
-  at::Tensor noise;    ///< `u`, `[numel]` (float for the CPU kernels)
-  at::Tensor unit;     ///< `[num_groups]`
-  at::Tensor dunit;    ///< `[num_groups]`
-  at::Tensor partial;  ///< `[num_groups]` double scratch (CPU kernels)
-  double scale = 0;    ///< `max w − min w` (CPU kernels)
   // The penalty's terms of the logit (`Param::kBits`, CPU float32 logits), from the last pass over
   // it (`bits_terms_cpu`, run by the training forward or by `penalty()`): valid while the logit
   // keeps the data pointer and version counter value of `terms_source`, and until the training
@@ -148,9 +133,6 @@ struct QParam : QParamBase, std::enable_shared_from_this<QParam> {
   BitsStats bits_stats;     ///< Σ b and max b
   at::Tensor terms_source;  ///< the logit data the terms were computed from
   int64_t terms_version = -1;
-  at::Tensor lo, hi;        ///< 0-dim min and max
-  at::Tensor chunk_minmax;  ///< `[2, chunks]` per-chunk min and max of the weights (CPU kernels)
-  Extremes extremes;
 };
 
 }  // namespace detail
@@ -294,10 +276,10 @@ class DiffQuantizer
   /// forward stays the same across ranks). `diffq::DataParallel` calls it. Throws if `rank < 0`.
   void set_noise_rank(int64_t rank) {
     TORCH_CHECK(rank >= 0, "diffq::DiffQuantizer: noise rank must be >= 0, got ", rank);
-    noise_rank_ = rank;
+    noise_source_.rank = rank;
   }
   /// The rank given to `set_noise_rank`, or -1 if none was (no data parallelism).
-  int64_t noise_rank() const { return noise_rank_; }
+  int64_t noise_rank() const { return noise_source_.rank; }
 
  private:
   /// Whether `penalty()` may use the fused CPU node: every logit a contiguous CPU float32 tensor
@@ -529,45 +511,17 @@ class DiffQuantizer
         .template item<double>();
   }
 
-  /// Draws a new noise sample and gives the parameter `w + Δ·u`.
+  /// Draws a new noise sample and gives the parameter `w + Δ·u` (`detail/noisy_weights.h`), with
+  /// `unit_g = 1/(2^b_g − 1)` from the logit.
   void set_training(QParam& q) {
     at::NoGradGuard no_grad;
     // The kernels read the weights in row-major order: a non-contiguous parameter is read from a
     // contiguous copy (its noisy substitute is contiguous; its clean tensor comes back as it was).
     const auto w = q.param.detach().contiguous();
-    q.fast = !reference_kernels_ && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
-             q.aux.is_contiguous() && q.aux.scalar_type() == at::kFloat &&
-             q.aux.device().is_cpu() && q.aux.numel() == q.layout.groups;
-    const auto noise_dtype = q.fast ? at::kFloat : w.scalar_type();
-    if (!q.noisy.defined() || q.noisy.numel() != q.numel ||
-        q.noisy.scalar_type() != w.scalar_type() || q.noisy.device() != w.device()) {
-      q.noisy = at::empty({q.numel}, w.options());
-    }
-    if (!q.noise.defined() || q.noise.numel() != q.numel || q.noise.scalar_type() != noise_dtype ||
-        q.noise.device() != w.device()) {
-      q.noise = at::empty({q.numel}, w.options().dtype(noise_dtype));
-    }
+    detail::prepare_noisy_sample(q, w, q.aux, q.layout.groups, reference_kernels_);
+    noise_source_.noise = this->options_.noise();
     if (q.fast) {
-      const int64_t chunks = (q.numel + kNoiseChunk - 1) / kNoiseChunk;
-      if (!q.partial.defined() || q.partial.numel() != q.layout.groups) {
-        const auto cpu = at::TensorOptions().device(at::kCPU);
-        q.partial = at::empty({q.layout.groups}, cpu.dtype(at::kDouble));
-        q.unit = at::empty({q.layout.groups}, cpu.dtype(at::kFloat));
-        q.dunit = at::empty({q.layout.groups}, cpu.dtype(at::kFloat));
-        q.chunk_minmax = at::empty({2, chunks}, cpu.dtype(at::kFloat));
-      }
-      float* chunk_lo = q.chunk_minmax.data_ptr<float>();
-      float* chunk_hi = chunk_lo + chunks;
-      const detail::MinMax mm =
-          detail::minmax_cpu(w.data_ptr<float>(), q.numel, chunk_lo, chunk_hi);
-      const double lo = mm.lo, hi = mm.hi;
-      TORCH_CHECK(!mm.nan && std::isfinite(lo) && std::isfinite(hi),
-                  "diffq::DiffQuantizer: parameter '", q.name,
-                  "' holds non-finite values (min=", lo, ", max=", hi, mm.nan ? ", and NaN" : "",
-                  "); cannot add pseudo quantization noise to NaN or Inf weights");
-      q.scale = hi - lo;
-      q.lo = at::scalar_tensor(mm.lo, w.options());
-      q.hi = at::scalar_tensor(mm.hi, w.options());
+      const detail::MinMax mm = detail::measure_range_cpu(q, w, "diffq::DiffQuantizer", q.name);
       check_logit_not_nan(q);
       if (this->options_.param() == Param::kBits) {
         refresh_bits_terms(q, /*units=*/true);  // the penalty reuses this pass over the logit
@@ -576,52 +530,20 @@ class DiffQuantizer
                           q.dunit.data_ptr<float>(), q.layout.groups, this->options_.min_bits(),
                           this->options_.max_bits(), this->options_.param());
       }
-      detail::apply_noise_cpu(
-          w.data_ptr<float>(), q.noisy.data_ptr<float>(), q.noise.data_ptr<float>(), q.numel,
-          q.layout.group_size, q.unit.data_ptr<float>(), q.scale,
-          rank_noise_seed(detail::draw_seed(), std::max<int64_t>(noise_rank_, 0)),
-          this->options_.noise(), mm.lo, mm.hi, chunk_lo, chunk_hi, q.extremes);
+      detail::apply_noise_sample_cpu(q, w, q.layout.group_size, mm, noise_source_);
     } else {
-      auto flat = w.reshape(-1);
-      auto mm = at::aminmax(flat);
-      q.lo = std::get<0>(mm);
-      q.hi = std::get<1>(mm);
+      detail::measure_range_aten(q, w);
       auto uq = unit_from_logit(q.aux, this->options_.min_bits(), this->options_.max_bits(),
                                 this->options_.param());
-      q.partial = at::Tensor();
       q.unit = uq.first.to(w.scalar_type());
       q.dunit = uq.second.to(w.scalar_type());
-      if (noise_rank_ < 0) {
-        draw_aten_noise(q.noise, c10::nullopt);
-      } else {
-        const uint64_t seed = rank_noise_seed(detail::draw_seed(), noise_rank_);
-        if (!rank_generator_.defined() || rank_generator_.device() != w.device()) {
-          rank_generator_ = at::globalContext().defaultGenerator(w.device()).clone();
-        }
-        {
-          std::lock_guard<std::mutex> lock(rank_generator_.mutex());
-          rank_generator_.set_current_seed(seed);
-        }
-        draw_aten_noise(q.noise, rank_generator_);
-      }
-      auto delta = expand_groups(q.unit, q.numel, this->options_.group_size()) * (q.hi - q.lo);
-      at::add_out(q.noisy, flat, delta * q.noise);
+      detail::apply_noise_sample_aten(q, w, this->options_.group_size(), noise_source_);
     }
-    this->substitute(q, q.noisy.view(w.sizes()));
-  }
-
-  /// The ATen path's noise `u` into `out`: `N(0, 1)/2` or `U[−½, ½)`.
-  void draw_aten_noise(at::Tensor& out, c10::optional<at::Generator> gen) const {
-    if (this->options_.noise() == Noise::kGaussian) {
-      out.normal_(0, 0.5, gen);
-    } else {
-      out.uniform_(-0.5, 0.5, gen);
-    }
+    detail::substitute(q, q.noisy.view(w.sizes()));
   }
 
   bool reference_kernels_ = false;
-  int64_t noise_rank_ = -1;
-  at::Generator rank_generator_;  ///< the ATen path's generator once a noise rank is set
+  detail::NoiseSource noise_source_;  ///< distribution, rank and the ATen path's generator
 };
 
 }  // namespace diffq
