@@ -26,7 +26,7 @@
 /// - `at::Tensor init_param(Param& q)`: called once per discovered parameter (common fields set);
 ///   returns the initial auxiliary tensor, or an undefined tensor for none;
 /// - `void set_training(Param& q)`: before a training forward; either leaves `q` clean or calls
-///   `substitute(q, values)`;
+///   `detail::substitute(q, values)`;
 /// - `static at::Tensor training_backward(Param& q, const at::Tensor& grad)`: from the gradient
 ///   hook while `q` holds a training substitute; returns the replacement weight gradient, or an
 ///   undefined tensor to keep `grad`;
@@ -40,6 +40,7 @@
 #include <diffq/bits.h>
 #include <diffq/detail/glob.h>
 #include <diffq/detail/module_access.h>
+#include <diffq/detail/weight_state.h>
 #include <diffq/options.h>
 #include <diffq/state.h>
 
@@ -71,59 +72,6 @@ struct ModuleImpl {
 template <typename M>
 struct ModuleImpl<M, std::void_t<typename M::ContainedType>> {
   using type = typename M::ContainedType;
-};
-
-/// What a quantized parameter's data currently holds.
-enum class WeightState {
-  kClean,      ///< the clean weights
-  kNoisy,      ///< a training substitute (DiffQ's noisy weights, QAT/LSQ quantized weights)
-  kQuantized,  ///< the true quantized weights (eval mode, `quantize()`)
-};
-
-/// Per-parameter state shared by every quantizer; quantizers derive their own state from it.
-struct QParamBase {
-  std::string name;                ///< first full dotted name
-  std::vector<std::string> names;  ///< all names (several for tied parameters)
-  /// Not quantized but stored as fp16 (`float16` option): eval forwards and `quantize()` give it
-  /// its fp16-rounded values, as the checkpoint reloads them; training forwards leave it clean.
-  bool float16_stored = false;
-  std::shared_ptr<torch::nn::Module> owner;  ///< module the auxiliary tensor is registered on
-  std::string aux_name;                      ///< leaf name of the auxiliary tensor on `owner`
-  at::Tensor param;                          ///< the parameter (same TensorImpl as the module's)
-  at::Tensor aux;  ///< learnable auxiliary tensor (DiffQ logit, LSQ step), may be undefined
-  int64_t numel = 0;
-  unsigned hook = 0;
-  bool hooked = false;
-  unsigned aux_hook = 0;  ///< gradient hook of `aux` (invalidates the eval cache)
-  bool aux_hooked = false;
-
-  WeightState state = WeightState::kClean;
-  bool pending = false;  ///< a backward is expected to restore the clean values
-  at::Tensor clean;      ///< the clean data while `state != kClean`
-  /// `param._version()` when the substitute was given: a different value at `restore` means the
-  /// substitute was written in place (e.g. `optimizer.step()`), a write that restoring loses.
-  int64_t substitute_version = 0;
-  /// A training substitute awaiting its backward, set aside while a no-grad eval forward runs.
-  at::Tensor parked;
-  bool touched = false;  ///< the current forward gave a new substitute (undone if it throws)
-  /// Use count of the gradient accumulator before the forward (0: none): a forward that uses the
-  /// parameter adds graph edges to it, so a count that did not grow means "maybe unused".
-  int64_t accumulator_uses = 0;
-  /// Pending although the forward may not have used it (an older graph keeps the accumulator
-  /// alive): the sweep at the end of the next backward pass restores it if the pass did not.
-  bool maybe_unused = false;
-  /// The accumulator and its use count when the hook ended the substitute: a later gradient
-  /// through that same accumulator with no new edge comes from the same graph.
-  std::weak_ptr<torch::autograd::Node> ended_accumulator;
-  int64_t ended_accumulator_uses = 0;
-  /// The last substitute was ended by the gradient hook: a later gradient of the same substitute
-  /// (a second backward through its graph) finds the clean weights.
-  bool ended_by_backward = false;
-  // Eval-mode cache of the true quantized weights.
-  at::Tensor quantized;
-  int64_t cached_param_version = -1;
-  int64_t cached_aux_version = -1;
-  const void* cached_data_ptr = nullptr;
 };
 
 /// The model argument of a quantizer's constructor: a `std::shared_ptr<Impl>` (or anything that
@@ -212,7 +160,7 @@ class BaseQuantizer {
   ~BaseQuantizer() {
     for (auto& q : entries_) {
       try {
-        restore(*q);
+        detail::restore(*q);
       } catch (...) {  // a destructor must not throw (restore converts after a Module::to)
       }
       if (q->hooked) q->param.remove_hook(q->hook);
@@ -282,7 +230,7 @@ class BaseQuantizer {
   void quantize() {
     check_attached("quantize");
     for (const auto& q : entries_) {
-      TORCH_CHECK(!awaiting_backward(*q), traits_.name, "::quantize: parameter '", q->name,
+      TORCH_CHECK(!detail::awaiting_backward(*q), traits_.name, "::quantize: parameter '", q->name,
                   "' holds the substitute of a training forward whose backward is still to "
                   "come; call backward() first, evaluate in between with model->eval() under "
                   "torch::NoGradGuard instead, or restore_clean_weights() to drop that training "
@@ -335,7 +283,7 @@ class BaseQuantizer {
     check_attached("detach");
     manual_quantized_ = false;
     for (auto& q : entries_) {
-      restore(*q);
+      detail::restore(*q);
       if (q->hooked) q->param.remove_hook(q->hook);
       q->hooked = false;
       if (q->aux_hooked) q->aux.remove_hook(q->aux_hook);
@@ -395,7 +343,7 @@ class BaseQuantizer {
       t.name = q->name;
       t.shape = q->param.sizes().vec();
       t.dtype = q->param.scalar_type();
-      derived().export_levels(*q, clean_of(*q).cpu(), t);
+      derived().export_levels(*q, detail::clean_of(*q).cpu(), t);
       state.quantized.push_back(std::move(t));
       stored[q->param.unsafeGetTensorImpl()] = q->name;
       for (std::size_t k = 1; k < q->names.size(); ++k)
@@ -658,7 +606,7 @@ class BaseQuantizer {
         std::weak_ptr<Param> weak = q;
         q->aux_hook = q->aux.register_hook([weak](const at::Tensor&) -> at::Tensor {
           if (auto p = weak.lock()) {
-            p->cached_param_version = -1;
+            p->eval_cache.invalidate();
             Derived::aux_gradient_arrived(*p);
           }
           return at::Tensor();
@@ -689,7 +637,7 @@ class BaseQuantizer {
       // An optimizer step follows any backward that reaches the parameter and may write through
       // `.data()` (LibTorch's SGD), unseen by the version counter: the eval cache must not
       // outlive it, whether or not the forward was the quantizer's.
-      q->cached_param_version = -1;
+      q->eval_cache.invalidate();
       // A frozen auxiliary tensor gets no gradient; one left from before it was frozen (LibTorch
       // 1.13's zero_grad() zeroes gradients, it does not undefine them) is dropped, since
       // optimizers step every tensor whose `.grad` is defined (Adam's moments would move it).
@@ -714,11 +662,11 @@ class BaseQuantizer {
         return at::Tensor();
       }
       at::Tensor result;
-      const bool overwritten = is_overwritten(*q);
+      const bool overwritten = detail::is_overwritten(*q);
       if (q->state == WeightState::kNoisy && !overwritten) {
         result = Derived::training_backward(*q, grad);
       }
-      restore(*q);
+      detail::restore(*q);
       q->ended_by_backward = true;
       {
         const auto acc = torch::autograd::impl::try_get_grad_accumulator(q->param);
@@ -739,8 +687,8 @@ class BaseQuantizer {
           for (const auto& w : s->params) {
             auto p = w.lock();
             if (p && p->pending && (p->maybe_unused || !p->param.requires_grad())) {
-              restore(*p);
-              p->cached_param_version = -1;
+              detail::restore(*p);
+              p->eval_cache.invalidate();
             }
           }
         });
@@ -750,50 +698,15 @@ class BaseQuantizer {
     q->hooked = true;
   }
 
-  /// The clean values of a parameter (its data when clean, the saved handle otherwise).
-  static at::Tensor clean_of(const detail::QParamBase& q) {
-    return q.state == WeightState::kClean ? q.param.detach() : q.clean;
-  }
-
-  /// Whether the parameter's substitute was written in place since it was given (its version
-  /// counter moved). Writes through `.data()` or `data_ptr()` do not move it, and LibTorch's SGD
-  /// writes through `.data()`: those go unseen.
-  static bool is_overwritten(const detail::QParamBase& q) {
-    return q.state != WeightState::kClean && q.param._version() != q.substitute_version;
-  }
-
-  /// Use count of the parameter's gradient accumulator, 0 if no graph holds one.
-  static int64_t accumulator_uses(const detail::QParamBase& q) {
-    const auto acc = torch::autograd::impl::try_get_grad_accumulator(q.param);
-    return acc ? static_cast<int64_t>(acc.use_count()) : 0;
-  }
-
-  /// Gives the parameter back its clean data (bit for bit). If `Module::to` changed the
-  /// substitute's dtype or device meanwhile, the clean data is converted the same way.
-  static void restore(detail::QParamBase& q) {
-    if (q.state != WeightState::kClean) {
-      at::Tensor clean = q.clean;
-      if (q.param.scalar_type() != clean.scalar_type() || q.param.device() != clean.device()) {
-        clean = clean.to(q.param.device(), q.param.scalar_type());
-      }
-      q.param.set_data(clean);
-      q.clean = at::Tensor();
-      q.parked = at::Tensor();
-      q.state = WeightState::kClean;
-    }
-    q.pending = false;
-    q.maybe_unused = false;
-  }
-
   void restore_all() {
-    for (auto& q : entries_) restore(*q);
+    for (auto& q : entries_) detail::restore(*q);
   }
 
   /// Names of the parameters whose substitute was written in place.
   std::vector<std::string> overwritten_substitutes() const {
     std::vector<std::string> names;
     for (const auto& q : entries_) {
-      if (is_overwritten(*q)) names.push_back(q->name);
+      if (detail::is_overwritten(*q)) names.push_back(q->name);
     }
     return names;
   }
@@ -830,86 +743,37 @@ class BaseQuantizer {
     TORCH_CHECK(lost.empty(), overwritten_message(what, lost));
   }
 
-  /// Gives the (clean) parameter `values` (same shape, dtype and device) until the backward or
-  /// `restore`; `state` tells what they are.
-  static void substitute(detail::QParamBase& q, const at::Tensor& values,
-                         WeightState state = WeightState::kNoisy) {
-    TORCH_INTERNAL_ASSERT(q.state == WeightState::kClean);
-    q.clean = q.param.detach();
-    q.param.set_data(values);
-    q.state = state;
-    q.substitute_version = q.param._version();
-    q.ended_by_backward = false;
-  }
-
-  /// Whether `q` holds a training substitute whose backward is still to come: a grad-mode forward
-  /// left it pending, and the parameter is in a live graph.
-  static bool awaiting_backward(const detail::QParamBase& q) {
-    return q.state == WeightState::kNoisy && q.pending && q.param.requires_grad() &&
-           torch::autograd::impl::try_get_grad_accumulator(q.param) != nullptr;
-  }
-
-  /// `awaiting_backward`, or a frozen parameter's pending training substitute (no hook or graph
-  /// tells whether its backward is still to come).
-  static bool may_await_backward(const detail::QParamBase& q) {
-    return awaiting_backward(q) ||
-           (q.state == WeightState::kNoisy && q.pending && !q.param.requires_grad());
-  }
-
   /// Sets aside `q`'s training substitute (awaiting its backward) and gives it the true quantized
-  /// weights for a no-grad eval forward; `unpark` puts the substitute back.
-  void park(Param& q) {
-    const at::Tensor& quantized = cached_quantized(q);
-    q.parked = q.param.detach();
-    q.param.set_data(quantized);
-    q.state = WeightState::kQuantized;
-  }
-
-  static void unpark(detail::QParamBase& q) {
-    q.param.set_data(q.parked);
-    q.parked = at::Tensor();
-    q.state = WeightState::kNoisy;
-  }
+  /// weights for a no-grad eval forward (`detail::park`; `detail::unpark` puts it back).
+  void park(Param& q) { detail::park(q, cached_quantized(q)); }
 
   /// After a forward threw: undoes the substitutes it gave, puts back what it set aside.
   void roll_back_forward() {
-    for (auto& q : entries_) {
-      if (q->parked.defined()) {
-        unpark(*q);
-      } else if (q->touched) {
-        restore(*q);
-      }
-      q->touched = false;
-    }
+    for (auto& q : entries_) detail::roll_back(*q);
   }
 
   /// The true quantized weights of `q`'s clean values, from the cache while the weights and the
   /// auxiliary tensor are unchanged.
   const at::Tensor& cached_quantized(Param& q) {
     at::NoGradGuard no_grad;
-    const auto w = clean_of(q);
+    const auto w = detail::clean_of(q);
     const int64_t aux_version = q.aux.defined() ? q.aux._version() : 0;
     // A trainable parameter without a hook (frozen when the quantizer was built) may have had a
     // backward and an SGD step unseen: no cache for it.
-    const bool valid = q.quantized.defined() && (q.hooked || !q.param.requires_grad()) &&
-                       q.cached_param_version == q.param._version() &&
-                       q.cached_aux_version == aux_version && q.cached_data_ptr == w.data_ptr() &&
-                       q.quantized.scalar_type() == w.scalar_type() &&
-                       q.quantized.device() == w.device();
+    const bool valid =
+        (q.hooked || !q.param.requires_grad()) && q.eval_cache.holds(q.param, w, aux_version);
     if (!valid) {
-      q.quantized = q.float16_stored ? w.to(at::kHalf).to(w.scalar_type())
-                                     : derived().quantized_weights(q, w);
-      q.cached_param_version = q.param._version();
-      q.cached_aux_version = aux_version;
-      q.cached_data_ptr = w.data_ptr();
+      q.eval_cache.store(q.float16_stored ? w.to(at::kHalf).to(w.scalar_type())
+                                          : derived().quantized_weights(q, w),
+                         q.param, w, aux_version);
     }
-    return q.quantized;
+    return q.eval_cache.quantized;
   }
 
   /// Sets the true quantized weights (cached while the weights and auxiliary tensor are unchanged).
   void set_quantized(Param& q, WeightState state = WeightState::kQuantized) {
-    restore(q);
-    substitute(q, cached_quantized(q), state);
+    detail::restore(q);
+    detail::substitute(q, cached_quantized(q), state);
   }
 
   /// Bits of the parameters that are not quantized (32 or 16 per element), each tensor once.
@@ -964,7 +828,7 @@ class BaseQuantizer {
     }
     for (auto& q : entries_) {
       q->touched = false;
-      q->accumulator_uses = accumulator_uses(*q);
+      q->accumulator_uses = detail::accumulator_uses(*q);
     }
     if (!overwritten_substitutes().empty()) restore_all_checked("forward");  // throws
     hook_shared_->sweep_queued = false;  // a backward that failed did not run its sweep
@@ -974,7 +838,7 @@ class BaseQuantizer {
     const bool backward_to_come =
         training && !manual_quantized_ &&
         std::any_of(entries_.begin(), entries_.end(),
-                    [](const std::shared_ptr<Param>& p) { return awaiting_backward(*p); });
+                    [](const std::shared_ptr<Param>& p) { return detail::awaiting_backward(*p); });
     for (auto& q : entries_) {
       // A parameter frozen when the quantizer was built and trainable now has no hook yet (the
       // hook also drops the eval cache when a backward reaches the parameter): register it, in
@@ -982,7 +846,7 @@ class BaseQuantizer {
       // and drop the cache, which a backward and an SGD step may have outdated unseen.
       if (!q->hooked && q->param.requires_grad()) {
         register_hook(q);
-        q->cached_param_version = -1;
+        q->eval_cache.invalidate();
       }
       if (manual_quantized_) {
         if (q->state != WeightState::kQuantized) {
@@ -992,14 +856,15 @@ class BaseQuantizer {
       } else if (training) {
         // The optimizer step that follows a training step may write through `.data()` (LibTorch's
         // SGD does), which leaves the version counters alone: the eval cache cannot trust them.
-        q->cached_param_version = -1;
+        q->eval_cache.invalidate();
         if (q->float16_stored) {  // trained in full precision
-          restore(*q);
+          detail::restore(*q);
           continue;
         }
         // Several forwards before one backward share one training substitute.
-        if (!awaiting_backward(*q) && !(backward_to_come && may_await_backward(*q))) {
-          restore(*q);
+        if (!detail::awaiting_backward(*q) &&
+            !(backward_to_come && detail::may_await_backward(*q))) {
+          detail::restore(*q);
           q->touched = true;
           derived().set_training(*q);
           TORCH_CHECK(!grad || q->state == WeightState::kClean || q->param.requires_grad() ||
@@ -1011,7 +876,7 @@ class BaseQuantizer {
                       "it fixed, exclude it from quantization, or run the forward under "
                       "torch::NoGradGuard");
         }
-      } else if (awaiting_backward(*q)) {
+      } else if (detail::awaiting_backward(*q)) {
         TORCH_CHECK(!grad, traits_.name,
                     "::forward: an eval forward with grad mode on while "
                     "parameter '",
@@ -1021,7 +886,7 @@ class BaseQuantizer {
                     "call backward() first, or restore_clean_weights() to drop that training "
                     "forward");
         park(*q);
-      } else if (!grad && may_await_backward(*q)) {
+      } else if (!grad && detail::may_await_backward(*q)) {
         park(*q);
       } else {
         q->touched = true;
@@ -1045,7 +910,7 @@ class BaseQuantizer {
           !q->param.requires_grad()) {
         continue;
       }
-      const int64_t uses = accumulator_uses(*q);
+      const int64_t uses = detail::accumulator_uses(*q);
       if (uses == 0) continue;
       in_graph[i] = uses > q->accumulator_uses ? 2 : 1;
       surely_used = surely_used || in_graph[i] == 2;
@@ -1053,7 +918,7 @@ class BaseQuantizer {
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       auto& q = entries_[i];
       if (q->parked.defined()) {
-        unpark(*q);
+        detail::unpark(*q);
         continue;
       }
       if (q->state == WeightState::kClean) continue;
@@ -1064,7 +929,7 @@ class BaseQuantizer {
         q->maybe_unused = (q->pending ? q->maybe_unused : true) && in_graph[i] != 2;
         q->pending = true;
       } else if (!q->pending) {
-        restore(*q);
+        detail::restore(*q);
       }
     }
   }

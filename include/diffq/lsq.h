@@ -194,7 +194,7 @@ class LSQQuantizer
     const auto w = q.param.detach();
     const auto wq = this->cached_quantized(q);
     q.v = lsq_scaled(w, step_of(q));
-    this->substitute(q, wq);
+    detail::substitute(q, wq);
   }
 
   /// STE gradients of LSQ Eq. 3: the weight gradient is masked to `−Qn < v < Qp`, and the
